@@ -1,0 +1,173 @@
+"""Configuration: nested frozen dataclasses whose defaults work on the bundled samples on a CPU.
+
+``Config`` is saved as JSON in each project and each round. ``apply_overrides`` takes strings such as
+``train.lr=3e-4`` and rejects unknown keys and wrong types; nothing is ever evaluated as code.
+Each section belongs to one module: preprocess → data/transforms.py, train → train.py,
+graph/propagation → graph/, selection → selection.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from speler.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    frames: int = 48  # T: every sample is resampled to this many frames
+    persons: int = 2  # M: keep at most this many persons (skeletons)
+    center: bool = True  # subtract the layout's centre joint (first valid frame)
+    align_view: bool = True  # rotate spine to the up axis and shoulders to x (3D only)
+    normalize_series: bool = True  # per-channel z-score for series
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "small"  # "small" (CPU default) or "paper" (CTR-GCN size, for GPUs)
+    channels: int = 32  # base width of the time branch
+    blocks: int = 3  # GCN+TCN blocks (skeletons) or conv blocks (series)
+    freq_channels: int = 32  # base width of the frequency branch
+    embed_dim: int = 64  # size of each branch's embedding
+    epochs: int = 40  # max epochs per round
+    supervised_epochs: int = 5  # epochs on human labels only before pseudo-labels join
+    batch_size: int = 32
+    lr: float = 1e-3  # Adam learning rate
+    weight_decay: float = 1e-4
+    patience: int = 10  # early stopping on the held-out slice of human labels
+    holdout: float = 0.2  # share of human labels held out for early stopping (0 = none)
+    contrastive_weight: float = 0.3  # μ, cross-domain supervised contrastive loss
+    pseudo_weight: float = 1.0  # weight of the energy-weighted pseudo-label loss
+    balanced_loss: bool = True  # logit-adjusted cross-entropy for the long tail
+    augment: bool = True
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    seed: int = 0
+    num_threads: int = 0  # torch CPU threads, 0 = torch default
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    k: int = 10  # neighbours per node
+    gamma: float = 3.0  # affinity max(0, s)^gamma
+    exact_max_n: int = 200_000  # exact flat index up to this n, approximate beyond
+    index: str = "auto"  # "auto", "flat", "ivf", "hnsw"
+    pca_dim: int = 0  # reduce dimension before an approximate index (0 = no PCA)
+    recall_queries: int = 1000  # queries used to check recall of an approximate graph
+    use_gpu: bool = True  # use a faiss GPU index when faiss sees a GPU
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PropagationConfig:
+    alpha: float = 0.99  # (I - alpha S) M = Y
+    balance: bool = True  # spectral balance w_ij (p_c(i) p_c(j))^-1/2
+    tol: float = 1e-6  # CG relative residual tolerance
+    max_iter: int = 200  # CG iteration cap
+    tau_hat: float = -9.5  # base energy threshold on the paper's scale (see graph/propagate.py)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    strategy: str = "speler"  # speler | random | entropy | margin | lp-margin | coreset
+    batch: int = 10  # suggestions per request
+
+
+@dataclass(frozen=True)
+class Config:
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    propagation: PropagationConfig = field(default_factory=PropagationConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        sections = {}
+        hints = typing.get_type_hints(cls)
+        for key, value in d.items():
+            if key not in hints:
+                raise ConfigError(f"unknown config section {key!r}; known: {', '.join(hints)}")
+            sub = hints[key]
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section {key!r} must be a mapping, got {value!r}")
+            sections[key] = _section(sub, value, key)
+        return cls(**sections)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc})") from exc
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(f)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {typ}")
+
+
+def _section(cls: type, values: dict[str, Any], name: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key {name}.{key}; known: {', '.join(hints)}")
+        out[key] = _coerce(value, hints[key], f"{name}.{key}")
+    return cls(**out)
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """``["train.lr=3e-4", "graph.k=20"]`` applied to ``config``; ConfigError on bad keys/values."""
+    d = config.to_dict()
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        path, raw = item.split("=", 1)
+        section, key = path.strip().split(".", 1)
+        if section not in d:
+            raise ConfigError(f"unknown config section {section!r}; known: {', '.join(d)}")
+        if key not in d[section]:
+            raise ConfigError(f"unknown config key {section}.{key}; known: {', '.join(d[section])}")
+        d[section][key] = raw.strip()
+    return Config.from_dict(d)
