@@ -1,0 +1,144 @@
+"""Preprocessing from raw reader output to the tensor every model sees.
+
+Skeletons (PYSKL / CTR-GCN conventions): empty frames are filled by repeating the last valid one,
+each sample is resampled to T frames over its valid length, at most M persons are kept (the most
+active first), coordinates are centred on the layout's centre joint (first frame of person 0), and
+3D data is optionally rotated so the spine points up (+y) and the shoulders run along x.
+Series: resampled to T, then each channel z-scored per sample (``normalize_series``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from speler.config import PreprocessConfig
+from speler.data.schema import SequenceSet
+from speler.errors import DataFormatError
+
+
+def preprocess(ds: SequenceSet, config: PreprocessConfig = PreprocessConfig()) -> SequenceSet:
+    """A new SequenceSet of shape (N, C, T, V, M') with T = config.frames and M' <= config.persons."""
+    if config.frames < 2:
+        raise DataFormatError(f"preprocess: frames must be >= 2, got {config.frames}")
+    if config.persons < 1:
+        raise DataFormatError(f"preprocess: persons must be >= 1, got {config.persons}")
+    x = ds.x
+    lengths = ds.lengths
+    if not ds.layout.is_series:
+        x = _fill_empty_frames(x, lengths)
+        x = _keep_persons(x, config.persons)
+    x = resample(x, lengths, config.frames)
+    if ds.layout.is_series:
+        if config.normalize_series:
+            x = _zscore_channels(x)
+    else:
+        coord = _coordinate_channels(ds)
+        if config.center:
+            x = _center(x, ds.layout.center, coord)
+        if config.align_view and len(coord) == 3:
+            x = _align(x, ds.layout, coord)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return ds.replace(x=x, lengths=np.full(ds.n, config.frames, dtype=np.int64))
+
+
+def resample(x: np.ndarray, lengths: np.ndarray, frames: int) -> np.ndarray:
+    """Linear resampling of each sample's valid frames to ``frames``; (N, C, T, V, M) -> (N, C, frames, V, M)."""
+    n, c, t, v, m = x.shape
+    out = np.empty((n, c, frames, v, m), dtype=np.float32)
+    grid = np.linspace(0.0, 1.0, frames)
+    for i in range(n):
+        length = int(lengths[i])
+        if length == 1:
+            out[i] = x[i, :, :1]
+            continue
+        pos = grid * (length - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, length - 1)
+        w = (pos - lo).astype(np.float32)[None, :, None, None]
+        xi = x[i]
+        out[i] = xi[:, lo] * (1 - w) + xi[:, hi] * w
+    return out
+
+
+def _fill_empty_frames(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Frames where a person is all zero (dropped by the sensor) repeat that person's last valid frame."""
+    x = x.copy()
+    n, _, _, _, m = x.shape
+    for i in range(n):
+        length = int(lengths[i])
+        for p in range(m):
+            seq = x[i, :, :length, :, p]
+            valid = np.abs(seq).reshape(seq.shape[0], length, -1).sum(axis=(0, 2)) > 0
+            if valid.all() or not valid.any():
+                continue
+            idx = np.where(valid, np.arange(length), -1)
+            idx = np.maximum.accumulate(idx)
+            first = int(np.argmax(valid))
+            idx[idx < 0] = first  # leading gaps take the first valid frame
+            x[i, :, :length, :, p] = seq[:, idx]  # seq is (C, T, V): idx indexes time
+    return x
+
+
+def _keep_persons(x: np.ndarray, persons: int) -> np.ndarray:
+    """Keep the ``persons`` most active persons of each sample, most active first."""
+    m = x.shape[-1]
+    if m <= 1 and persons >= m:
+        return x
+    motion = np.abs(np.diff(x, axis=2)).sum(axis=(1, 2, 3)) + 1e-6 * np.abs(x).sum(axis=(1, 2, 3))
+    order = np.argsort(-motion, axis=1, kind="stable")[:, :persons]
+    out = np.take_along_axis(x, order[:, None, None, None, :], axis=4)
+    return out
+
+
+def _coordinate_channels(ds: SequenceSet) -> list[int]:
+    """Indices of spatial channels (everything but a confidence/score channel)."""
+    return [i for i, name in enumerate(ds.channels) if name.lower() not in ("score", "c", "conf", "confidence")]
+
+
+def _center(x: np.ndarray, center: tuple[int, ...], coord: list[int]) -> np.ndarray:
+    """Subtract the centre (mean of the centre joints) of person 0 in the first frame."""
+    x = x.copy()
+    origin = x[:, coord, 0][:, :, list(center), 0].mean(axis=2)  # (N, len(coord))
+    present = np.abs(x[:, coord]).sum(axis=(1, 2, 3), keepdims=True) > 0  # (N, 1, 1, 1, M)
+    for j, ch in enumerate(coord):
+        shifted = x[:, ch] - origin[:, j, None, None, None]
+        x[:, ch] = np.where(present[:, 0], shifted, 0.0)
+    return x
+
+
+def _align(x: np.ndarray, layout, coord: list[int]) -> np.ndarray:
+    """Rotate each sample so spine (lower→upper) is +y and the right→left shoulder line is +x."""
+    if layout.spine is None and layout.shoulders is None:
+        return x
+    x = x.copy()
+    xyz = x[:, coord]  # (N, 3, T, V, M)
+    for i in range(len(x)):
+        first = xyz[i, :, 0, :, 0]  # (3, V)
+        up = np.array([0.0, 1.0, 0.0])
+        if layout.spine is not None:
+            lo, hi = layout.spine
+            v = first[:, hi] - first[:, lo]
+            if np.linalg.norm(v) > 1e-6:
+                up = v / np.linalg.norm(v)
+        across = np.array([1.0, 0.0, 0.0])
+        if layout.shoulders is not None:
+            left, right = layout.shoulders
+            v = first[:, left] - first[:, right]
+            v = v - up * (v @ up)
+            if np.linalg.norm(v) > 1e-6:
+                across = v / np.linalg.norm(v)
+        depth = np.cross(across, up)
+        if np.linalg.norm(depth) < 1e-6:
+            continue
+        depth /= np.linalg.norm(depth)
+        across = np.cross(up, depth)
+        rot = np.stack([across, up, depth])  # rows: new x, y, z axes
+        x[i][coord] = np.einsum("ab,btvm->atvm", rot, xyz[i]).astype(np.float32)
+    return x
+
+
+def _zscore_channels(x: np.ndarray) -> np.ndarray:
+    """Per-sample, per-channel z-score over time (constant channels become 0)."""
+    mean = x.mean(axis=2, keepdims=True)
+    std = x.std(axis=2, keepdims=True)
+    return ((x - mean) / np.where(std > 1e-8, std, 1.0)).astype(np.float32)

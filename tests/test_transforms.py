@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+
+from speler.config import PreprocessConfig
+from speler.data.layouts import NTU25, SERIES
+from speler.data.schema import SequenceSet
+from speler.data.transforms import preprocess, resample
+from speler.errors import DataFormatError
+
+
+def _skeleton(n=4, t=30, m=2, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3, t, 25, m)).astype(np.float32) * 0.1
+    if m > 1:
+        x[..., 1] *= 0.0  # a second person that is absent
+    return SequenceSet(
+        x=x + np.array([1.0, 2.0, 3.0], dtype=np.float32)[None, :, None, None, None] * (x != 0),
+        ids=np.array([f"s{i}" for i in range(n)]), classes=("a",), y=np.zeros(n, dtype=np.int64),
+        layout=NTU25, lengths=np.array([t, t // 2, t, 5])[:n],
+    )
+
+
+def test_resample_keeps_end_points_and_linear_motion():
+    t = np.arange(10, dtype=np.float32)
+    x = np.zeros((1, 1, 12, 1, 1), dtype=np.float32)
+    x[0, 0, :10, 0, 0] = t * 2
+    out = resample(x, np.array([10]), 19)
+    np.testing.assert_allclose(out[0, 0, :, 0, 0], np.linspace(0, 18, 19), atol=1e-5)
+
+
+def test_preprocess_shape_centre_and_padding_ignored():
+    ds = _skeleton()
+    out = preprocess(ds, PreprocessConfig(frames=16, persons=1, align_view=False))
+    assert out.x.shape == (4, 3, 16, 25, 1)
+    np.testing.assert_array_equal(out.lengths, 16)
+    # centre joint of the first frame is the origin
+    np.testing.assert_allclose(out.x[:, :, 0, NTU25.center[0], 0], 0, atol=1e-6)
+    # sample 3 had 5 valid frames: its last resampled frame equals its 5th raw frame, centred
+    raw = ds.x[3, :, 4, :, 0] - ds.x[3, :, 0, NTU25.center[0], 0][:, None]
+    np.testing.assert_allclose(out.x[3, :, -1, :, 0], raw, atol=1e-5)
+
+
+def test_most_active_person_comes_first_and_absent_stays_zero():
+    ds = _skeleton(m=2)
+    x = ds.x.copy()
+    x[..., 1], x[..., 0] = ds.x[..., 0], 0.0  # the actor is in slot 1
+    out = preprocess(ds.replace(x=x), PreprocessConfig(frames=8, persons=2, align_view=False))
+    assert np.abs(out.x[..., 0]).sum() > 0
+    assert np.abs(out.x[..., 1]).sum() == 0
+
+
+def test_view_alignment_makes_spine_up_and_shoulders_along_x():
+    rng = np.random.default_rng(1)
+    x = np.zeros((1, 3, 4, 25, 1), dtype=np.float32)
+    base = rng.normal(size=(3, 25)).astype(np.float32)
+    x[0, :, :, :, 0] = base[:, None, :]
+    ds = SequenceSet(x=x, ids=np.array(["a"]), classes=("a",), y=np.array([0]), layout=NTU25)
+    out = preprocess(ds, PreprocessConfig(frames=4, persons=1))
+    f = out.x[0, :, 0, :, 0]
+    lo, hi = NTU25.spine
+    spine = f[:, hi] - f[:, lo]
+    assert spine[0] == pytest.approx(0, abs=1e-5) and spine[2] == pytest.approx(0, abs=1e-5)
+    assert spine[1] > 0
+    left, right = NTU25.shoulders
+    assert (f[:, left] - f[:, right])[2] == pytest.approx(0, abs=1e-5)
+    assert (f[:, left] - f[:, right])[0] > 0
+    # a rotation keeps distances between joints
+    d_in = np.linalg.norm(base[:, :, None] - base[:, None, :], axis=0)
+    d_out = np.linalg.norm(f[:, :, None] - f[:, None, :], axis=0)
+    np.testing.assert_allclose(d_in, d_out, atol=1e-4)
+
+
+def test_dropped_frames_repeat_the_last_valid_one():
+    ds = _skeleton(n=1, m=1)
+    x = ds.x.copy()
+    x[0, :, 10] = 0.0
+    out = preprocess(ds.replace(x=x), PreprocessConfig(frames=30, persons=1, align_view=False, center=False))
+    np.testing.assert_allclose(out.x[0, :, 10], ds.x[0, :, 9], atol=1e-6)
+
+
+def test_series_zscore_and_bad_config():
+    rng = np.random.default_rng(2)
+    x = (rng.normal(size=(3, 2, 20, 1, 1)) * 5 + 7).astype(np.float32)
+    ds = SequenceSet(x=x, ids=np.array(["a", "b", "c"]), classes=("u",), y=np.zeros(3, np.int64),
+                     layout=SERIES)
+    out = preprocess(ds, PreprocessConfig(frames=20))
+    np.testing.assert_allclose(out.x.mean(axis=2), 0, atol=1e-5)
+    np.testing.assert_allclose(out.x.std(axis=2), 1, atol=1e-4)
+    with pytest.raises(DataFormatError, match="frames"):
+        preprocess(ds, PreprocessConfig(frames=1))
