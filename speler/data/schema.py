@@ -121,7 +121,7 @@ class SequenceSet:
             raise DataFormatError(f"{w}: field ids must be strings, got {self.ids.dtype}")
         uniq, counts = np.unique(self.ids, return_counts=True)
         if len(uniq) != n:
-            raise DataFormatError(f"{w}: field ids is not unique: {uniq[counts > 1][0]!r} repeats")
+            raise DataFormatError(f"{w}: field ids is not unique: {str(uniq[counts > 1][0])!r} repeats")
         if len(set(self.classes)) != len(self.classes):
             raise DataFormatError(f"{w}: field classes has duplicate names: {self.classes}")
         if any(not cname for cname in self.classes):
@@ -155,7 +155,7 @@ class SequenceSet:
 
     def _name(self, i: int) -> str:
         ids = self.ids if isinstance(self.ids, np.ndarray) and len(self.ids) > i else None
-        return f"{i} ({ids[i]!r})" if ids is not None else str(i)
+        return f"{i} ({str(ids[i])!r})" if ids is not None else str(i)
 
     # -- derived sets --------------------------------------------------------------------------
     def subset(self, index: np.ndarray | list[int]) -> "SequenceSet":

@@ -1,0 +1,415 @@
+"""``python -m speler``: argparse sub-commands over the library; the only module that prints.
+
+Each sub-command is two functions, ``_add_<name>(parser)`` declaring its options and
+``_run_<name>(args) -> int`` doing the work, registered in ``COMMANDS``. Errors are translated here
+and only here: a SpelerError (bad input) becomes one line ``error: ...`` on stderr and exit code 2;
+Ctrl-C exits 130 (the library leaves nothing half-written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from speler import __version__
+from speler.config import Config, apply_overrides
+from speler.errors import ProjectError, SpelerError
+
+logger = logging.getLogger("speler")
+
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+
+
+class _UsageError(Exception):
+    """argparse found bad arguments; reported as one line like any other bad input."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+# -- output helpers ------------------------------------------------------------------------------
+def _out(*lines: str) -> None:
+    for line in lines:
+        print(line)
+
+
+def _err(message: str) -> None:
+    text = " ".join(str(message).split("\n")).strip()
+    print(f"error: {text}", file=sys.stderr)
+
+
+class _Progress:
+    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr (hidden when not a TTY)."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="item", leave=False, disable=None,
+                            file=sys.stderr)
+        if total != self.bar.total:
+            self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _root(args: argparse.Namespace) -> Path | None:
+    return None if args.root is None else Path(args.root)
+
+
+def _open_project(args: argparse.Namespace, name: str):
+    from speler.project import Project
+
+    return Project.open(_root(args), name)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    cells = [[str(h) for h in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = lambda r: "  ".join(  # noqa: E731
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+    )
+    return [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]]
+
+
+# -- import --------------------------------------------------------------------------------------
+def _add_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", nargs="?", help="file or folder to read (or use --sample)")
+    p.add_argument("--project", required=True, help="name of the project to create")
+    p.add_argument("--sample", help="import a bundled sample instead of PATH (see `samples`)")
+    p.add_argument("--format", help="force a reader instead of detecting the format")
+    p.add_argument("--labels", help="CSV of id,label rows: your own labels for some samples")
+    p.add_argument("--allow-new-classes", action="store_true",
+                   help="let --labels add classes the data does not name")
+    p.add_argument("--frames", type=int, help="frames per sample after resampling (preprocess.frames)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override such as train.lr=3e-4 (repeatable)")
+    p.add_argument("--no-file-labels", action="store_true",
+                   help="start unlabeled: the data files' labels are kept only as hidden"
+                        " truth for evaluation")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing project")
+    g = p.add_argument_group("long-tailed partial-label protocol (for experiments)")
+    g.add_argument("--protocol-imbalance", type=float, metavar="PI",
+                   help="imbalance ratio π: class sizes n_1·π^(-(c-1)/(C-1))")
+    g.add_argument("--protocol-labeled", type=float, metavar="GAMMA",
+                   help="share γ of the kept samples whose labels stay visible")
+    g.add_argument("--protocol-seed", type=int, default=0, metavar="S", help="seed (default 0)")
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from speler.project import Project, check_name
+
+    check_name(args.project)
+    if (args.path is None) == (args.sample is None):
+        raise _UsageError("import: give exactly one of PATH or --sample NAME")
+    if (args.protocol_imbalance is None) != (args.protocol_labeled is None):
+        raise _UsageError("import: --protocol-imbalance and --protocol-labeled go together")
+    overrides = list(args.set)
+    if args.frames is not None:
+        overrides.append(f"preprocess.frames={args.frames}")
+    config = apply_overrides(Config(), overrides)
+    if not args.overwrite:
+        # Fail before the (possibly long) read when the project already exists.
+        from speler.project import default_root
+
+        target = (_root(args) or default_root()) / args.project
+        if target.exists():
+            raise ProjectError(
+                f"{target}: project {args.project!r} already exists (use --overwrite to replace it)"
+            )
+
+    meta: dict[str, Any] = {}
+    if args.sample is not None:
+        from speler.data.samples import load_sample
+
+        ds = load_sample(args.sample)
+        meta["source"] = f"sample:{args.sample}"
+    else:
+        from speler.formats import read
+
+        with _Progress(f"reading {Path(args.path).name}") as bar:
+            ds = read(args.path, format=args.format, progress=bar)
+        meta["source"] = str(Path(args.path).resolve())
+        if args.format:
+            meta["format"] = args.format
+
+    if args.protocol_imbalance is not None:
+        from speler.data.protocol import make_partial
+
+        ds = make_partial(ds, imbalance=args.protocol_imbalance,
+                          labeled_ratio=args.protocol_labeled, seed=args.protocol_seed)
+        meta["protocol"] = {"imbalance": args.protocol_imbalance,
+                            "labeled_ratio": args.protocol_labeled, "seed": args.protocol_seed}
+    if args.no_file_labels:  # the file's labels stay only as hidden truth for evaluation
+        truth = ds.y if ds.y_true is None else ds.y_true
+        ds = ds.replace(y=np.full(ds.n, -1, dtype=np.int64), y_true=truth)
+    if args.labels is not None:
+        ds = _apply_label_csv(ds, args.labels, allow_new_classes=args.allow_new_classes)
+        meta["labels_file"] = str(Path(args.labels).resolve())
+
+    project = Project.create(_root(args), args.project, ds, config=config,
+                             overwrite=args.overwrite, meta=meta)
+    with project:
+        cur = project.store.current_labels()
+        n_lab = int((cur.label >= 0).sum())
+        d = project.data
+        _out(f"created project {project.name} at {project.path}",
+             f"  {d.n} samples, {d.num_classes} classes, {n_lab} labeled, layout {d.layout.name},"
+             f" x shape {tuple(d.x.shape)} (N, C, T, V, M)")
+    return EXIT_OK
+
+
+def _apply_label_csv(ds, path: str, *, allow_new_classes: bool):
+    """ds with the labels of CSV ``path`` set in ``y``. Rows that cannot be placed (unknown id or
+    class) are errors raised by the reader; its notes (agreeing repeats, empty labels) are shown."""
+    from speler.formats import read_label_csv
+
+    imp = read_label_csv(path, ds, allow_new_classes=allow_new_classes)
+    notes = [str(p) for p in imp.problems]
+    for note in notes[:5]:
+        print(f"note: {path}: {note}", file=sys.stderr)
+    if len(notes) > 5:
+        print(f"note: {path}: ... and {len(notes) - 5} more notes", file=sys.stderr)
+    if imp.new_classes:
+        print(f"note: {path}: new classes {', '.join(imp.new_classes)}", file=sys.stderr)
+    classes = tuple(ds.classes) + tuple(imp.new_classes)
+    y = ds.y.copy()
+    y[np.asarray(imp.index, dtype=np.int64)] = np.asarray(imp.labels, dtype=np.int64)
+    return ds.replace(classes=classes, y=y)
+
+
+# -- info ----------------------------------------------------------------------------------------
+def _add_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("project", help="project name")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    with _open_project(args, args.project) as project:
+        d = project.data
+        store = project.store
+        cur = store.current_labels()
+        n_c = d.num_classes
+        src = cur.source
+        count = lambda mask: np.bincount(cur.label[mask], minlength=n_c)  # noqa: E731
+        human, imported = count(src == "human"), count(src == "imported")
+        prop = count(src == "propagated")
+        unlabeled_mask = (src != "human") & (src != "imported")
+        header = ["class", "human", "imported", "propagated"]
+        truth_col = d.y_true is not None
+        if truth_col:
+            header.append("unlabeled (true class)")
+            truth = d.y_true[unlabeled_mask]
+            unl = np.bincount(truth[truth >= 0], minlength=n_c)
+        rows = []
+        for c, name in enumerate(d.classes):
+            row = [name, human[c], imported[c], prop[c]]
+            if truth_col:
+                row.append(unl[c])
+            rows.append(row)
+        total = ["total", int(human.sum()), int(imported.sum()), int(prop.sum())]
+        if truth_col:
+            total.append(int(unlabeled_mask.sum()))
+        rows.append(total)
+        n, c, t, v, m = d.shape
+        rounds = store.rounds()
+        meta = store.meta
+        _out(f"project   {project.name}  ({project.path})")
+        if "source" in meta:
+            _out(f"source    {meta['source']}")
+        _out(f"layout    {d.layout.name} ({d.layout.num_joints} joints)"
+             + (f", {d.fps:g} fps" if d.fps else ""),
+             f"shape     N={n} C={c} T={t} V={v} M={m}  (channels {', '.join(d.channels)})",
+             f"samples   {n}: {int((src == 'human').sum())} human, "
+             f"{int((src == 'imported').sum())} imported, {int((src == 'propagated').sum())} "
+             f"propagated, {int((src == 'none').sum())} without any label",
+             f"classes   {n_c}", "")
+        _out(*_table(header, rows))
+        _out("")
+        if not rounds:
+            _out("rounds    none yet")
+        else:
+            _out(f"rounds    {len(rounds)} (last done: {store.last_done_round()})")
+            for r in rounds:
+                extra = f" — {r.reason}" if r.reason else ""
+                _out(f"  {r.no:03d}  {r.status:<7}  started {r.started}{extra}")
+    return EXIT_OK
+
+
+# -- label / undo --------------------------------------------------------------------------------
+def _default_annotator() -> str:
+    return os.environ.get("SPELER_ANNOTATOR") or os.environ.get("USER") or ""
+
+
+def _add_label(p: argparse.ArgumentParser) -> None:
+    p.add_argument("project", help="project name")
+    p.add_argument("id", help="sample id")
+    p.add_argument("label", help="class name")
+    p.add_argument("--annotator", default=None, help="who labels (default $SPELER_ANNOTATOR or $USER)")
+
+
+def _run_label(args: argparse.Namespace) -> int:
+    with _open_project(args, args.project) as project:
+        store = project.store
+        was, source = store.label_of(args.id)
+        annotator = args.annotator if args.annotator is not None else _default_annotator()
+        store.add_label(args.id, args.label, source="human", annotator=annotator)
+        old = f"{store.classes[was]} ({source})" if was >= 0 else "no label"
+        _out(f"{args.id}: {args.label} (was {old})")
+    return EXIT_OK
+
+
+def _add_undo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("project", help="project name")
+    p.add_argument("--annotator", default=None, help="undo only this annotator's latest label")
+
+
+def _run_undo(args: argparse.Namespace) -> int:
+    with _open_project(args, args.project) as project:
+        res = project.store.undo(annotator=args.annotator)
+        if res is None:
+            _out("nothing to undo")
+            return EXIT_OK
+        now = f"{res.restored} ({res.restored_source})" if res.restored is not None else "no label"
+        _out(f"undid {res.sample_id}: {res.label}; now {now}")
+    return EXIT_OK
+
+
+# -- samples -------------------------------------------------------------------------------------
+def _add_samples(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _run_samples(args: argparse.Namespace) -> int:
+    from speler.data.samples import list_samples
+
+    items = list_samples()
+    if not items:
+        _out("no bundled samples")
+        return EXIT_OK
+    width = max(len(i.name) for i in items)
+    for k, info in enumerate(items):
+        default = "  (default)" if k == 0 else ""
+        _out(f"{info.name:<{width}}  {info.kind:<8}  {info.title}{default}",
+             *textwrap.wrap(info.description, width=98, initial_indent=" " * (width + 2),
+                            subsequent_indent=" " * (width + 2)))
+    _out("", "import one with: python -m speler import --sample NAME --project PROJECT")
+    return EXIT_OK
+
+
+# -- registry ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: list[Command] = [
+    Command("import", "read data into a new project", _add_import, _run_import),
+    Command("info", "show a project's classes, label counts, layout, shapes and rounds",
+            _add_info, _run_info),
+    Command("label", "give a sample a human label", _add_label, _run_label),
+    Command("undo", "undo the latest human label", _add_undo, _run_undo),
+    Command("samples", "list the bundled samples", _add_samples, _run_samples),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m speler",
+                     description="SpeLER: annotate skeleton and sensor sequences with spectral-"
+                                 "balanced energy propagation.")
+    parser.add_argument("--root", default=None,
+                        help="folder holding the projects (default $SPELER_HOME or ./annotations)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"speler {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (tests swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _setup_logging(verbose: bool) -> None:
+    log = logging.getLogger("speler")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        h = _StderrHandler()
+        h.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        log.addHandler(h)
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        _err(f"{exc} (see --help)")
+        return EXIT_ERROR
+    except SystemExit as exc:  # --help, --version
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_ERROR
+    _setup_logging(args.verbose)
+    hook = sys.unraisablehook
+    try:
+        return int(args._run(args))
+    except _UsageError as exc:
+        _err(f"{exc} (see --help)")
+        return EXIT_ERROR
+    except SpelerError as exc:
+        _err(str(exc))
+        return EXIT_ERROR
+    except OSError as exc:
+        _err(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        # Objects cut off mid-construction (a half-opened ZipFile, say) complain from __del__
+        # when the traceback is dropped; the library already cleaned up, so keep that quiet.
+        sys.unraisablehook = lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    _err("interrupted; nothing was half-written")
+    return EXIT_INTERRUPTED

@@ -1,0 +1,288 @@
+"""An annotation project: one folder ``<root>/<name>/`` holding everything about one dataset.
+
+```
+<root>/<name>/
+    data.npz        the preprocessed SequenceSet (y_true, if any, only for evaluation)
+    store.sqlite    label events and rounds (speler.store.LabelStore)
+    config.json     the project's Config
+    rounds/NNN/     one folder per finished round (appears by an atomic rename of rounds/.tmp-NNN)
+    exports/        exported labels
+```
+The default root is ``annotations/`` at the repository root, or ``$SPELER_HOME`` when set.
+A project is created in a temporary folder beside its final place and renamed into place, so it
+exists complete or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from speler import __version__
+from speler.config import Config
+from speler.data.schema import SequenceSet
+from speler.errors import ConfigError, ProjectError
+from speler.store import LabelStore
+
+logger = logging.getLogger(__name__)
+
+DATA_FILE = "data.npz"
+STORE_FILE = "store.sqlite"
+CONFIG_FILE = "config.json"
+ROUNDS_DIR = "rounds"
+EXPORTS_DIR = "exports"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ROUND = re.compile(r"^\d{3,}$")
+
+
+def default_root() -> Path:
+    """``$SPELER_HOME`` if set, else ``annotations/`` at the repository root."""
+    env = os.environ.get("SPELER_HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[1] / "annotations"
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid project name (letters, digits, ``._-``, not starting with a dot)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ProjectError(
+            f"invalid project name {name!r}: use 1-64 letters, digits, '.', '_' or '-',"
+            " starting with a letter or digit"
+        )
+    return name
+
+
+def list_projects(root: str | Path | None = None) -> list[str]:
+    """Names of the complete projects under ``root`` (default ``default_root()``), sorted."""
+    root = default_root() if root is None else Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name for p in root.iterdir()
+        if p.is_dir() and _NAME.match(p.name) and (p / STORE_FILE).is_file()
+        and (p / DATA_FILE).is_file()
+    )
+
+
+class Project:
+    """An open project folder. Use ``Project.create``, ``Project.open`` or ``Project.open_path``.
+
+    ``store`` is opened with the project; ``data`` is loaded on first use and checked against the
+    store's dataset fingerprint. Close with ``close()`` or use as a context manager.
+    """
+
+    def __init__(self, path: Path, store: LabelStore, config: Config) -> None:
+        # Trusts its arguments; open_path() validates.
+        self.path = path
+        self.name = path.name
+        self._store = store
+        self._config = config
+        self._data: SequenceSet | None = None
+
+    # -- creating and opening --------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        root: str | Path | None,
+        name: str,
+        ds: SequenceSet,
+        *,
+        config: Config | None = None,
+        labels_from: str | None = "file",
+        preprocess: bool = True,
+        overwrite: bool = False,
+        meta: dict[str, Any] | None = None,
+    ) -> "Project":
+        """Build ``<root>/<name>/`` from ``ds`` atomically and open it.
+
+        ds: the SequenceSet as read (preprocessed here with ``config.preprocess`` unless
+            ``preprocess=False``, for data that already is).
+        labels_from: "file" writes the labels in ``ds.y`` (>= 0) as ``imported`` events; None
+            imports no labels. ``ds.y_true`` is kept in data.npz for evaluation only.
+        overwrite: replace an existing project of that name (only once the new one is complete).
+        meta: import provenance (source path, format, ...), kept in the store's meta table.
+        ProjectError if the project exists and ``overwrite`` is False; on any error or Ctrl-C
+        nothing is left behind.
+        """
+        check_name(name)
+        if labels_from not in ("file", None):
+            raise ProjectError(f"labels_from must be 'file' or None, got {labels_from!r}")
+        config = Config() if config is None else config
+        root = default_root() if root is None else Path(root)
+        final = root / name
+        if final.exists() and not overwrite:
+            raise ProjectError(
+                f"{final}: project {name!r} already exists (use overwrite to replace it)")
+        if preprocess:
+            from speler.data.transforms import preprocess as _preprocess
+
+            ds = _preprocess(ds, config.preprocess)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ProjectError(f"{root}: cannot create the projects folder ({exc})") from exc
+        tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            ds.save(tmp / DATA_FILE)
+            config.save(tmp / CONFIG_FILE)
+            (tmp / ROUNDS_DIR).mkdir()
+            (tmp / EXPORTS_DIR).mkdir()
+            store_meta = {"project": name, "speler_version": __version__,
+                          "layout": ds.layout.name, "shape": json.dumps(list(ds.shape))}
+            store_meta.update({k: v if isinstance(v, str) else json.dumps(v, default=str)
+                               for k, v in (meta or {}).items()})
+            with LabelStore.create(tmp / STORE_FILE, ids=ds.ids.tolist(), classes=ds.classes,
+                                   fingerprint=ds.fingerprint(), meta=store_meta) as store:
+                if labels_from == "file":
+                    known = np.flatnonzero(ds.y >= 0)
+                    if len(known):
+                        store.add_labels(zip(ds.ids[known].tolist(), ds.y[known].tolist()),
+                                         source="imported", annotator="import")
+            _install(tmp, final, overwrite=overwrite)
+        except OSError as exc:
+            _remove(tmp)
+            raise ProjectError(f"{final}: cannot write the project ({exc})") from exc
+        except BaseException:
+            _remove(tmp)
+            raise
+        logger.info("created project %s: %d samples, %d classes", final, ds.n, ds.num_classes)
+        return cls.open_path(final)
+
+    @classmethod
+    def open(cls, root: str | Path | None, name: str) -> "Project":
+        """Open project ``name`` under ``root`` (default ``default_root()``)."""
+        root = default_root() if root is None else Path(root)
+        path = root / name
+        if not path.is_dir():
+            known = list_projects(root)
+            hint = f"; projects there: {', '.join(known)}" if known else \
+                "; there are no projects there"
+            raise ProjectError(f"no project {name!r} in {root}{hint}")
+        return cls.open_path(path)
+
+    @classmethod
+    def open_path(cls, path: str | Path) -> "Project":
+        """Open the project folder at ``path``; ProjectError if it is missing or incomplete."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ProjectError(f"{path}: no project folder there")
+        for f in (DATA_FILE, STORE_FILE, CONFIG_FILE):
+            if not (path / f).is_file():
+                raise ProjectError(f"{path}: project is incomplete, {f} is missing")
+        try:
+            config = Config.load(path / CONFIG_FILE)
+        except ConfigError as exc:
+            raise ProjectError(f"{path / CONFIG_FILE}: invalid project config ({exc})") from exc
+        store = LabelStore.open(path / STORE_FILE)
+        return cls(path, store, config)
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> "Project":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Project({str(self.path)!r})"
+
+    # -- contents --------------------------------------------------------------------------------
+    @property
+    def store(self) -> LabelStore:
+        return self._store
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    def save_config(self, config: Config) -> None:
+        """Replace config.json (atomically) and ``self.config``."""
+        tmp = self.path / f".{CONFIG_FILE}.tmp"
+        config.save(tmp)
+        os.replace(tmp, self.path / CONFIG_FILE)
+        self._config = config
+
+    @property
+    def data(self) -> SequenceSet:
+        """The preprocessed SequenceSet (loaded once); ProjectError if it is not the store's data."""
+        if self._data is None:
+            ds = SequenceSet.load(self.path / DATA_FILE)
+            if ds.fingerprint() != self._store.fingerprint:
+                raise ProjectError(
+                    f"{self.path / DATA_FILE}: dataset fingerprint {ds.fingerprint()} does not match"
+                    f" the label store's {self._store.fingerprint}"
+                )
+            self._data = ds
+        return self._data
+
+    @property
+    def rounds_dir(self) -> Path:
+        return self.path / ROUNDS_DIR
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.path / EXPORTS_DIR
+
+    def round_dir(self, no: int) -> Path:
+        """Final folder of round ``no``: ``rounds/NNN``."""
+        return self.rounds_dir / f"{int(no):03d}"
+
+    def begin_round_dir(self, no: int) -> Path:
+        """A fresh, empty ``rounds/.tmp-NNN`` to write round ``no`` into (a stale one is removed)."""
+        tmp = self.rounds_dir / f".tmp-{int(no):03d}"
+        _remove(tmp)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def finish_round_dir(self, no: int) -> Path:
+        """Rename ``rounds/.tmp-NNN`` to ``rounds/NNN`` (replacing an older one); returns it."""
+        tmp = self.rounds_dir / f".tmp-{int(no):03d}"
+        if not tmp.is_dir():
+            raise ProjectError(f"{tmp}: no round folder in progress for round {no}")
+        _install(tmp, self.round_dir(no), overwrite=True)
+        return self.round_dir(no)
+
+    def latest_round(self) -> int | None:
+        """Number of the last complete round folder, None if there is none."""
+        if not self.rounds_dir.is_dir():
+            return None
+        nos = [int(p.name) for p in self.rounds_dir.iterdir() if p.is_dir() and _ROUND.match(p.name)]
+        return max(nos) if nos else None
+
+
+def _install(tmp: Path, final: Path, *, overwrite: bool) -> None:
+    """Rename folder ``tmp`` to ``final``; with ``overwrite`` an existing ``final`` is moved aside
+    first and removed after, so ``final`` is never half-written."""
+    if final.exists():
+        if not overwrite:
+            raise ProjectError(f"{final}: already exists")
+        old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            os.rename(old, final)
+            raise
+        _remove(old)
+    else:
+        os.rename(tmp, final)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
