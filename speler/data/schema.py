@@ -209,6 +209,7 @@ class SequenceSet:
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, **arrays)
+            os.chmod(tmp, 0o644)  # mkstemp makes the file private; data files are ordinary files
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
