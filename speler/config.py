@@ -49,15 +49,25 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu" or "cuda"
     seed: int = 0
     num_threads: int = 0  # torch CPU threads, 0 = torch default
+    dropout: float = 0.2  # before each classifier head
+    pseudo_ratio: float = 1.0  # pseudo-labeled samples drawn per human label each epoch (0 = all)
+    temperature: float = 0.2  # of the cross-domain supervised contrastive loss
+    logit_tau: float = 1.0  # strength of the logit adjustment when balanced_loss is on
+    segments: int = 3  # time branch pools over all frames and over this many stretches of time
+    bones: bool = True  # skeleton time branch also sees bone vectors (joint - parent)
+    lr_schedule: str = "cosine"  # "cosine" (decay to 0 over epochs) or "constant"
+    warm_epochs: int = 20  # max epochs when warm-starting from the previous round (0 = epochs)
 
 
 @dataclass(frozen=True)
 class GraphConfig:
-    k: int = 10  # neighbours per node
+    k: int = 20  # neighbours per node
     gamma: float = 3.0  # affinity max(0, s)^gamma
-    exact_max_n: int = 200_000  # exact flat index up to this n, approximate beyond
+    exact_max_n: int = 50_000  # exact flat search up to this n, approximate (IVF) beyond
     index: str = "auto"  # "auto", "flat", "ivf", "hnsw"
-    pca_dim: int = 0  # reduce dimension before an approximate index (0 = no PCA)
+    pca_dim: int = 64  # IVF cells and coarse search on a PCA projection (0 = no PCA)
+    nprobe: int = 32  # IVF cells searched per query (approximate index)
+    refine_factor: int = 4  # approximate candidates per neighbour, re-ranked exactly
     recall_queries: int = 1000  # queries used to check recall of an approximate graph
     use_gpu: bool = True  # use a faiss GPU index when faiss sees a GPU
     seed: int = 0
@@ -65,17 +75,25 @@ class GraphConfig:
 
 @dataclass(frozen=True)
 class PropagationConfig:
-    alpha: float = 0.99  # (I - alpha S) M = Y
+    alpha: float = 0.8  # (I - alpha S) M = (1 - alpha) Y
     balance: bool = True  # spectral balance w_ij (p_c(i) p_c(j))^-1/2
     tol: float = 1e-6  # CG relative residual tolerance
     max_iter: int = 200  # CG iteration cap
-    tau_hat: float = -9.5  # base energy threshold on the paper's scale (see graph/propagate.py)
+    tau_hat: float = -9.5  # base energy threshold; energies are scaled so the median sample is -10
+    reorder: bool = True  # solve in reverse Cuthill-McKee order (cache locality) from 20k samples
+    threads: int = 1  # torch threads for the solver (0 = torch's setting); memory-bound, and
+    # extra threads only fight the app/trainer for cores (10x slower on a busy 2-core machine)
 
 
 @dataclass(frozen=True)
 class SelectionConfig:
     strategy: str = "speler"  # speler | random | entropy | margin | lp-margin | coreset
     batch: int = 10  # suggestions per request
+    minority_weight: float = 1.0  # speler: score × (1 + weight · rarity of the boundary's classes)
+    outlier_ratio: float = 0.05  # speler: outlier if -energy < this × median -energy of unlabeled
+    duplicate_similarity: float = 0.995  # cosine above which two samples are near-duplicates
+    coreset_pool: int = 5_000  # coreset: random pool of unlabeled candidates (0 = all of them)
+    coreset_centres: int = 10_000  # coreset: random subset of the labeled set as centres (0 = all)
 
 
 @dataclass(frozen=True)

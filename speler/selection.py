@@ -1,0 +1,543 @@
+"""What a person should label next: query strategies behind one signature.
+
+Every strategy is called through ``suggest(strategy, propagation=..., embeddings=..., labeled=...,
+budget=..., seed=...)`` and returns a ranked list of ``Suggestion`` (best first), each with a score
+and a reason a person can read. Samples marked ``labeled`` are never suggested; at most ``budget``
+suggestions come back (fewer when fewer unlabeled samples remain).
+
+Strategies (``STRATEGIES``):
+
+- ``speler`` (default). Boundary samples that are well connected, minority first, diverse:
+  * boundary: ``b = 1 - margin`` (the propagation's margin is top-1 minus top-2 of the row-normalised
+    scores, in [0, 1]; a larger scale is divided by its maximum). The margin itself, not its rank
+    among the candidates: a rank would put a margin of 0.3 next to one of 0.8 whenever few samples
+    lie in between;
+  * connected: lower energy = stronger holistic connection to the labeled set. The propagation's
+    energy is ≤ 0 with 0 = reached by no seed, so ``κ = -E / median(-E)`` over the unlabeled samples
+    says how connected a sample is compared with the typical one (1 = typical, 0 = not at all),
+    whatever the scale of the energy. It acts as a soft gate against outliers,
+    ``c = κ² / (κ² + outlier_ratio²)`` (0.5 at ``κ = outlier_ratio``, ≈ 1 for ten times that, → 0
+    below), not as a preference for the lowest energies: boundary samples are naturally a little
+    less connected than cluster cores, and a rank or z-score cut on energy (tried) removed them
+    with the outliers;
+  * minority: rarity of the two classes the sample sits between, ``r = max(r[pred], r[runner_up])``
+    with ``r_c = sqrt((h_min + 1) / (h_c + 1) · (q_min + 1) / (q_c + 1))`` from the human label counts
+    ``h`` and the propagated class counts ``q`` (1 for the rarest class, towards 0 for the largest);
+  * score ``b · c · (1 + minority_weight · r)``; every factor is free of the scale of the
+    propagation scores (a margin of normalised scores, ratios of energies and of counts);
+  * diversity: walking down the ranking, a sample is skipped when it is a kNN-graph neighbour (either
+    direction) of one already chosen, or a near-duplicate (cosine ≥ ``duplicate_similarity``) of one.
+    If that leaves the batch short, skipped graph neighbours fill it in ranking order; near-duplicates
+    never do, so the batch can be shorter than the budget only when the rest are duplicates.
+- ``random``: uniform without replacement under ``seed``.
+- ``entropy``: largest entropy of the model's softmax ``probs`` first.
+- ``margin``: smallest gap between the model's two most probable classes first.
+- ``lp-margin``: smallest propagation margin first (the propagation alone, no energy, no diversity).
+- ``coreset``: k-centre greedy on L2-normalised embeddings, starting from the labeled set: each pick
+  is the candidate farthest from everything labeled or already picked; distances are kept as a
+  running minimum updated with one matrix-vector product per pick. Above ``coreset_pool`` unlabeled
+  samples the candidates are a random pool of that size, and above ``coreset_centres`` labeled
+  samples the starting centres a random subset of that size (both under ``seed``), which keeps a
+  batch at 100k samples well under a second (the first step costs pool × centres × d).
+
+``score`` is always "higher = suggested earlier"; ``predicted`` and ``runner_up`` are the
+propagation's two best classes for every strategy, ``energy`` and ``margin`` the propagation's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from speler.config import SelectionConfig
+from speler.errors import ConfigError, DataFormatError
+from speler.graph.knn import KnnGraph
+from speler.graph.propagate import PropagationResult
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 4096  # rows per block in the coreset distance computation
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """One sample to label next.
+
+    index: row of the sample in the dataset.
+    id: the sample's id.
+    score: the strategy's priority (higher = earlier); comparable only within one call.
+    reason: one line a person can read.
+    predicted, runner_up: the propagation's best and second-best class (-1 if there is none).
+    energy, margin: the propagation's energy and margin of the sample.
+    """
+
+    index: int
+    id: str
+    score: float
+    reason: str
+    predicted: int
+    runner_up: int
+    energy: float
+    margin: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Inputs:
+    """Validated inputs shared by the strategies (trusted from here on)."""
+
+    propagation: PropagationResult
+    embeddings: np.ndarray  # float32 (n, d)
+    labeled: np.ndarray  # bool (n,)
+    probs: np.ndarray | None  # float (n, C)
+    graph: KnnGraph | None
+    classes: tuple[str, ...]
+    ids: Sequence[str] | None
+    human_counts: np.ndarray  # int64 (C,)
+    config: SelectionConfig
+    seed: int
+
+    @property
+    def n(self) -> int:
+        return int(self.labeled.shape[0])
+
+    def candidates(self) -> np.ndarray:
+        return np.flatnonzero(~self.labeled)
+
+    def id_of(self, i: int) -> str:
+        return str(i) if self.ids is None else str(self.ids[i])
+
+    def name(self, c: int) -> str:
+        return self.classes[c] if 0 <= c < len(self.classes) else "?"
+
+
+# -- public entry point ------------------------------------------------------------------------------
+
+def suggest(
+    strategy: str,
+    *,
+    propagation: PropagationResult,
+    embeddings: np.ndarray,
+    labeled: np.ndarray,
+    budget: int,
+    seed: int = 0,
+    probs: np.ndarray | None = None,
+    graph: KnnGraph | None = None,
+    classes: Sequence[str] = (),
+    ids: Sequence[str] | None = None,
+    human_counts: np.ndarray | None = None,
+    config: SelectionConfig = SelectionConfig(),
+) -> list[Suggestion]:
+    """Rank up to ``budget`` unlabeled samples for a person to label next, best first.
+
+    strategy: one of ``STRATEGIES`` (ConfigError listing them otherwise).
+    propagation: the current propagation (scores (n, C), labels, margin, energy, ...).
+    embeddings: float array (n, d), the embeddings the graph was built on.
+    labeled: bool (n,), samples with a human or imported label; never suggested.
+    budget: most suggestions wanted (>= 0).
+    seed: for ``random`` and the ``coreset`` pool; every strategy is deterministic under it.
+    probs: float (n, C), the model's softmax; needed by ``entropy`` and ``margin``.
+    graph: the kNN graph of ``embeddings``; ``speler`` uses it for diversity when given.
+    classes: class names for the reasons (default "class 0", ...).
+    ids: sample ids (default the row numbers as strings).
+    human_counts: int (C,), human labels per class (default: counted from ``labeled`` and the
+        propagation's labels of those samples).
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown selection strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    inputs = _validate(propagation, embeddings, labeled, budget, seed, probs, graph, classes, ids,
+                       human_counts, config, strategy)
+    budget = int(budget)
+    if budget == 0 or not np.any(~inputs.labeled):
+        return []
+    rng = np.random.default_rng(int(seed))
+    out = STRATEGIES[strategy](inputs, budget, rng)
+    logger.debug("%s: %d suggestions from %d unlabeled samples", strategy, len(out),
+                 int(np.sum(~inputs.labeled)))
+    return out
+
+
+def _validate(propagation, embeddings, labeled, budget, seed, probs, graph, classes, ids,
+              human_counts, config, strategy) -> _Inputs:
+    scores = np.asarray(propagation.scores)
+    if scores.ndim != 2 or scores.shape[1] < 1:
+        raise DataFormatError(f"selection: propagation.scores must be (n, C), got shape {scores.shape}")
+    n, C = scores.shape
+    for field in ("labels", "margin", "energy"):
+        arr = np.asarray(getattr(propagation, field))
+        if arr.shape != (n,):
+            raise DataFormatError(
+                f"selection: propagation.{field} has shape {arr.shape}, expected ({n},)")
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise DataFormatError(
+            f"selection: embeddings have shape {emb.shape}, expected ({n}, d) like propagation.scores")
+    if not np.all(np.isfinite(emb)):
+        bad = int(np.flatnonzero(~np.all(np.isfinite(emb), axis=1))[0])
+        raise DataFormatError(f"selection: embeddings row {bad} is not finite")
+    lab = np.asarray(labeled)
+    if lab.dtype != bool or lab.shape != (n,):
+        raise DataFormatError(
+            f"selection: labeled must be a bool array of shape ({n},), got {lab.dtype} {lab.shape}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0:
+        raise ConfigError(f"selection: budget must be an integer >= 0, got {budget!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ConfigError(f"selection: seed must be an integer, got {seed!r}")
+    if probs is not None:
+        probs = np.asarray(probs)
+        if probs.dtype.kind != "f":
+            probs = probs.astype(np.float64)
+        if probs.ndim != 2 or probs.shape[0] != n:
+            raise DataFormatError(f"selection: probs have shape {probs.shape}, expected ({n}, C)")
+        if not np.all(np.isfinite(probs)):
+            raise DataFormatError("selection: probs contain NaN or infinite values")
+    elif strategy in ("entropy", "margin"):
+        raise ConfigError(
+            f"selection strategy {strategy!r} needs probs (the model's softmax, shape ({n}, C)); "
+            f"strategies without a model: speler, random, lp-margin, coreset")
+    if graph is not None:
+        gi = np.asarray(graph.indices)
+        if gi.ndim != 2 or gi.shape[0] != n:
+            raise DataFormatError(
+                f"selection: graph.indices have shape {gi.shape}, expected ({n}, k)")
+    classes = tuple(str(c) for c in classes) or tuple(f"class {c}" for c in range(C))
+    if len(classes) != C:
+        raise DataFormatError(
+            f"selection: {len(classes)} class names for propagation scores with {C} columns")
+    if ids is not None and len(ids) != n:
+        raise DataFormatError(f"selection: {len(ids)} ids for {n} samples")
+    if human_counts is None:
+        pl = np.asarray(propagation.labels)[lab]
+        human_counts = np.bincount(pl[(pl >= 0) & (pl < C)], minlength=C)
+    human_counts = np.asarray(human_counts)
+    if human_counts.shape != (C,) or np.any(human_counts < 0):
+        raise DataFormatError(
+            f"selection: human_counts must be {C} non-negative counts, got {human_counts!r}")
+    if not 0.0 <= config.outlier_ratio < np.inf:
+        raise ConfigError(f"selection.outlier_ratio must be >= 0, got {config.outlier_ratio}")
+    if not 0.0 < config.duplicate_similarity <= 1.0:
+        raise ConfigError(
+            f"selection.duplicate_similarity must be in (0, 1], got {config.duplicate_similarity}")
+    if config.minority_weight < 0:
+        raise ConfigError(f"selection.minority_weight must be >= 0, got {config.minority_weight}")
+    if config.coreset_pool < 0 or config.coreset_centres < 0:
+        raise ConfigError(f"selection.coreset_pool and coreset_centres must be >= 0, got "
+                          f"{config.coreset_pool} and {config.coreset_centres}")
+    return _Inputs(propagation=propagation, embeddings=emb, labeled=lab, probs=probs, graph=graph,
+                   classes=classes, ids=ids, human_counts=human_counts.astype(np.int64),
+                   config=config, seed=int(seed))
+
+
+# -- shared helpers ------------------------------------------------------------------------------
+
+def _top2(scores: np.ndarray, rows: np.ndarray, predicted: np.ndarray | None = None):
+    """Best and second-best class of ``scores[rows]`` (second = -1 with one class).
+
+    With ``predicted`` given, the best is taken from it and the runner-up is the best other class.
+    """
+    s = np.asarray(scores[rows], dtype=np.float64)
+    if predicted is None:
+        predicted = np.argmax(s, axis=1)
+    if s.shape[1] < 2:
+        return predicted.astype(np.int64), np.full(len(rows), -1, dtype=np.int64)
+    masked = s.copy()
+    ok = (predicted >= 0) & (predicted < s.shape[1])
+    masked[np.flatnonzero(ok), predicted[ok]] = -np.inf
+    runner = np.argmax(masked, axis=1)
+    return predicted.astype(np.int64), runner.astype(np.int64)
+
+
+def _connectivity(energy: np.ndarray) -> np.ndarray:
+    """κ = -E / median(-E) (float64, >= 0): 1 for the typical sample, 0 for one no seed reaches.
+
+    Energies above 0 count as 0 (no connection); non-finite ones as 0. If the median is 0 (most
+    samples unreached), the largest value sets the scale; all zero gives all zero."""
+    ell = np.where(np.isfinite(energy), np.maximum(-energy, 0.0), 0.0)
+    if len(ell) == 0:
+        return ell
+    ref = float(np.median(ell))
+    if not ref > 0:
+        ref = float(ell.max())
+    return ell / ref if ref > 0 else np.zeros_like(ell)
+
+
+def _ordinal(k: int) -> str:
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if np.isfinite(x) else str(x)
+
+
+def _make(inputs: _Inputs, order: np.ndarray, scores: np.ndarray,
+          reason: Callable[[int, int, int], str]) -> list[Suggestion]:
+    """Suggestions for the rows ``order`` (already ranked) with their ``scores``."""
+    prop = inputs.propagation
+    order = np.asarray(order, dtype=np.int64)
+    pred = np.asarray(prop.labels)[order].astype(np.int64)
+    _, runner = _top2(np.asarray(prop.scores), order, pred)
+    energy = np.asarray(prop.energy, dtype=np.float64)[order]
+    margin = np.asarray(prop.margin, dtype=np.float64)[order]
+    out = []
+    for j, i in enumerate(order.tolist()):
+        out.append(Suggestion(
+            index=i, id=inputs.id_of(i), score=float(scores[j]),
+            reason=reason(i, int(pred[j]), int(runner[j])),
+            predicted=int(pred[j]), runner_up=int(runner[j]),
+            energy=float(energy[j]), margin=float(margin[j])))
+    return out
+
+
+def _rank(candidates: np.ndarray, priority: np.ndarray, budget: int) -> np.ndarray:
+    """Positions (into ``candidates``) of the ``budget`` highest priorities, ties by lower index."""
+    m = len(candidates)
+    k = min(budget, m)
+    if k < m:
+        part = np.argpartition(-priority, k - 1)[:k]
+        # include every tie with the k-th value so the tie-break by index is exact
+        kth = priority[part].min()
+        part = np.flatnonzero(priority >= kth)
+    else:
+        part = np.arange(m)
+    order = part[np.lexsort((candidates[part], -priority[part]))]
+    return order[:k]
+
+
+# -- strategies ----------------------------------------------------------------------------------
+
+def _speler(inputs: _Inputs, budget: int, rng: np.random.Generator) -> list[Suggestion]:
+    cfg = inputs.config
+    prop = inputs.propagation
+    cand = inputs.candidates()
+    C = len(inputs.classes)
+    margin = np.asarray(prop.margin, dtype=np.float64)[cand]
+    energy = np.asarray(prop.energy, dtype=np.float64)[cand]
+    margin = np.where(np.isfinite(margin), np.maximum(margin, 0.0), 1.0)
+    boundary = 1.0 - margin / max(1.0, float(margin.max()) if len(margin) else 1.0)
+    kappa = _connectivity(energy)
+    connected = kappa ** 2 / np.maximum(kappa ** 2 + cfg.outlier_ratio ** 2, 1e-300)
+
+    pred = np.asarray(prop.labels)[cand].astype(np.int64)
+    _, runner = _top2(np.asarray(prop.scores), cand, pred)
+    q = np.bincount(np.asarray(prop.labels)[(np.asarray(prop.labels) >= 0)
+                                           & (np.asarray(prop.labels) < C)], minlength=C)
+    h = inputs.human_counts
+    rarity_c = np.sqrt((h.min() + 1.0) / (h + 1.0) * (q.min() + 1.0) / (q + 1.0))
+    r_pred = np.where((pred >= 0) & (pred < C), rarity_c[np.clip(pred, 0, C - 1)], 0.0)
+    r_run = np.where(runner >= 0, rarity_c[np.clip(runner, 0, C - 1)], 0.0)
+    rarity = np.maximum(r_pred, r_run)
+    score = boundary * connected * (1.0 + cfg.minority_weight * rarity)
+
+    order = np.lexsort((cand, -score))  # positions into cand, best first, ties by index
+    sel = _diverse(inputs, cand, order, budget)
+    rows = cand[sel]
+    # energy percentile among the unlabeled samples (mean rank of ties), for the reasons only
+    energy = np.where(np.isfinite(energy), energy, np.inf)
+    srt = np.sort(energy)
+    below = np.searchsorted(srt, energy[sel], side="left")
+    upto = np.searchsorted(srt, energy[sel], side="right")
+    e_pct = ((below + upto - 1) / 2.0) / max(len(srt) - 1, 1)
+    info = {int(cand[p]): (float(margin[p]), float(e_pct[j]), bool(kappa[p] < cfg.outlier_ratio))
+            for j, p in enumerate(sel.tolist())}
+
+    def reason(i: int, pc: int, rc: int) -> str:
+        m, ep, outlier = info[i]
+        pct = int(round(100 * ep))
+        level = "low" if ep < 1 / 3 else ("medium" if ep < 2 / 3 else "high")
+        if outlier:
+            level = "high, outlier"
+        parts = [f"boundary between {inputs.name(pc)} and {inputs.name(rc)}" if rc >= 0
+                 else f"predicted {inputs.name(pc)}",
+                 f"margin {_fmt(m)}", f"energy {level} ({_ordinal(pct)} percentile)"]
+        rare = [c for c in (pc, rc) if 0 <= c < C]
+        if rare:
+            c = max(rare, key=lambda c: (rarity_c[c], -c))
+            parts.append(f"class {inputs.name(c)} has {int(h[c])} "
+                         f"label{'s' if int(h[c]) != 1 else ''}")
+        return ", ".join(parts)
+
+    return _make(inputs, rows, score[sel], reason)
+
+
+def _diverse(inputs: _Inputs, cand: np.ndarray, order: np.ndarray, budget: int) -> np.ndarray:
+    """Walk ``cand[order]`` and keep samples that are neither graph neighbours nor near-duplicates
+    of one kept before; fill a short batch with skipped graph neighbours (never duplicates).
+    Returns positions into ``cand``, in ranking order."""
+    emb = inputs.embeddings
+    thr = inputs.config.duplicate_similarity
+    nbrs = None if inputs.graph is None else np.asarray(inputs.graph.indices)
+    kept: list[tuple[int, int]] = []  # (rank, position into cand)
+    kept_rows: set[int] = set()
+    blocked: set[int] = set()
+    kept_vecs = np.zeros((budget, emb.shape[1]), dtype=np.float64)
+    skipped: list[int] = []  # ranks
+
+    def unit(i: int) -> np.ndarray:
+        v = emb[i].astype(np.float64)
+        norm = np.linalg.norm(v)
+        return v / norm if norm > 0 else v
+
+    def duplicate(v: np.ndarray) -> bool:
+        return bool(kept) and bool(np.max(kept_vecs[:len(kept)] @ v) >= thr)
+
+    def keep(r: int, i: int, v: np.ndarray) -> None:
+        kept_vecs[len(kept)] = v
+        kept.append((r, int(order[r])))
+        kept_rows.add(i)
+        if nbrs is not None:
+            blocked.update(int(j) for j in nbrs[i] if j >= 0)
+
+    for r in range(len(order)):
+        if len(kept) >= budget:
+            break
+        i = int(cand[order[r]])
+        if i in blocked or (nbrs is not None and any(int(j) in kept_rows for j in nbrs[i])):
+            skipped.append(r)
+            continue
+        v = unit(i)
+        if not duplicate(v):
+            keep(r, i, v)
+    for r in skipped:
+        if len(kept) >= budget:
+            break
+        i = int(cand[order[r]])
+        v = unit(i)
+        if not duplicate(v):
+            keep(r, i, v)
+    kept.sort()
+    return np.array([p for _, p in kept], dtype=np.int64)
+
+
+def _random(inputs: _Inputs, budget: int, rng: np.random.Generator) -> list[Suggestion]:
+    cand = inputs.candidates()
+    key = rng.random(len(cand))
+    pos = _rank(cand, key, budget)
+    return _make(inputs, cand[pos], key[pos],
+                 lambda i, pc, rc: f"random pick (seed {inputs.seed})")
+
+
+def _entropy(inputs: _Inputs, budget: int, rng: np.random.Generator) -> list[Suggestion]:
+    cand = inputs.candidates()
+    p = np.clip(inputs.probs[cand], 0.0, None)
+    p /= np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
+    ent = -np.einsum("ij,ij->i", p, np.log(np.maximum(p, np.finfo(p.dtype).tiny))).astype(np.float64)
+    pos = _rank(cand, ent, budget)
+    rows = cand[pos]
+    top, second = _top2(inputs.probs, rows)
+    info = {int(i): (float(ent[q]), int(a), int(b)) for i, q, a, b in
+            zip(rows.tolist(), pos.tolist(), top.tolist(), second.tolist())}
+
+    def reason(i: int, pc: int, rc: int) -> str:
+        e, a, b = info[i]
+        pr = inputs.probs[i]
+        text = f"model entropy {_fmt(e)} (predicted {inputs.name(a)} {pr[a]:.2f}"
+        return text + (f", {inputs.name(b)} {pr[b]:.2f})" if b >= 0 else ")")
+
+    return _make(inputs, rows, ent[pos], reason)
+
+
+def _margin(inputs: _Inputs, budget: int, rng: np.random.Generator) -> list[Suggestion]:
+    cand = inputs.candidates()
+    p = inputs.probs[cand]
+    C = p.shape[1]
+    if C >= 2:
+        two = np.partition(p, C - 2, axis=1)[:, C - 2:]
+        gap = (two[:, 1] - two[:, 0]).astype(np.float64)
+    else:
+        gap = p[:, 0].astype(np.float64)
+    pos = _rank(cand, -gap, budget)
+    top, second = _top2(inputs.probs, cand[pos])
+    info = {int(cand[q]): (float(gap[q]), int(a), int(b))
+            for q, a, b in zip(pos.tolist(), top.tolist(), second.tolist())}
+
+    def reason(i: int, pc: int, rc: int) -> str:
+        g, a, b = info[i]
+        between = f"between {inputs.name(a)} and {inputs.name(b)}" if b >= 0 \
+            else f"for {inputs.name(a)}"
+        return f"model margin {_fmt(g)} {between}"
+
+    return _make(inputs, cand[pos], -gap[pos], reason)
+
+
+def _lp_margin(inputs: _Inputs, budget: int, rng: np.random.Generator) -> list[Suggestion]:
+    cand = inputs.candidates()
+    margin = np.asarray(inputs.propagation.margin, dtype=np.float64)[cand]
+    margin = np.where(np.isfinite(margin), margin, np.inf)
+    pos = _rank(cand, -margin, budget)
+
+    def reason(i: int, pc: int, rc: int) -> str:
+        m = float(inputs.propagation.margin[i])
+        between = f"between {inputs.name(pc)} and {inputs.name(rc)}" if rc >= 0 \
+            else f"for {inputs.name(pc)}"
+        return f"propagation margin {_fmt(m)} {between}"
+
+    return _make(inputs, cand[pos], -margin[pos], reason)
+
+
+def _coreset(inputs: _Inputs, budget: int, rng: np.random.Generator) -> list[Suggestion]:
+    cand = inputs.candidates()
+    pool_size = inputs.config.coreset_pool
+    if pool_size and len(cand) > pool_size:
+        cand = np.sort(rng.choice(cand, size=pool_size, replace=False))
+    emb = inputs.embeddings
+    X = emb[cand].astype(np.float32)
+    X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    centres = np.flatnonzero(inputs.labeled)
+    if inputs.config.coreset_centres and len(centres) > inputs.config.coreset_centres:
+        centres = np.sort(rng.choice(centres, size=inputs.config.coreset_centres, replace=False))
+    # squared distance between unit vectors = 2 - 2 cos; keep the best cosine to any centre
+    best_cos = np.full(len(cand), -np.inf, dtype=np.float32)
+    if len(centres):
+        Cm = emb[centres].astype(np.float32)
+        Cm /= np.maximum(np.linalg.norm(Cm, axis=1, keepdims=True), 1e-12)
+        for s in range(0, len(cand), _CHUNK):
+            best_cos[s:s + _CHUNK] = np.max(X[s:s + _CHUNK] @ Cm.T, axis=1)
+        mind = np.maximum(2.0 - 2.0 * best_cos, 0.0)
+    else:
+        mind = np.full(len(cand), np.inf, dtype=np.float32)
+    picks: list[int] = []
+    dists: list[float] = []
+    k = min(budget, len(cand))
+    taken = np.zeros(len(cand), dtype=bool)
+    for _ in range(k):
+        if np.isinf(mind).all():
+            # nothing labeled yet: start from the sample farthest from the pool's mean
+            centre = X.mean(axis=0)
+            p = int(np.argmax(np.sum((X - centre) ** 2, axis=1)))
+        else:
+            masked = np.where(taken, -1.0, mind)
+            p = int(np.argmax(masked))  # first maximum: ties by lower index
+        picks.append(p)
+        dists.append(float(np.sqrt(mind[p])) if np.isfinite(mind[p]) else float("inf"))
+        taken[p] = True
+        d_new = np.maximum(2.0 - 2.0 * (X @ X[p]), 0.0)
+        mind = np.minimum(mind, d_new)
+    pos = np.array(picks, dtype=np.int64)
+    info = dict(zip(cand[pos].tolist(), dists))
+
+    def reason(i: int, pc: int, rc: int) -> str:
+        d = info[i]
+        what = "labeled set and earlier picks" if len(centres) else "earlier picks"
+        if not np.isfinite(d):
+            return "first coreset centre (nothing labeled yet)"
+        return f"farthest from the {what}: distance {_fmt(d)}"
+
+    # the k-centre order is the ranking; the score is the covering distance at the time of the pick
+    scores = np.array([d if np.isfinite(d) else np.finfo(np.float64).max for d in dists])
+    return _make(inputs, cand[pos], scores, reason)
+
+
+STRATEGIES: dict[str, Callable[[_Inputs, int, np.random.Generator], list[Suggestion]]] = {
+    "speler": _speler,
+    "random": _random,
+    "entropy": _entropy,
+    "margin": _margin,
+    "lp-margin": _lp_margin,
+    "coreset": _coreset,
+}
