@@ -323,6 +323,243 @@ def _run_samples(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- rounds, propagation, suggestions -------------------------------------------------------------
+class _StageProgress:
+    """``progress(stage, done, total)`` for rounds: one tqdm bar per stage."""
+
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.bar = _Progress("")
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.bar.close()
+            self.bar = _Progress(stage)
+            self.stage = stage
+        self.bar(done, total)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _project_config(args: argparse.Namespace, project) -> Config:
+    return apply_overrides(project.config, list(getattr(args, "set", []) or []))
+
+
+def _add_round(p: argparse.ArgumentParser) -> None:
+    p.add_argument("project", help="project name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for this round, e.g. train.epochs=20 (repeatable)")
+
+
+def _run_round(args: argparse.Namespace) -> int:
+    from speler.loop import run_round
+
+    with _open_project(args, args.project) as project:
+        cfg = _project_config(args, project)
+        bar = _StageProgress()
+        try:
+            res = run_round(project, config=cfg, progress=bar)
+        finally:
+            bar.close()
+        m = res.metrics
+        _out(f"round {res.round:03d} done in {res.seconds:.1f} s "
+             f"({', '.join(f'{k} {v:.1f} s' for k, v in res.stage_seconds.items())})",
+             f"human labels {m['human_labels']}, reliable pseudo-labels {m['reliable']} of {m['n']}")
+        q = m.get("quality", {}).get("propagated")
+        if q:
+            _out(f"on held-out truth (unlabeled samples): accuracy {q['accuracy']:.3f}, "
+                 f"macro-F1 {q['macro_f1']:.3f}, tail recall {q['tail_recall']:.3f}")
+        _print_suggestions(project, res.suggestions)
+    return EXIT_OK
+
+
+def _print_suggestions(project, suggestions) -> None:
+    classes = project.data.classes
+    rows = [(k + 1, s.id, f"{s.score:.3f}", classes[s.predicted] if s.predicted >= 0 else "-",
+             s.reason) for k, s in enumerate(suggestions)]
+    if not rows:
+        _out("no suggestions: every sample has a human label")
+        return
+    _out("suggestions:", *_table(["#", "id", "score", "guess", "why"], rows))
+
+
+def _add_suggest(p: argparse.ArgumentParser) -> None:
+    from speler.selection import STRATEGIES
+
+    p.add_argument("project", help="project name")
+    p.add_argument("-n", type=int, default=10, help="how many suggestions (default 10)")
+    p.add_argument("--strategy", default="speler", choices=list(STRATEGIES))
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_suggest(args: argparse.Namespace) -> int:
+    from speler.loop import load_state, suggest
+
+    with _open_project(args, args.project) as project:
+        state = load_state(project)
+        _print_suggestions(project, suggest(project, state, n=args.n, strategy=args.strategy,
+                                            seed=args.seed))
+    return EXIT_OK
+
+
+def _add_propagate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("project", help="project name")
+
+
+def _run_propagate(args: argparse.Namespace) -> int:
+    from speler.loop import load_state, repropagate
+
+    with _open_project(args, args.project) as project:
+        state = load_state(project)
+        if state is None:
+            raise ProjectError(f"project {args.project}: run a round first (propagation needs embeddings)")
+        state = repropagate(project, state)
+        res, classes = state.result, project.data.classes
+        pred = np.bincount(res.labels, minlength=len(classes))
+        human = np.bincount(state.human[state.human >= 0], minlength=len(classes))
+        rel = np.bincount(res.labels[res.reliable], minlength=len(classes))
+        its = ", ".join(f"{b} {r.iterations} it{'' if r.converged else ' (NOT converged)'}"
+                        for b, r in state.branch_results.items())
+        _out(f"propagation on round {state.round:03d} graphs: {its}",
+             *_table(["class", "human", "predicted", "reliable", "tau"],
+                     [(c, human[i], pred[i], rel[i], f"{res.thresholds[i]:.2f}")
+                      for i, c in enumerate(classes)]))
+    return EXIT_OK
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("project", help="project name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.epochs=20 (repeatable)")
+    p.add_argument("--out", help="checkpoint path (default PROJECT/checkpoints/train-TIME.pt)")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from speler.train import fit, save_checkpoint
+
+    with _open_project(args, args.project) as project:
+        cfg = _project_config(args, project)
+        human = project.store.human_labels()
+        with _Progress("epochs") as bar:
+            res = fit(project.data, human, config=cfg.train, progress=bar)
+        out = Path(args.out) if args.out else (
+            project.path / "checkpoints" / f"train-{_time.strftime('%Y%m%d-%H%M%S')}.pt")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(out, res, config=cfg.train, ds=project.data)
+        _out(f"trained on {int((human >= 0).sum())} human labels in {res.seconds:.1f} s on "
+             f"{res.device}; best epoch {res.best_epoch} (held-out metric {res.best_metric})",
+             f"checkpoint: {out}")
+    return EXIT_OK
+
+
+# -- export / doubts --------------------------------------------------------------------------------
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("project", help="project name")
+    p.add_argument("--format", default="csv", choices=["csv", "json", "npz", "pyskl"])
+    p.add_argument("--out", help="output path (default PROJECT/exports/PROJECT-labels.<ext>)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from speler.export import export_labels
+    from speler.loop import load_state
+
+    with _open_project(args, args.project) as project:
+        load_state(project)  # brings propagated labels up to date with the latest human labels
+        path = export_labels(project, format=args.format, path=Path(args.out) if args.out else None)
+        _out(f"wrote {path}")
+    return EXIT_OK
+
+
+def _add_doubts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("project", help="project name")
+    p.add_argument("--top", type=int, default=20)
+
+
+def _run_doubts(args: argparse.Namespace) -> int:
+    from speler.loop import doubts, load_state
+
+    with _open_project(args, args.project) as project:
+        state = load_state(project)
+        if state is None:
+            raise ProjectError(f"project {args.project}: run a round first (doubts need the graph)")
+        found = doubts(project, state, top=args.top)
+        if not found:
+            _out("no doubts: the graph agrees with every human label")
+            return EXIT_OK
+        _out(*_table(["id", "human", "graph says", "score", "why"],
+                     [(d.id, d.label_name, d.suggested_name, f"{d.score:.3f}", d.reason) for d in found]))
+    return EXIT_OK
+
+
+# -- simulate ---------------------------------------------------------------------------------------
+def _add_simulate(p: argparse.ArgumentParser) -> None:
+    from speler.selection import STRATEGIES
+
+    p.add_argument("path", nargs="?", help="fully labeled file or folder (or use --sample)")
+    p.add_argument("--sample", help="a bundled sample (already long-tailed and partially labeled)")
+    p.add_argument("--format", help="force a reader")
+    p.add_argument("--imbalance", type=float, default=10.0, help="protocol imbalance π for PATH")
+    p.add_argument("--labeled", type=float, default=0.1, help="protocol labeled ratio γ for PATH")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--budget", type=int, default=10, help="labels per round")
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    p.add_argument("--retrain-every", type=int, default=0,
+                   help="retrain the model every K rounds (0: round-0 model throughout)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="write the curves as JSON here, and a Plotly HTML beside it")
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    import json
+
+    from speler.data.transforms import preprocess
+    from speler.simulate import simulate
+
+    cfg = apply_overrides(Config(), args.set)
+    if (args.path is None) == (args.sample is None):
+        raise _UsageError("simulate: give PATH or --sample, not both")
+    if args.sample:
+        from speler.data.samples import load_sample
+
+        ds, name = load_sample(args.sample), args.sample
+    else:
+        from speler.data.protocol import make_partial
+        from speler.formats import read
+
+        with _Progress("reading") as bar:
+            ds = read(args.path, format=args.format, progress=bar)
+        ds = make_partial(ds, imbalance=args.imbalance, labeled_ratio=args.labeled, seed=args.seed)
+        name = Path(args.path).name
+    ds = preprocess(ds, cfg.preprocess)
+    with _Progress("simulating") as bar:
+        res = simulate(ds, strategies=args.strategies, rounds=args.rounds, budget=args.budget,
+                       seed=args.seed, config=cfg, retrain_every=args.retrain_every, name=name,
+                       progress=bar)
+    rows = []
+    for s, curve in sorted(res.curves.items(), key=lambda kv: -res.auc[kv[0]]):
+        rows.append((s, f"{res.auc[s]:.4f}", f"{curve[0]['macro_f1']:.4f}", f"{curve[-1]['macro_f1']:.4f}",
+                     f"{curve[-1]['accuracy']:.4f}", f"{curve[-1]['tail_recall']:.4f}", curve[-1]["labels"]))
+    _out(f"{name}: n={ds.n}, {ds.num_classes} classes, {int((ds.y >= 0).sum())} labels to start, "
+         f"{args.rounds} rounds x {args.budget}",
+         *_table(["strategy", "AUC macro-F1", "start", "final macro-F1", "final acc", "tail recall",
+                  "labels"], rows))
+    if args.out:
+        from speler.viz import curves_figure
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"dataset": name, "auc": res.auc, "curves": res.curves}, indent=2))
+        fig = curves_figure({s: ([c["labels"] for c in cv], [c["macro_f1"] for c in cv])
+                             for s, cv in res.curves.items()}, y_title="macro-F1")
+        fig.write_html(out.with_suffix(".html"), include_plotlyjs="cdn")
+        _out(f"wrote {out} and {out.with_suffix('.html')}")
+    return EXIT_OK
+
+
 # -- registry ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Command:
@@ -339,6 +576,17 @@ COMMANDS: list[Command] = [
     Command("label", "give a sample a human label", _add_label, _run_label),
     Command("undo", "undo the latest human label", _add_undo, _run_undo),
     Command("samples", "list the bundled samples", _add_samples, _run_samples),
+    Command("train", "train the backbone on the human labels and save a checkpoint",
+            _add_train, _run_train),
+    Command("round", "run one annotation round (train, embed, propagate, suggest)",
+            _add_round, _run_round),
+    Command("propagate", "re-run propagation with the current labels (no retraining)",
+            _add_propagate, _run_propagate),
+    Command("suggest", "list samples to label next", _add_suggest, _run_suggest),
+    Command("export", "write the labels with provenance and reliability", _add_export, _run_export),
+    Command("doubts", "human labels the graph strongly disagrees with", _add_doubts, _run_doubts),
+    Command("simulate", "simulate annotation with every query strategy on labeled data",
+            _add_simulate, _run_simulate),
 ]
 
 

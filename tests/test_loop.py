@@ -1,0 +1,170 @@
+"""Annotation rounds end to end: real torch, faiss and SQLite on small real data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from speler.config import Config, apply_overrides
+from speler.data.protocol import make_partial
+from speler.data.samples import load_sample
+from speler.errors import CancelledError, LabelError, ProjectError
+from speler.loop import label, latest_complete_round, load_state, run_round, suggest, undo
+from speler.project import Project
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+FAST = ["train.epochs=6", "train.patience=3", "train.supervised_epochs=2"]
+
+
+def _config() -> Config:
+    return apply_overrides(Config(), FAST)
+
+
+def _small_sample(n_keep: int = 160):
+    ds = load_sample("synthetic_actions")
+    rng = np.random.default_rng(0)
+    keep = np.sort(np.concatenate([
+        rng.permutation(np.flatnonzero(ds.y_true == c))[: max(4, n_keep // ds.num_classes)]
+        for c in range(ds.num_classes)
+    ]))
+    sub = ds.subset(keep)
+    y = np.full(sub.n, -1, dtype=np.int64)
+    for c in range(sub.num_classes):  # two labels per class
+        y[np.flatnonzero(sub.y_true == c)[:2]] = c
+    return sub.replace(y=y)
+
+
+def _events(project: Project) -> int:
+    return len(project.store.events())
+
+
+@pytest.fixture(scope="module")
+def natops_round(tmp_path_factory):
+    path = SHARED / "NATOPS"
+    if not path.exists():
+        pytest.skip(f"{path} is absent (real data lives beside the project, not in it)")
+    from speler.formats import read
+
+    ds = make_partial(read(path), imbalance=10, labeled_ratio=0.08, seed=0, min_labeled_per_class=2)
+    root = tmp_path_factory.mktemp("projects")
+    project = Project.create(root, "natops", ds, config=_config())
+    stages = []
+    res = run_round(project, progress=lambda s, d, t: stages.append(s))
+    return project, res, stages
+
+
+def test_round_on_real_data_writes_everything(natops_round):
+    project, res, stages = natops_round
+    assert res.round == 0
+    assert [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s] == \
+        ["train", "embed", "knn", "propagate", "suggest"]
+    d = project.round_dir(0)
+    for f in ("checkpoint.pt", "embeddings.npz", "propagation.npz", "metrics.json", "config.json"):
+        assert (d / f).is_file(), f
+    assert latest_complete_round(project) == 0
+    cur = project.store.current_labels()
+    human = project.store.human_labels()
+    # every unlabeled sample got a propagated label with energy and margin
+    assert (cur.source[human < 0] == "propagated").all()
+    assert np.isfinite(cur.energy[human < 0]).all()
+    np.testing.assert_array_equal(cur.label[human >= 0], human[human >= 0])
+    # quality on the held-out truth is far above chance (6 classes)
+    q = res.metrics["quality"]["propagated"]
+    assert q["accuracy"] > 0.5, q
+    # suggestions: ranked, unlabeled, with a reason
+    assert 0 < len(res.suggestions) <= project.config.selection.batch
+    assert all(human[s.index] < 0 and s.reason for s in res.suggestions)
+    scores = [s.score for s in res.suggestions]
+    assert len(set(s.index for s in res.suggestions)) == len(scores)
+
+
+def test_label_updates_propagation_without_retraining(natops_round):
+    project, res, _ = natops_round
+    state = load_state(project)
+    s = res.suggestions[0]
+    truth = project.data.y_true[s.index]
+    cls = project.data.classes[truth]
+    before = _events(project)
+    new = label(project, state, s.id, cls, annotator="tester")
+    assert new.human[s.index] == truth
+    assert new.round == state.round and new.probs is state.probs  # no retraining
+    assert new.result.labels[s.index] == truth
+    assert _events(project) >= before + 1
+    # the next suggestions never include the labeled sample
+    assert s.index not in [x.index for x in suggest(project, new, n=10)]
+    # undo appends an event and brings the sample back to its propagated label
+    undone, after = undo(project, new)
+    assert undone.sample_id == s.id
+    assert after.human[s.index] == -1
+    assert project.store.human_labels()[s.index] == -1
+
+
+def _project(tmp_path, name="p") -> Project:
+    return Project.create(tmp_path, name, _small_sample(), config=_config())
+
+
+def test_failed_round_leaves_store_and_folders_as_they_were(tmp_path):
+    project = _project(tmp_path)
+    before = _events(project)
+    human = project.store.human_labels().copy()
+    stage = [""]
+    with pytest.raises(CancelledError, match="propagate"):
+        run_round(project, cancel=lambda: stage[0] == "propagate",
+                  progress=lambda s, d, t: stage.__setitem__(0, s))
+    assert _events(project) == before
+    np.testing.assert_array_equal(project.store.human_labels(), human)
+    assert latest_complete_round(project) is None
+    assert not any(p.name.startswith((".tmp", "0")) for p in project.rounds_dir.iterdir()) \
+        if project.rounds_dir.exists() else True
+    assert [r.status for r in project.store.rounds()] == ["failed"]
+    # the next round starts cleanly
+    res = run_round(project)
+    assert latest_complete_round(project) == res.round
+    assert project.round_dir(res.round).is_dir()
+
+
+def test_round_needs_human_labels(tmp_path):
+    ds = _small_sample()
+    project = Project.create(tmp_path, "empty", ds.replace(y=np.full(ds.n, -1)), config=_config())
+    with pytest.raises(LabelError, match="no human labels"):
+        run_round(project)
+    with pytest.raises(ProjectError, match="run a round first"):
+        suggest(project, load_state(project))
+
+
+def test_kill_during_round_loses_nothing(tmp_path):
+    project = _project(tmp_path, "killme")
+    project.store.add_label(project.store.ids[5], project.store.classes[0], annotator="a")
+    before_events = _events(project)
+    human = project.store.human_labels().copy()
+    project.close()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "speler", "--root", str(tmp_path), "round", "killme",
+         "--set", "train.epochs=200", "--set", "train.patience=200"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    tmp_dir = tmp_path / "killme" / "rounds" / ".tmp-000"
+    deadline = time.monotonic() + 120
+    while not tmp_dir.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    time.sleep(1.0)  # well inside training
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    project = Project.open(tmp_path, "killme")
+    assert _events(project) == before_events
+    np.testing.assert_array_equal(project.store.human_labels(), human)
+    assert latest_complete_round(project) is None
+    assert load_state(project) is None
+    res = run_round(project)  # starts again cleanly, leftovers removed
+    assert res.round == 0 and not tmp_dir.exists()
+    assert [r.status for r in project.store.rounds()] == ["done"]
