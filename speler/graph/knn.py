@@ -1,0 +1,330 @@
+"""k-nearest-neighbour graph of embeddings (faiss) and its affinity matrix.
+
+``build_knn`` L2-normalises float32 embeddings and finds each sample's k most cosine-similar other
+samples. The index is chosen by ``GraphConfig.index``:
+
+- ``"flat"``: exact inner-product search (``IndexFlatIP``, BLAS); ``"auto"`` picks it up to
+  ``GraphConfig.exact_max_n`` samples, where it is both fast enough and exact.
+- ``"ivf"``: inverted lists over about 4·sqrt(n) k-means cells, ``nprobe`` cells searched per
+  query; ``"auto"`` picks it beyond ``exact_max_n``. With ``0 < GraphConfig.pca_dim < d`` the cells
+  and the coarse search live in a projection on the top eigenvectors of X^T X (method
+  ``"ivf-pca"``: 4× less to scan at d = 256 → 64; uncentred, so inner products are kept). The
+  ``refine_factor · (k + 1)`` best candidates are re-ranked by their exact inner product
+  (``IndexRefineFlat``), so the similarities are exact and the recall loss of the coarse
+  search is mostly recovered.
+- ``"hnsw"``: a navigable small-world graph (``IndexHNSWFlat``), also re-ranked exactly.
+- ``"gpu-flat"``: exact search on the GPU, used for every n when faiss sees a GPU and
+  ``GraphConfig.use_gpu`` is set.
+
+An approximate graph is checked against exact search on ``GraphConfig.recall_queries`` random
+queries; ``KnnGraph.recall`` is the mean recall@k (a neighbour found counts as correct when its
+similarity reaches the exact k-th similarity, so ties among duplicates are not penalised). For exact
+methods ``recall`` is ``None``: it is 1 by construction and is not measured.
+
+Edge cases, by design: a sample never counts as its own neighbour (also with exact duplicates);
+an all-zero embedding row has similarity 0 to everything and ends up isolated in the affinity; a
+``k`` of n or more is lowered to n - 1 with a warning; non-finite values are an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+from speler.config import GraphConfig
+from speler.errors import ConfigError, DataFormatError
+
+logger = logging.getLogger(__name__)
+
+_BATCH = 16_384  # queries per faiss call (bounds the distance tiles faiss allocates)
+
+
+@dataclass
+class KnnGraph:
+    """Directed kNN lists.
+
+    indices: int64 (n, k), neighbour ids, best first; -1 where an approximate index found fewer.
+    sims: float32 (n, k), cosine similarity of each neighbour (0 where ``indices`` is -1).
+    method: index used: "flat", "gpu-flat", "ivf", "ivf-pca", "hnsw".
+    recall: mean recall@k against exact search on a sample of queries; None for exact methods.
+    seconds: wall time of index building and search (recall check excluded).
+    recall_seconds: wall time of the recall check (0 for exact methods).
+    """
+
+    indices: np.ndarray
+    sims: np.ndarray
+    method: str
+    recall: float | None
+    seconds: float
+    recall_seconds: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+
+def build_knn(
+    embeddings: np.ndarray,
+    *,
+    config: GraphConfig = GraphConfig(),
+    k: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> KnnGraph:
+    """kNN graph of ``embeddings`` (float array (n, d), any scale) by cosine similarity.
+
+    ``k`` overrides ``config.k``. Raises DataFormatError for a non-2-d array, fewer than 2 samples
+    or non-finite values, ConfigError for k < 1 or an unknown index name.
+    """
+    x = _validated(embeddings)
+    n = x.shape[0]
+    k = config.k if k is None else k
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"build_knn: k must be a positive integer, got {k!r}")
+    k = int(k)
+    if k >= n:
+        logger.warning("build_knn: k=%d >= n=%d samples; using k=%d", k, n, n - 1)
+        k = n - 1
+    method = _choose_method(n, x.shape[1], config)
+    start = time.perf_counter()
+    _normalize_rows(x)
+    if method == "flat":
+        faiss = _faiss()  # exact search straight on x: no index, no copy of the data
+
+        def search(q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+            return faiss.knn(q, x, kk, metric=faiss.METRIC_INNER_PRODUCT)
+    else:
+        if method == "gpu-flat":
+            index = _flat_index(x.shape[1], gpu=True)
+            index.add(x)
+        else:
+            index = _approximate_index(x, method, k, config)
+        search = index.search
+    sims, idx = _search_all(search, x, k + 1, progress)
+    search = index = None
+    idx, sims = _drop_self(idx, sims, k)
+    seconds = time.perf_counter() - start
+    recall = None
+    recall_seconds = 0.0
+    if method not in ("flat", "gpu-flat"):
+        t0 = time.perf_counter()
+        recall = _recall(x, idx, sims, k, config)
+        recall_seconds = time.perf_counter() - t0
+        logger.info("kNN %s n=%d k=%d: %.1f s, recall@k %.4f", method, n, k, seconds, recall)
+    return KnnGraph(indices=idx, sims=sims, method=method, recall=recall, seconds=seconds,
+                    recall_seconds=recall_seconds)
+
+
+def affinity(graph: KnnGraph, *, gamma: float = 3.0) -> sp.csr_matrix:
+    """Symmetric affinity W (float32 CSR (n, n), zero diagonal) of a kNN graph.
+
+    ``A_ij = max(0, s_ij)^gamma`` for j among i's neighbours, ``W = (A + A^T) / 2``: a mutual pair
+    keeps its weight, a one-sided one gets half. Self-loops and missing neighbours (-1) are dropped;
+    negative similarities give no edge. Samples without any edge are isolated (zero rows), which
+    propagation handles.
+    """
+    if not gamma > 0 or not math.isfinite(gamma):
+        raise ConfigError(f"affinity: gamma must be a positive number, got {gamma!r}")
+    n, k = graph.indices.shape
+    rows = np.repeat(np.arange(n, dtype=np.int64), k)
+    cols = graph.indices.reshape(-1).astype(np.int64, copy=False)
+    vals = np.maximum(graph.sims.reshape(-1).astype(np.float32, copy=False), 0.0) ** np.float32(gamma)
+    keep = (cols >= 0) & (cols != rows) & (vals > 0)
+    rows, cols, vals = rows[keep], cols[keep], vals[keep] * np.float32(0.5)
+    a = sp.csr_matrix((vals, (rows, cols)), shape=(n, n), dtype=np.float32)
+    w = (a + a.T).tocsr()
+    w.sum_duplicates()
+    w.eliminate_zeros()
+    w.sort_indices()
+    return w.astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------------------------
+def _validated(embeddings: np.ndarray) -> np.ndarray:
+    x = np.asarray(embeddings)
+    if x.ndim != 2:
+        raise DataFormatError(
+            f"build_knn: embeddings must be a 2-d array (n_samples, dim), got shape {x.shape}"
+        )
+    if x.dtype.kind not in "fiu":
+        raise DataFormatError(f"build_knn: embeddings must be numeric, got dtype {x.dtype}")
+    if x.shape[0] < 2 or x.shape[1] < 1:
+        raise DataFormatError(
+            f"build_knn: need at least 2 samples and 1 dimension, got shape {x.shape}"
+        )
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise DataFormatError(
+            f"build_knn: {bad.size} embedding rows contain NaN or infinite values "
+            f"(first: row {int(bad[0])}); expected finite numbers"
+        )
+    return x
+
+
+def _normalize_rows(x: np.ndarray) -> None:
+    """In-place L2 normalisation; all-zero rows stay zero (similarity 0 to everything)."""
+    for lo in range(0, x.shape[0], 262_144):
+        blk = x[lo:lo + 262_144]
+        norms = np.sqrt(np.einsum("ij,ij->i", blk, blk))
+        scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        blk *= scale[:, None]
+
+
+def _faiss():
+    import faiss  # imported lazily: importing faiss is slow and not every caller needs it
+
+    return faiss
+
+
+def gpu_available() -> bool:
+    """True when faiss was built with GPU support and sees at least one GPU."""
+    faiss = _faiss()
+    try:
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    except Exception:  # a faiss build without CUDA raises on the query
+        return False
+
+
+def _choose_method(n: int, d: int, config: GraphConfig) -> str:
+    choice = config.index
+    if choice not in ("auto", "flat", "ivf", "hnsw"):
+        raise ConfigError(
+            f"graph.index must be one of auto, flat, ivf, hnsw; got {choice!r}"
+        )
+    if choice == "auto":
+        if config.use_gpu and gpu_available():
+            return "gpu-flat"
+        choice = "flat" if n <= config.exact_max_n else "ivf"
+    if choice == "flat" and config.use_gpu and gpu_available():
+        return "gpu-flat"
+    if choice == "ivf" and 0 < config.pca_dim < d:
+        return "ivf-pca"
+    return choice
+
+
+class _Owner:
+    """A faiss index with the Python objects it points to (sub-indexes, GPU resources), which
+    must stay alive as long as it does."""
+
+    def __init__(self, index, *parts):
+        self.index = index
+        self.parts = parts
+
+    def add(self, x: np.ndarray) -> None:
+        self.index.add(x)
+
+    def search(self, q: np.ndarray, k: int):
+        return self.index.search(q, k)
+
+
+def _flat_index(d: int, *, gpu: bool):
+    faiss = _faiss()
+    if gpu:
+        res = faiss.StandardGpuResources()
+        return _Owner(faiss.GpuIndexFlatIP(res, d), res)
+    return faiss.IndexFlatIP(d)
+
+
+def _ivf_cells(n: int) -> int:
+    """Number of k-means cells: about 4·sqrt(n), at least 16, at most n / 39 (faiss's guidance)."""
+    return int(max(16, min(4 * math.sqrt(n), n // 39)))
+
+
+def _approximate_index(x: np.ndarray, method: str, k: int, config: GraphConfig):
+    """An approximate index over x whose candidates are re-ranked by exact inner products.
+
+    The coarse search returns ``refine_factor · (k + 1)`` candidates, ``IndexRefineFlat`` keeps the
+    k + 1 most similar by their exact inner product (so the similarities returned are exact)."""
+    faiss = _faiss()
+    n, d = x.shape
+    rng = np.random.default_rng(config.seed)
+    if method == "hnsw":
+        base = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efConstruction = 64
+        base.hnsw.efSearch = max(64, 2 * (k + 1))
+    else:
+        nlist = _ivf_cells(n)
+        ntrain = int(min(n, max(40 * nlist, 20_000)))
+        train = x[np.sort(rng.choice(n, size=ntrain, replace=False))]
+        if method == "ivf-pca":
+            # projection on the top eigenvectors of the uncentred second moment X^T X: the rank-r
+            # map that best preserves inner products (a centred PCA would not preserve them)
+            dr = int(min(config.pca_dim, d))
+            moment = train.T.astype(np.float64) @ train.astype(np.float64)
+            _, vecs = np.linalg.eigh(moment)
+            proj = faiss.LinearTransform(d, dr, False)
+            faiss.copy_array_to_vector(
+                np.ascontiguousarray(vecs[:, ::-1][:, :dr].T, dtype=np.float32).ravel(), proj.A)
+            proj.is_trained = True
+            quantizer = faiss.IndexFlatIP(dr)
+            ivf = faiss.IndexIVFFlat(quantizer, dr, nlist, faiss.METRIC_INNER_PRODUCT)
+            base = faiss.IndexPreTransform(proj, ivf)
+        else:
+            quantizer = faiss.IndexFlatIP(d)
+            ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            base = ivf
+        ivf.cp.seed = int(config.seed)
+        base.train(train)
+        del train
+        ivf.nprobe = int(min(nlist, max(1, config.nprobe)))
+    index = faiss.IndexRefineFlat(base)
+    index.k_factor = float(max(1, config.refine_factor))
+    index.add(x)
+    return _Owner(index, base)
+
+
+def _search_all(search, x: np.ndarray, kk: int, progress: Callable[[int, int], None] | None):
+    n = x.shape[0]
+    sims = np.empty((n, kk), dtype=np.float32)
+    idx = np.empty((n, kk), dtype=np.int64)
+    for lo in range(0, n, _BATCH):
+        hi = min(n, lo + _BATCH)
+        s, i = search(x[lo:hi], kk)
+        sims[lo:hi] = s
+        idx[lo:hi] = i
+        if progress is not None:
+            progress(hi, n)
+    return sims, idx
+
+
+def _drop_self(
+    idx: np.ndarray, sims: np.ndarray, k: int, ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """From k+1 results per row keep k, without the query itself (first among duplicates or not).
+
+    ids: int (rows,), the sample id of each query row (default: the row number)."""
+    if ids is None:
+        ids = np.arange(idx.shape[0], dtype=np.int64)
+    is_self = idx == ids[:, None]
+    order = np.argsort(is_self, axis=1, kind="stable")[:, :k]  # non-self entries first, in order
+    out_i = np.take_along_axis(idx, order, axis=1)
+    out_s = np.take_along_axis(sims, order, axis=1)
+    missing = out_i < 0
+    if missing.any():
+        out_s[missing] = 0.0
+    return np.ascontiguousarray(out_i), np.ascontiguousarray(out_s, dtype=np.float32)
+
+
+def _recall(x: np.ndarray, idx: np.ndarray, sims: np.ndarray, k: int, config: GraphConfig) -> float:
+    """Mean recall@k of (idx, sims) on a random sample of queries, against exact search."""
+    n = x.shape[0]
+    q = int(min(n, max(1, config.recall_queries)))
+    rng = np.random.default_rng(config.seed + 1)
+    queries = np.sort(rng.choice(n, size=q, replace=False))
+    faiss = _faiss()
+    s_ex, i_ex = faiss.knn(x[queries], x, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    i_ex, s_ex = _drop_self(i_ex, s_ex, k, ids=queries)
+    kth = s_ex[:, -1:] - 1e-5  # ties at the k-th similarity count as found
+    found = (sims[queries] >= kth) & (idx[queries] >= 0)
+    return float(np.minimum(found.sum(axis=1), k).mean() / k)

@@ -1,0 +1,674 @@
+"""Spectral-balanced label propagation, propagation energy and pseudo-label reliability.
+
+Pipeline (``propagate``), all on a sparse affinity W (see ``knn.affinity``), never an n×n dense matrix:
+
+1. Seeds ``Y``: one-hot rows for human-labeled samples, zero rows elsewhere. Seeds are *not* divided
+   by the class size |L_c|: the class prior is corrected in exactly one place (the energy, step 5),
+   and the balance (step 3) acts on the graph. Dividing the seeds by |L_c| on top of the balance
+   corrects for the prior twice; on the real sets that assigned 26 % of the samples to classes that
+   are 3 % of them (benchmarks/ablation_propagation.py).
+2. Class proportions ``p`` (``prior``): ``p_c = (#human labels of c + #unlabeled samples predicted c)
+   / n``. Predictions are the caller's (``predictions``, e.g. the model's), else those of the
+   previous solution (``warm_start``), else those of a first, unbalanced propagation. True labels of
+   unlabeled samples never enter; each count enters once. Classes with no count get half a sample.
+3. Spectral balance ``ŵ_ij = w_ij (p_c(i) p_c(j))^-1/2``. ``p_c(i)`` is the proportion of sample
+   i's class: its human label, else its predicted class. When the prediction comes from a
+   propagation, the class is taken softly, ``p_c(i) = exp(Σ_c P_ic log p_c)`` with P the row-
+   normalised scores, so a sample the first pass cannot place gets a neutral weight instead of a
+   confident wrong one. Then ``S = D̂^-1/2 Ŵ D̂^-1/2``; a sample without edges keeps a zero row.
+4. ``(I - α S) M = (1 - α) Y`` for all classes at once by conjugate gradient on the block of C
+   columns (one sparse × dense-block product per iteration, converged columns drop out), from
+   ``warm_start`` when given. Not reaching ``tol`` in ``max_iter`` iterations is a warning and
+   ``converged=False``, not an error. Labels: ``argmax_c M_ic`` for unlabeled samples, the human
+   label for labeled ones; a sample no seed reaches (all-zero row) gets the most frequent class
+   of ``p``, margin 0, energy 0 and is never reliable.
+5. Energy, scale-robust, with the prior removed exactly once. The paper writes
+   ``E_i = -logsumexp_j(M_ij / p_j)``: dividing column j by p_j puts the classes on one footing. But
+   how large class j's scores are depends on how much seed mass it has (|L_j|, and whether the seeds
+   were divided by it) and on how many samples share that mass, and the paper's scale (τ̂ = -9.5)
+   depends on α and the graph. So each column is divided by its own typical value instead:
+   ``s_j`` = median of ``M_ij`` over the unlabeled samples predicted j (over j's human labels when
+   there are none), ``u_ij = M_ij / s_j``: a typical member of any class has u = 1 for its class,
+   whatever the class prior, the seed normalisation or the scale of M. A per-class rescaling of
+   the seeds cannot correct the prior a second time (u is invariant to it). Then
+   ``ℓ_i = logsumexp_j(10 u_ij) - log C`` (≥ 0; 0 for a sample no seed reaches; 10 makes it close
+   to a soft maximum) and ``E_i = -10 ℓ_i / median ℓ`` over the reached unlabeled samples: E = 0 is
+   "no connection", E = -10 the median unlabeled sample, lower = more reliable. Multiplying the
+   embeddings, W, M or any column of M by a positive factor leaves E unchanged. On this scale the
+   paper's τ̂ = -9.5 means: a sample of the largest class must be about as well connected as the
+   median sample. (Measured in benchmarks/ablation_propagation.py: ranking by M/p, the paper's
+   correction, puts the samples near rare seeds first and picked pseudo-labels less precisely than
+   chance there; the per-class scale does clearly better, the margin better still.)
+6. Thresholds ``τ_c = τ̂ · I(n_c / max_k n_k)``, ``I(v) = v / (2 - v)``, with n_c the number of
+   samples labeled or predicted c; reliable = unlabeled, reached by some seed and
+   ``E_i ≤ τ_{label_i}``. Loss weights ``ω_i = max(0, -E_i) / max_{reliable} max(0, -E)`` for
+   reliable samples, 0 otherwise (the trainer may renormalise per batch, as the paper does).
+
+``combine`` merges the time- and frequency-branch results (see its docstring).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+from speler.config import PropagationConfig
+from speler.errors import ConfigError, DataFormatError, LabelError
+
+logger = logging.getLogger(__name__)
+
+ENERGY_MEDIAN = -10.0  # energy of the median unlabeled sample (the scale of τ̂)
+_SHARPNESS = 10.0
+FIRST_PASS_TOL = 1e-3  # relative residual of the unbalanced pass that supplies predictions
+_REORDER_MIN_N = 20_000  # below this the dense block fits in cache anyway  # u / s is multiplied by this inside logsumexp: close to max, not a plain sum
+
+
+class PropagationWarning(UserWarning):
+    """Conjugate gradient stopped at its iteration cap before reaching the tolerance."""
+
+
+@dataclass
+class PropagationResult:
+    """Output of one propagation (n samples, C classes).
+
+    scores: float32 (n, C), M, the solution of (I - αS) M = (1 - α) Y.
+    labels: int64 (n,), human label where given, else argmax of M (see module docstring).
+    margin: float32 (n,), top-1 minus top-2 of the row-normalised scores (in [0, 1]).
+    energy: float32 (n,), scale-robust propagation energy, ≤ 0, lower = more reliable.
+    reliable: bool (n,), pseudo-label trusted (always False for human-labeled samples).
+    weights: float32 (n,), ω in [0, 1] for the pseudo-label loss, 0 where not reliable.
+    thresholds: float32 (C,), τ_c.
+    prior: float32 (C,), class proportions p used by the balance and the energy.
+    connected: bool (n,), reached by at least one seed (non-zero score row).
+    labeled: bool (n,), human-labeled (the seeds).
+    iterations, converged, residual: CG iterations, whether every column met ``tol``, and the
+        largest relative residual ||r_c|| / ||b_c||; first_pass_iterations for the unbalanced
+        pass that supplied the predictions (0 when none ran).
+    products: sparse matrix-vector products of the final solve (one per active column per
+        iteration): the work, which a warm start after a few new labels cuts to the few columns
+        whose seeds changed.
+    balance_weights: float32 (n,), node weights p_c(i)^-1/2 of the balance (1 without balance);
+        passing this result as ``warm_start`` reuses them.
+    seconds: wall time of the whole call; tau_hat: τ̂ used for the thresholds.
+    """
+
+    scores: np.ndarray
+    labels: np.ndarray
+    margin: np.ndarray
+    energy: np.ndarray
+    reliable: np.ndarray
+    weights: np.ndarray
+    thresholds: np.ndarray
+    prior: np.ndarray
+    connected: np.ndarray
+    labeled: np.ndarray
+    iterations: int
+    converged: bool
+    residual: float
+    seconds: float
+    first_pass_iterations: int = 0
+    tau_hat: float = -9.5
+    products: int = 0
+    balance_weights: np.ndarray | None = None
+
+    @property
+    def normalized(self) -> np.ndarray:
+        """float32 (n, C): scores divided by their row sum (zero rows stay zero)."""
+        return _row_normalize(self.scores)
+
+
+def propagate(
+    W: sp.spmatrix,
+    labels: np.ndarray,
+    *,
+    num_classes: int,
+    config: PropagationConfig = PropagationConfig(),
+    prior: np.ndarray | None = None,
+    predictions: np.ndarray | None = None,
+    warm_start: "np.ndarray | PropagationResult | None" = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PropagationResult:
+    """Propagate human labels over the graph W.
+
+    W: symmetric non-negative sparse (n, n) affinity (float32 CSR from ``knn.affinity``).
+    labels: int (n,), class index for human-labeled samples, -1 elsewhere.
+    num_classes: C ≥ 1. With C = 1 every sample gets class 0 (margin = its normalised score, 1
+        where reached); a class without any labeled sample is allowed: it is never predicted.
+    prior: float (C,), class proportions to use instead of estimating them (normalised here).
+    predictions: int (n,), current predicted classes (e.g. the model's) used for p and for the
+        balance weights of unlabeled samples; -1 or the human label where labeled is fine.
+    warm_start: initial guess for M. A float array (n, C) (e.g. a previous ``scores``): without
+        ``predictions`` its row-normalised scores also supply the classes for p and the balance,
+        so no unbalanced first pass runs. A previous PropagationResult (instant feedback after a
+        few new labels): its scores, and its balance weights and prior are kept as they were,
+        so the classes whose seeds did not change are solved already and only the others
+        iterate (``products`` counts the work).
+    progress: called with (iteration, max_iter) during the solve.
+
+    Raises DataFormatError for a malformed W, LabelError for bad labels / no labeled sample,
+    ConfigError for invalid settings.
+    """
+    start = time.perf_counter()
+    W = _validated_graph(W)
+    n = W.shape[0]
+    labels = _validated_labels(labels, n, num_classes)
+    _validate_config(config)
+    C = int(num_classes)
+    if prior is not None:
+        prior = _validated_prior(prior, C)
+    if predictions is not None:
+        predictions = _validated_predictions(predictions, n, C)
+    if isinstance(warm_start, PropagationResult):
+        if warm_start.scores.shape != (n, C) or warm_start.balance_weights is None:
+            raise DataFormatError(
+                f"propagate: warm_start result has scores {warm_start.scores.shape}, expected "
+                f"{(n, C)} from a propagate() call on the same samples"
+            )
+    elif warm_start is not None:
+        warm_start = np.asarray(warm_start)
+        if warm_start.shape != (n, C) or not np.isfinite(warm_start).all():
+            raise DataFormatError(
+                f"propagate: warm_start must be a finite array of shape {(n, C)}, got "
+                f"{warm_start.shape}"
+            )
+    return _propagate(W, labels, C, config, prior, predictions, warm_start, progress, start)
+
+
+def combine(time_result: PropagationResult, freq_result: PropagationResult) -> PropagationResult:
+    """Merge the time- and frequency-branch propagations of the same samples (paper, ER).
+
+    - scores: mean of the two row-normalised score matrices (each branch's M has its own scale);
+      labels: argmax of those mean scores (human labels kept); margin: top-1 minus top-2 of them;
+    - energy: the lower of the two branch energies (both are on the common scale, -10 = median
+      sample); thresholds: ``τ_c = τ̂ · I(n_c / max n)`` recomputed from the combined labels;
+      reliable: ``E^t_i ≤ τ_{q_i}`` or ``E^f_i ≤ τ_{q_i}`` (the paper's OR, with q the combined
+      pseudo-label), i.e. ``min(E^t_i, E^f_i) ≤ τ_{q_i}``; weights: ω from that energy;
+    - prior: mean of the two; iterations / residual: the larger; converged: both; seconds: sum.
+    """
+    a, b = time_result, freq_result
+    if a.scores.shape != b.scores.shape:
+        raise DataFormatError(
+            f"combine: the branches disagree on shape: {a.scores.shape} vs {b.scores.shape}"
+        )
+    if not np.array_equal(a.labeled, b.labeled) or not np.array_equal(
+            a.labels[a.labeled], b.labels[b.labeled]):
+        raise LabelError("combine: the branches were propagated from different human labels")
+    if a.tau_hat != b.tau_hat:
+        raise ConfigError(f"combine: the branches used different tau_hat ({a.tau_hat}, {b.tau_hat})")
+    C = a.scores.shape[1]
+    scores = 0.5 * (_row_normalize(a.scores) + _row_normalize(b.scores))
+    human = a.labeled
+    connected = a.connected | b.connected
+    prior = 0.5 * (a.prior.astype(np.float64) + b.prior.astype(np.float64))
+    labels = np.where(human, a.labels, _argmax_or(scores, connected, prior)).astype(np.int64)
+    energy = np.minimum(a.energy, b.energy).astype(np.float32)
+    thresholds = class_thresholds(a.tau_hat, np.bincount(labels, minlength=C))
+    reliable = (~human) & connected & (energy <= thresholds[labels]) & (energy < 0)
+    return PropagationResult(
+        scores=scores.astype(np.float32), labels=labels, margin=_margin(scores), energy=energy,
+        reliable=reliable, weights=_loss_weights(energy, reliable), thresholds=thresholds,
+        prior=prior.astype(np.float32), connected=connected, labeled=human.copy(),
+        iterations=max(a.iterations, b.iterations), converged=a.converged and b.converged,
+        residual=max(a.residual, b.residual), seconds=a.seconds + b.seconds,
+        first_pass_iterations=max(a.first_pass_iterations, b.first_pass_iterations),
+        tau_hat=a.tau_hat, products=a.products + b.products,
+        balance_weights=None,
+    )
+
+
+def estimate_prior(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """p_c = (#human labels of c + #unlabeled samples predicted c) / n, floored at half a sample.
+
+    labels: int (n,), -1 where unlabeled; predictions: int (n,), used where labels is -1.
+    Returns float64 (C,) summing to 1.
+    """
+    n = len(labels)
+    who = np.where(labels >= 0, labels, predictions)
+    counts = np.bincount(who[who >= 0], minlength=num_classes).astype(np.float64)
+    counts = np.maximum(counts, 0.5)
+    return counts / counts.sum() if n else np.full(num_classes, 1.0 / num_classes)
+
+
+def balance_weights(
+    labels: np.ndarray,
+    prior: np.ndarray,
+    *,
+    predictions: np.ndarray | None = None,
+    memberships: np.ndarray | None = None,
+) -> np.ndarray:
+    """Node weights ``p_c(i)^-1/2`` of the spectral balance (float64 (n,)).
+
+    Human-labeled samples use their label's p; the others use ``predictions`` (hard) or
+    ``memberships`` (float (n, C), row-normalised scores: soft class, ``exp(Σ_c P_ic log p_c)``);
+    a sample with neither (or an all-zero membership row) gets the geometric mean of p.
+    """
+    logp = np.log(prior)
+    node_logp = np.full(len(labels), float(np.mean(logp)))
+    if memberships is not None:
+        rows = memberships.sum(axis=1) > 0
+        node_logp[rows] = memberships[rows] @ logp
+    if predictions is not None:
+        has = predictions >= 0
+        node_logp[has] = logp[predictions[has]]
+    lab = labels >= 0
+    node_logp[lab] = logp[labels[lab]]
+    return np.exp(-0.5 * node_logp)
+
+
+def normalized_operator(W: sp.csr_matrix, node_weights: np.ndarray | None = None) -> sp.csr_matrix:
+    """S = D̂^-1/2 Ŵ D̂^-1/2 with Ŵ = diag(w) W diag(w) (float32 CSR, same pattern as W).
+
+    Computed as diag(g) W diag(g), g_i = w_i / sqrt(D̂_i), D̂_i = w_i Σ_j W_ij w_j; rows without
+    edges (D̂_i = 0) stay zero, so isolated samples produce no NaN.
+    """
+    n = W.shape[0]
+    w = np.ones(n) if node_weights is None else np.asarray(node_weights, dtype=np.float64)
+    deg = w * (W @ w)
+    g = np.zeros(n)
+    pos = deg > 0
+    g[pos] = w[pos] / np.sqrt(deg[pos])
+    S = W.copy()
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(W.indptr))
+    S.data = (W.data.astype(np.float64) * g[rows] * g[W.indices]).astype(np.float32)
+    return S
+
+
+def energy_from_scores(scores: np.ndarray, labels: np.ndarray, *, labeled: np.ndarray) -> np.ndarray:
+    """Scale-robust propagation energy (float32 (n,)); see the module docstring, step 5.
+
+    scores: M (n, C); labels: int (n,) human or predicted class (-1 = none); labeled: bool (n,).
+    ``s_c`` is the median of ``M_ic`` over the unlabeled samples labeled c (else over the human
+    labels of c; a class with neither is left out, u_ic = 0), ``u = M / s``,
+    ``ℓ_i = logsumexp_j(10 u_ij) - log C`` and ``E_i = -10 ℓ_i / median ℓ`` over the unlabeled
+    samples with ℓ > 0. Invariant to multiplying M, or any of its columns, by a positive number.
+    """
+    M = np.asarray(scores, dtype=np.float64)
+    n, C = M.shape
+    energy = np.zeros(n, dtype=np.float64)
+    if C == 0 or n == 0:
+        return energy.astype(np.float32)
+    inv = np.zeros(C)
+    for c in range(C):
+        members = labels == c
+        for group in (members & ~labeled, members & labeled):
+            vals = M[group, c]
+            vals = vals[vals > 0]
+            if vals.size:
+                inv[c] = 1.0 / float(np.median(vals))
+                break
+    u = M * inv[None, :]
+    live = u.max(axis=1) > 0
+    if not live.any():
+        return energy.astype(np.float32)
+    z = _SHARPNESS * u[live]
+    zmax = z.max(axis=1, keepdims=True)
+    lse = zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))
+    ell = np.maximum(lse - math.log(C), 0.0)
+    ref = ell[~labeled[live] & (ell > 0)]
+    if ref.size == 0:
+        ref = ell[ell > 0]
+    med = float(np.median(ref)) if ref.size else 0.0
+    if med > 0:
+        energy[live] = ENERGY_MEDIAN * ell / med
+    return energy.astype(np.float32)
+
+
+def class_thresholds(tau_hat: float, counts: np.ndarray) -> np.ndarray:
+    """τ_c = τ̂ · I(n_c / max n), I(v) = v / (2 - v); float32 (C,). Empty classes get 0."""
+    counts = np.asarray(counts, dtype=np.float64)
+    top = counts.max() if counts.size else 0.0
+    v = counts / top if top > 0 else np.zeros_like(counts)
+    return (tau_hat * v / (2.0 - v)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, start):
+    n = W.shape[0]
+    lab = labels >= 0
+    B = np.zeros((n, C), dtype=np.float32)
+    B[lab, labels[lab]] = 1.0 - config.alpha
+    order = _locality_order(W) if config.reorder and n >= _REORDER_MIN_N else None
+    first_iters = 0
+    X0 = warm_start.scores if isinstance(warm_start, PropagationResult) else warm_start
+    w = None
+    if config.balance:
+        if isinstance(warm_start, PropagationResult):
+            # instant feedback: the graph weights stay those of the previous full propagation,
+            # so only the classes whose seeds changed are solved again
+            w = warm_start.balance_weights.astype(np.float64)
+            if prior is None:
+                prior = warm_start.prior.astype(np.float64)
+        else:
+            w, prior, M0, first_iters = _balance(W, labels, C, config, prior, predictions, X0, B,
+                                                 order)
+            if X0 is None:
+                X0 = M0
+            del M0
+    S = normalized_operator(W, w)
+    M, iters, converged, residual, products = _solve(S, B, config, X0, progress, "propagation",
+                                                     order=order)
+    del S
+    connected = M.max(axis=1) > 0 if C else np.zeros(n, dtype=bool)
+    connected |= lab
+    if prior is None:
+        prior = estimate_prior(labels, _argmax_or(M, connected, None), C)
+    out_labels = np.where(lab, labels, _argmax_or(M, connected, prior)).astype(np.int64)
+    margin = _margin(_row_normalize(M))
+    energy = energy_from_scores(M, out_labels, labeled=lab)
+    counts = np.bincount(out_labels, minlength=C)
+    thresholds = class_thresholds(config.tau_hat, counts)
+    reliable = (~lab) & connected & (energy <= thresholds[out_labels]) & (energy < 0)
+    weights = _loss_weights(energy, reliable)
+    return PropagationResult(
+        scores=M, labels=out_labels, margin=margin, energy=energy, reliable=reliable,
+        weights=weights, thresholds=thresholds, prior=np.asarray(prior, dtype=np.float32),
+        connected=connected, labeled=lab, iterations=iters, converged=converged, residual=residual,
+        seconds=time.perf_counter() - start, first_pass_iterations=first_iters,
+        tau_hat=float(config.tau_hat), products=products,
+        balance_weights=(np.ones(n) if w is None else w).astype(np.float32),
+    )
+
+
+def spectral_balance(
+    W: sp.spmatrix,
+    labels: np.ndarray,
+    *,
+    num_classes: int,
+    config: PropagationConfig = PropagationConfig(),
+    prior: np.ndarray | None = None,
+    predictions: np.ndarray | None = None,
+    warm_start: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The node weights ``p_c(i)^-1/2`` (float64 (n,)) and class proportions p (float64 (C,)) that
+    ``propagate`` would use for the balance with the same arguments (steps 2-3 of the module
+    docstring); for the spectrum plot and for inspection."""
+    W = _validated_graph(W)
+    labels = _validated_labels(labels, W.shape[0], num_classes)
+    _validate_config(config)
+    C = int(num_classes)
+    prior = None if prior is None else _validated_prior(prior, C)
+    predictions = None if predictions is None else _validated_predictions(
+        predictions, W.shape[0], C)
+    lab = labels >= 0
+    B = np.zeros((W.shape[0], C), dtype=np.float32)
+    B[lab, labels[lab]] = 1.0 - config.alpha
+    w, p, _, _ = _balance(W, labels, C, config, prior, predictions, warm_start, B, None)
+    return w, p
+
+
+def _balance(W, labels, C, config, prior, predictions, warm_start, B, order):
+    """Node weights of the balance, the prior, and the first-pass solution (or None)."""
+    first_iters = 0
+    M0 = None
+    memberships = None
+    if predictions is None and warm_start is not None:
+        memberships = _row_normalize(np.asarray(warm_start, dtype=np.float32))
+    elif predictions is None:
+        # only the argmax / soft class of the first pass is used: a loose tolerance is enough
+        M0, first_iters, _, _, _ = _solve(normalized_operator(W), B, config, None, None,
+                                          "first pass", tol=max(config.tol, FIRST_PASS_TOL),
+                                          order=order)
+        memberships = _row_normalize(M0)
+    if prior is None:
+        hard = predictions
+        if hard is None:
+            hard = _argmax_or(memberships, memberships.sum(axis=1) > 0, None)
+        prior = estimate_prior(labels, hard, C)
+    w = balance_weights(labels, prior, predictions=predictions, memberships=memberships)
+    return w, prior, M0, first_iters
+
+
+def _locality_order(W: sp.csr_matrix) -> np.ndarray:
+    """Reverse Cuthill-McKee order of the graph: neighbours get nearby row numbers, so the rows of
+    the dense block that one sparse product reads are mostly in cache."""
+    from scipy.sparse.csgraph import reverse_cuthill_mckee
+
+    return np.asarray(reverse_cuthill_mckee(W, symmetric_mode=True), dtype=np.int64)
+
+
+def _solve(S, B, config, X0, progress, what, tol=None, order=None):
+    """_block_cg in the locality order (when given), answer in the original order."""
+    if order is None:
+        return _block_cg(S, B, config, X0, progress, what, tol)
+    Sp = S[order][:, order].tocsr()
+    X0p = None if X0 is None else np.asarray(X0, dtype=np.float32)[order]
+    Mp, *rest = _block_cg(Sp, B[order], config, X0p, progress, what, tol)
+    del Sp, X0p
+    M = np.empty_like(Mp)
+    M[order] = Mp
+    return (M, *rest)
+
+
+def _block_cg(S, B, config, X0, progress, what, tol=None):
+    """Solve (I - αS) X = B for all C columns of B at once (float32, torch CPU kernels).
+
+    Conjugate gradient run independently per column but in one loop: each iteration does one
+    sparse × dense-block product S @ P on the columns still active, plus a few fused in-place
+    vector updates. A column stops when its residual norm is ≤ tol · ||b_c|| (a zero column is
+    solved by 0 at once); stopped columns leave the block, so later products get narrower.
+    Returns (X float32 (n, C), iterations, converged, largest relative residual, products).
+    """
+    import torch
+
+    tol = config.tol if tol is None else tol
+    threads = torch.get_num_threads()
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    try:
+        return _block_cg_torch(S, B, config, X0, progress, what, tol)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _dots(a, b) -> np.ndarray:
+    """Column-wise dot products of two (n, m) float32 tensors, accumulated in float64."""
+    return np.einsum("ij,ij->j", a.numpy(), b.numpy(), dtype=np.float64)
+
+
+def _block_cg_torch(S, B, config, X0, progress, what, tol):
+    import torch
+
+    alpha = float(config.alpha)
+    n, C = B.shape
+    St = _torch_csr(S)
+    Bt = torch.from_numpy(np.ascontiguousarray(B, dtype=np.float32))
+    bnorm = np.sqrt(_dots(Bt, Bt))
+    if X0 is None:
+        X = torch.zeros((n, C), dtype=torch.float32)
+        R = Bt.clone()
+    else:
+        X = torch.from_numpy(np.array(X0, dtype=np.float32, order="C", copy=True))
+        R = Bt - X + alpha * torch.sparse.mm(St, X)
+    zero = torch.from_numpy(bnorm == 0)
+    X[:, zero] = 0.0
+    R[:, zero] = 0.0
+    thr = tol * bnorm
+    rs = _dots(R, R)
+    active = np.flatnonzero((bnorm > 0) & (np.sqrt(rs) > thr))
+    act = torch.from_numpy(active)
+    Xa, Ra = X[:, act].contiguous(), R[:, act].contiguous()
+    P = Ra.clone()
+    rsa = rs[active]
+    iters = 0
+    products = 0
+    while active.size and iters < config.max_iter:
+        iters += 1
+        products += int(active.size)
+        AP = torch.sparse.mm(St, P)
+        AP.mul_(-alpha).add_(P)  # AP = P - α S P
+        pap = _dots(P, AP)
+        a = np.where(pap > 0, rsa / np.where(pap > 0, pap, 1.0), 0.0)
+        a32 = torch.from_numpy(a.astype(np.float32))
+        Xa.addcmul_(P, a32)
+        Ra.addcmul_(AP, -a32)
+        del AP
+        rs_new = _dots(Ra, Ra)
+        beta = np.where(rsa > 0, rs_new / np.where(rsa > 0, rsa, 1.0), 0.0)
+        rsa = rs_new
+        if progress is not None:
+            progress(iters, config.max_iter)
+        still = np.sqrt(rs_new) > thr[active]
+        if not still.all():
+            done = torch.from_numpy(~still)
+            X[:, torch.from_numpy(active[~still])] = Xa[:, done]
+            rs[active[~still]] = rs_new[~still]
+            keep = torch.from_numpy(still)
+            active = active[still]
+            Xa, Ra, P = Xa[:, keep].contiguous(), Ra[:, keep].contiguous(), P[:, keep].contiguous()
+            rsa, beta = rsa[still], beta[still]
+        P.mul_(torch.from_numpy(beta.astype(np.float32))).add_(Ra)  # P = R + β P
+    if active.size:
+        X[:, torch.from_numpy(active)] = Xa
+        rs[active] = rsa
+    rel = np.sqrt(rs) / np.where(bnorm > 0, bnorm, 1.0)
+    residual = float(rel.max()) if C else 0.0
+    converged = active.size == 0
+    if not converged:
+        msg = (f"{what}: conjugate gradient stopped after {iters} iterations with relative "
+               f"residual {residual:.2e} > tol {tol:.1e} in {active.size} of {C} classes")
+        logger.warning(msg)
+        warnings.warn(msg, PropagationWarning, stacklevel=4)
+    return X.numpy(), iters, converged, residual, products
+
+
+def _torch_csr(S: sp.csr_matrix):
+    import torch
+
+    with warnings.catch_warnings():  # "CSR support is in beta": it is what we want here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(S.indptr.astype(np.int64)),
+            torch.from_numpy(S.indices.astype(np.int64)),
+            torch.from_numpy(np.ascontiguousarray(S.data, dtype=np.float32)),
+            size=S.shape,
+            check_invariants=False,  # built from a valid scipy CSR matrix
+        )
+
+
+def _row_normalize(M: np.ndarray) -> np.ndarray:
+    M = np.asarray(M, dtype=np.float32)
+    tot = M.sum(axis=1, keepdims=True)
+    return np.divide(M, tot, out=np.zeros_like(M), where=tot > 0)
+
+
+def _argmax_or(M: np.ndarray, connected: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
+    """argmax per row; rows not connected get argmax of prior (or -1 without one)."""
+    out = np.argmax(M, axis=1).astype(np.int64) if M.shape[1] else np.zeros(len(M), np.int64)
+    fallback = int(np.argmax(prior)) if prior is not None else -1
+    out[~connected] = fallback
+    return out
+
+
+def _margin(P: np.ndarray) -> np.ndarray:
+    n, C = P.shape
+    if C == 0:
+        return np.zeros(n, dtype=np.float32)
+    if C == 1:
+        return P[:, 0].astype(np.float32)
+    top2 = np.partition(P, C - 2, axis=1)[:, C - 2:]
+    return (top2[:, 1] - top2[:, 0]).astype(np.float32)
+
+
+def _loss_weights(energy: np.ndarray, reliable: np.ndarray) -> np.ndarray:
+    w = np.zeros(energy.shape, dtype=np.float32)
+    if reliable.any():
+        neg = np.maximum(-energy[reliable], 0.0)
+        top = float(neg.max())
+        if top > 0:
+            w[reliable] = neg / top
+    return w
+
+
+def _validated_graph(W) -> sp.csr_matrix:
+    if not sp.issparse(W):
+        raise DataFormatError(
+            f"propagate: W must be a scipy sparse matrix (n, n), got {type(W).__name__}"
+        )
+    if W.ndim != 2 or W.shape[0] != W.shape[1]:
+        raise DataFormatError(f"propagate: W must be square, got shape {W.shape}")
+    W = sp.csr_matrix(W, dtype=np.float32)
+    W.sum_duplicates()
+    if W.nnz and not np.isfinite(W.data).all():
+        raise DataFormatError("propagate: W has NaN or infinite weights")
+    if W.nnz and W.data.min() < 0:
+        raise DataFormatError(
+            f"propagate: W must be non-negative, found weight {float(W.data.min()):.3g}"
+        )
+    if W.diagonal().any():
+        W.setdiag(0)
+    W.eliminate_zeros()
+    W.sort_indices()
+    T = W.T.tocsr()
+    T.sort_indices()
+    scale = max(float(W.data.max()), 1e-30) if W.nnz else 1.0
+    if not (np.array_equal(W.indptr, T.indptr) and np.array_equal(W.indices, T.indices)
+            and np.allclose(W.data, T.data, rtol=1e-5, atol=1e-6 * scale)):
+        raise DataFormatError(
+            "propagate: W must be symmetric (use knn.affinity, which symmetrises the kNN graph)"
+        )
+    return W
+
+
+def _validated_labels(labels, n: int, num_classes) -> np.ndarray:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise LabelError(f"propagate: num_classes must be an integer >= 1, got {num_classes!r}")
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise LabelError(f"propagate: labels must have shape ({n},) like W, got {y.shape}")
+    if y.dtype.kind not in "iu":
+        if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
+            y = y.astype(np.int64)
+        else:
+            raise LabelError(f"propagate: labels must be integers (-1 = unlabeled), got {y.dtype}")
+    y = y.astype(np.int64)
+    bad = (y < -1) | (y >= num_classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise LabelError(
+            f"propagate: label {int(y[i])} of sample {i} is out of range; expected -1 (unlabeled) "
+            f"or 0..{num_classes - 1} ({int(bad.sum())} such samples)"
+        )
+    if not (y >= 0).any():
+        raise LabelError("propagate: no labeled sample; label at least one sample first")
+    return y
+
+
+def _validated_prior(prior, C: int) -> np.ndarray:
+    p = np.asarray(prior, dtype=np.float64)
+    if p.shape != (C,) or not np.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
+        raise DataFormatError(
+            f"propagate: prior must be {C} finite non-negative numbers with a positive sum"
+        )
+    p = np.maximum(p / p.sum(), 1e-12)
+    return p / p.sum()
+
+
+def _validated_predictions(pred, n: int, C: int) -> np.ndarray:
+    q = np.asarray(pred)
+    if q.shape != (n,) or q.dtype.kind not in "iu":
+        raise LabelError(f"propagate: predictions must be integers of shape ({n},), got "
+                         f"{q.dtype} {q.shape}")
+    q = q.astype(np.int64)
+    if ((q < -1) | (q >= C)).any():
+        i = int(np.flatnonzero((q < -1) | (q >= C))[0])
+        raise LabelError(f"propagate: prediction {int(q[i])} of sample {i} is not in -1..{C - 1}")
+    return q
+
+
+def _validate_config(config: PropagationConfig) -> None:
+    if not 0.0 < config.alpha < 1.0:
+        raise ConfigError(f"propagation.alpha must be in (0, 1), got {config.alpha}")
+    if not config.tol > 0:
+        raise ConfigError(f"propagation.tol must be > 0, got {config.tol}")
+    if config.max_iter < 1:
+        raise ConfigError(f"propagation.max_iter must be >= 1, got {config.max_iter}")
+    if not config.tau_hat <= 0:
+        raise ConfigError(f"propagation.tau_hat must be <= 0 (energies are negative), got "
+                          f"{config.tau_hat}")

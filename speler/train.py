@@ -1,0 +1,667 @@
+"""Fit the two-branch backbone on human labels (+ energy-weighted pseudo-labels), embed samples, and
+save/load checkpoints tied to a dataset.
+
+``fit`` is one straight loop: validate, seed, split a stratified hold-out slice of the human labels
+for early stopping, build the model (or warm-start it), then epochs of augmented mini-batches with
+Adam, evaluating the hold-out slice after each epoch and keeping the best weights. Pseudo-labeled
+samples join after ``config.supervised_epochs``; each epoch draws at most ``pseudo_ratio`` of them
+per human label so a round's cost follows the number of human labels, not the dataset size.
+
+Loss per batch = CE_time + CE_freq on human labels (logit-adjusted when ``balanced_loss``)
++ μ · cross-domain SupCon on human labels + λ · ω-weighted pseudo-label CE on both branches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from speler.config import TrainConfig
+from speler.data.layouts import Layout
+from speler.data.schema import SequenceSet
+from speler.errors import CancelledError, CheckpointError, ConfigError, DataFormatError, LabelError
+from speler.models import losses
+from speler.models.net import ARCH_FIELDS, SpelerNet, build_model, paper_config
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "speler-checkpoint"
+CHECKPOINT_VERSION = 1
+MIN_HOLDOUT = 20  # fewer held-out labels than this: no early stopping, train every label
+BN_SAMPLES = 96  # clean samples used to recompute BatchNorm statistics after each epoch
+
+__all__ = [
+    "Checkpoint", "Embeddings", "FitResult", "embed", "fit", "load_checkpoint", "paper_config",
+    "save_checkpoint", "select_device",
+]
+
+
+@dataclass
+class FitResult:
+    """model: trained network in eval mode (on ``device``); history: one dict per epoch (loss terms,
+    train accuracy, hold-out balanced accuracy and loss, seconds); best_epoch (1-based) and
+    best_metric (hold-out balanced accuracy; NaN when there was no hold-out slice); holdout: int64
+    indices of the human labels held out; seconds: wall time of the fit; warm_started: whether the
+    ``init`` weights were used."""
+
+    model: SpelerNet
+    history: list[dict]
+    best_epoch: int
+    best_metric: float
+    device: str
+    seconds: float
+    holdout: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    config: TrainConfig = field(default_factory=TrainConfig)
+    warm_started: bool = False
+
+
+@dataclass
+class Embeddings:
+    """time: float32 (N, d_t); freq: float32 (N, d_f); probs: float32 (N, C), mean of both branches'
+    softmax; probs_time, probs_freq: float32 (N, C) per branch."""
+
+    time: np.ndarray
+    freq: np.ndarray
+    probs: np.ndarray
+    probs_time: np.ndarray
+    probs_freq: np.ndarray
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: model (eval mode, CPU), its TrainConfig, the class list, layout name,
+    dataset fingerprint and the ``extra`` dict saved with it."""
+
+    model: SpelerNet
+    config: TrainConfig
+    classes: tuple[str, ...]
+    layout_name: str
+    fingerprint: str
+    extra: dict
+
+
+# --- device and validation ----------------------------------------------------------------------
+def select_device(preference: str = "auto") -> str:
+    """``"cuda"`` when available and asked for (or ``"auto"``), else ``"cpu"``; ConfigError for a
+    device that is unknown or not available."""
+    pref = str(preference).strip().lower()
+    if pref == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if pref == "cpu":
+        return "cpu"
+    if pref == "cuda" or pref.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device is {preference!r} but torch sees no CUDA device;"
+                              f" use 'auto' or 'cpu'")
+        if ":" in pref:
+            idx = pref.split(":", 1)[1]
+            if not idx.isdigit() or int(idx) >= torch.cuda.device_count():
+                raise ConfigError(f"train.device {preference!r}: there are"
+                                  f" {torch.cuda.device_count()} CUDA devices")
+        return pref
+    raise ConfigError(f"train.device must be 'auto', 'cpu' or 'cuda', got {preference!r}")
+
+
+def _check_finite(ds: SequenceSet, what: str) -> None:
+    bad = ~np.isfinite(ds.x).reshape(ds.n, -1).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataFormatError(
+            f"{what}: sample {i} (id {str(ds.ids[i])!r}) of {ds.where} has non-finite values"
+            f" (NaN or inf); {int(bad.sum())} samples affected, expected finite float32 input")
+
+
+def _check_config(config: TrainConfig) -> None:
+    checks = [
+        (config.epochs >= 1, "epochs", ">= 1"), (config.warm_epochs >= 0, "warm_epochs", ">= 0"),
+        (config.batch_size >= 2, "batch_size", ">= 2"),
+        (config.lr > 0, "lr", "> 0"), (config.weight_decay >= 0, "weight_decay", ">= 0"),
+        (config.patience >= 1, "patience", ">= 1"),
+        (0 <= config.holdout < 1, "holdout", "in [0, 1)"),
+        (config.supervised_epochs >= 0, "supervised_epochs", ">= 0"),
+        (config.contrastive_weight >= 0, "contrastive_weight", ">= 0"),
+        (config.pseudo_weight >= 0, "pseudo_weight", ">= 0"),
+        (config.pseudo_ratio >= 0, "pseudo_ratio", ">= 0"),
+        (config.temperature > 0, "temperature", "> 0"),
+        (config.num_threads >= 0, "num_threads", ">= 0"),
+    ]
+    checks.append((config.lr_schedule in ("cosine", "constant"), "lr_schedule",
+                   "'cosine' or 'constant'"))
+    for ok, name, expected in checks:
+        if not ok:
+            raise ConfigError(f"train.{name} must be {expected}, got {getattr(config, name)!r}")
+
+
+def _as_labels(arr, n: int, k: int, name: str) -> np.ndarray:
+    a = np.asarray(arr)
+    if a.shape != (n,) or a.dtype.kind not in "iu":
+        raise LabelError(f"{name} must be integers of shape ({n},), got {a.dtype} {a.shape}")
+    bad = (a < -1) | (a >= k)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise LabelError(f"{name}[{i}] = {int(a[i])} is out of range, expected -1..{k - 1}")
+    return a.astype(np.int64)
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n > 0:
+            torch.set_num_threads(old)
+
+
+def _holdout_split(labels: np.ndarray, fraction: float, seed: int, *,
+                   min_size: int = MIN_HOLDOUT) -> tuple[np.ndarray, np.ndarray]:
+    """(train, holdout) indices of the labeled samples. Each class with >= 2 labels gives
+    round(fraction · n_c) of them (half rounded up, always leaving one for training). No hold-out
+    (train all labels for the full epochs) when that totals fewer than ``min_size`` samples or
+    covers fewer than 2 classes: on a handful of samples early stopping follows noise, and the
+    held-out labels are worth more as training data (measured on BasicMotions: a 7-sample
+    hold-out stopped at epoch 2-4 and lost 10 points of accuracy)."""
+    labeled = np.flatnonzero(labels >= 0)
+    if fraction <= 0:
+        return labeled, np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels[labeled]):
+        idx = labeled[labels[labeled] == c]
+        take = min(len(idx) - 1, int(math.floor(fraction * len(idx) + 0.5)))
+        if take > 0:
+            held.append(rng.permutation(idx)[:take])
+    if len(held) < 2 or sum(len(h) for h in held) < min_size:
+        return labeled, np.zeros(0, dtype=np.int64)
+    hold = np.sort(np.concatenate(held))
+    return np.setdiff1d(labeled, hold), hold
+
+
+# --- augmentation -------------------------------------------------------------------------------
+class _Augment:
+    """Random augmentation of a batch (B, C, T, V, M) on its device, parameters drawn from ``gen``.
+
+    Skeletons: rotation about the up axis (±0.3 rad; in-plane ±0.1 rad for 2D), scaling per axis
+    (0.9–1.1), temporal crop of 80–100 % of the valid frames resampled back to them. Series: scaling
+    per channel (N(1, 0.1)) and jitter (0.05 × the channel's std).
+    """
+
+    def __init__(self, ds: SequenceSet) -> None:
+        self.series = ds.layout.is_series or ds.layout.num_joints == 1
+        names = [c.lower() for c in ds.channels]
+        self.coords = [names.index(a) for a in ("x", "y", "z") if a in names]
+        if not self.series and not self.coords:
+            self.coords = list(range(min(3, ds.x.shape[1])))
+        self.up = self._up_axis(ds) if len(self.coords) == 3 else 1
+
+    def _up_axis(self, ds: SequenceSet) -> int:
+        if ds.layout.spine is None:
+            return 1
+        lo, hi = ds.layout.spine
+        xyz = ds.x[:, self.coords]
+        v = (xyz[:, :, :, hi] - xyz[:, :, :, lo]).mean(axis=(0, 2, 3))
+        return int(np.argmax(np.abs(v))) if np.abs(v).max() > 0 else 1
+
+    def __call__(self, x: torch.Tensor, lengths: torch.Tensor,
+                 gen: torch.Generator) -> torch.Tensor:
+        b, c = x.shape[:2]
+        dev = x.device
+        if self.series:
+            scale = (1 + 0.1 * torch.randn(b, c, 1, 1, 1, generator=gen)).to(dev)
+            noise = torch.randn(x.shape, generator=gen).to(dev)
+            std = x.std(dim=2, keepdim=True)
+            return x * scale + 0.05 * std * noise
+        x = self._crop(x, lengths, gen)
+        x = x.clone()
+        coords = self.coords
+        if len(coords) >= 2:
+            if len(coords) == 3:
+                a, bb = [coords[i] for i in range(3) if i != self.up]
+                theta = (torch.rand(b, generator=gen) * 2 - 1) * 0.3
+            else:
+                a, bb = coords[0], coords[1]
+                theta = (torch.rand(b, generator=gen) * 2 - 1) * 0.1
+            cos = torch.cos(theta).to(dev).view(b, 1, 1, 1)
+            sin = torch.sin(theta).to(dev).view(b, 1, 1, 1)
+            xa, xb = x[:, a].clone(), x[:, bb].clone()
+            x[:, a] = cos * xa - sin * xb
+            x[:, bb] = sin * xa + cos * xb
+        scale = (0.9 + 0.2 * torch.rand(b, len(coords), generator=gen)).to(dev)
+        x[:, coords] = x[:, coords] * scale.view(b, len(coords), 1, 1, 1)
+        return x
+
+    @staticmethod
+    def _crop(x: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        b, c, t, v, m = x.shape
+        length = lengths.float()
+        ratio = 0.8 + 0.2 * torch.rand(b, generator=gen)
+        win = torch.clamp(ratio * length, min=2.0)
+        win = torch.minimum(win, length)
+        start = torch.rand(b, generator=gen) * (length - win)
+        j = torch.arange(t, dtype=torch.float32)
+        denom = torch.clamp(length - 1, min=1.0)
+        pos = start[:, None] + j[None, :] * ((win - 1) / denom)[:, None]
+        pos = torch.minimum(pos, (length - 1)[:, None])
+        lo = pos.floor().long().clamp(0, t - 1)
+        hi = torch.minimum(lo + 1, (lengths - 1).clamp(min=0)[:, None].long())
+        w = (pos - lo.float()).to(x.device).view(b, 1, t, 1, 1)
+        valid = (j[None, :] < length[:, None]).to(x.device).view(b, 1, t, 1, 1)
+        lo = lo.to(x.device).view(b, 1, t, 1, 1).expand(b, c, t, v, m)
+        hi = hi.to(x.device).view(b, 1, t, 1, 1).expand(b, c, t, v, m)
+        out = x.gather(2, lo) * (1 - w) + x.gather(2, hi) * w
+        return out * valid
+
+
+# --- training -----------------------------------------------------------------------------------
+@torch.no_grad()
+def _recalibrate_batch_norm(model: nn.Module, x: torch.Tensor, idx: np.ndarray, *, device: str,
+                            batch_size: int, amp: bool) -> None:
+    """Recompute every BatchNorm's statistics as the exact average over samples ``idx``
+    (unaugmented, current weights), then leave the model in eval mode.
+
+    With a few dozen labels an epoch is one or two batches, far too few updates for the usual
+    exponential average (momentum 0.1) to forget its initial values, and augmented batches have
+    wider statistics than the clean samples the model is evaluated on; both made the eval-mode
+    network much worse than its training accuracy.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.momentum = None
+        bn.reset_running_stats()
+    model.train()
+    for part in _batches(idx, batch_size):
+        with _autocast(device, amp):
+            model(x[torch.from_numpy(part)].to(device, non_blocking=True))
+    for bn in bns:
+        bn.momentum = 0.1
+    model.eval()
+
+
+def _autocast(device: str, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
+    """Consecutive batches; a last batch smaller than half a batch joins the one before."""
+    out = [order[i:i + size] for i in range(0, len(order), size)]
+    if len(out) > 1 and len(out[-1]) < max(2, size // 2):
+        last = out.pop()
+        out[-1] = np.concatenate([out[-1], last])
+    return out
+
+
+def _batch_loss(out, target: torch.Tensor, human: torch.Tensor, weight: torch.Tensor, *,
+                prior: torch.Tensor | None, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """Loss terms of one batch: CE of both heads and the cross-domain SupCon on the human-labeled
+    rows, ω-weighted pseudo-label CE of both heads on the others, and their weighted sum."""
+    lt, lf = out.logits_time.float(), out.logits_freq.float()
+    zero = lt.new_zeros(())
+    ce = con = pl = zero
+    tau = config.logit_tau
+    if human.any():
+        th = target[human]
+        ce = (losses.cross_entropy(lt[human], th, prior=prior, tau=tau).mean()
+              + losses.cross_entropy(lf[human], th, prior=prior, tau=tau).mean())
+        if config.contrastive_weight > 0:
+            con = losses.cross_domain_supcon(out.pre_time[human], out.pre_freq[human], th,
+                                             temperature=config.temperature)
+    other = ~human
+    if other.any() and config.pseudo_weight > 0:
+        tp, wp = target[other], weight[other]
+        pl = (losses.pseudo_label_ce(lt[other], tp, wp, prior=prior, tau=tau)
+              + losses.pseudo_label_ce(lf[other], tp, wp, prior=prior, tau=tau))
+    loss = ce + config.contrastive_weight * con + config.pseudo_weight * pl
+    return {"loss": loss, "ce": ce, "contrastive": con, "pseudo": pl}
+
+
+@torch.no_grad()
+def _evaluate(model: SpelerNet, x: torch.Tensor, idx: np.ndarray, target: np.ndarray, *,
+              device: str, batch_size: int, amp: bool) -> tuple[float, float]:
+    """(balanced accuracy, mean NLL of the averaged softmax) on samples ``idx``."""
+    model.eval()
+    probs = []
+    for part in np.array_split(idx, max(1, math.ceil(len(idx) / batch_size))):
+        with _autocast(device, amp):
+            out = model(x[torch.from_numpy(part)].to(device, non_blocking=True))
+        probs.append(out.probs.float().cpu())
+    p = torch.cat(probs).numpy()
+    pred = p.argmax(1)
+    recalls = [float((pred[target == c] == c).mean()) for c in np.unique(target)]
+    nll = float(-np.log(np.clip(p[np.arange(len(target)), target], 1e-12, None)).mean())
+    return float(np.mean(recalls)), nll
+
+
+def fit(
+    ds: SequenceSet, labels: np.ndarray, *, config: TrainConfig = TrainConfig(),
+    pseudo_labels: np.ndarray | None = None, pseudo_weights: np.ndarray | None = None,
+    init: Checkpoint | None = None, progress: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> FitResult:
+    """Train the backbone on the preprocessed ``ds`` (x float32 (N, C, T, V, M)).
+
+    labels: int (N,), human labels, -1 = unknown. pseudo_labels: int (N,), -1 = none;
+    pseudo_weights: float (N,) >= 0, ω from propagation energy (0 = ignore); samples with a human
+    label ignore their pseudo-label. init: a checkpoint of the same dataset to start from (then
+    ``config.warm_epochs`` epochs and no supervised warm-up; ignored with a warning when its
+    architecture differs from ``config``).
+    progress(epoch, epochs) after each epoch (called with (epochs, epochs) on an early stop);
+    cancel() is checked before each epoch and raises CancelledError when true.
+    Raises DataFormatError for non-finite input (naming the sample), LabelError for bad labels or
+    when there is nothing to train on, ConfigError for bad settings, CheckpointError for a bad init.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(ds, SequenceSet):
+        raise DataFormatError(f"fit expects a SequenceSet, got {type(ds).__name__}")
+    _check_config(config)
+    _check_finite(ds, "fit")
+    n, k = ds.n, ds.num_classes
+    if k < 1:
+        raise LabelError(f"fit: dataset {ds.where} has no classes to learn")
+    y = _as_labels(labels, n, k, "labels")
+    pseudo = (np.full(n, -1, dtype=np.int64) if pseudo_labels is None
+              else _as_labels(pseudo_labels, n, k, "pseudo_labels"))
+    if pseudo_weights is None:
+        weights = np.where(pseudo >= 0, 1.0, 0.0).astype(np.float32)
+    else:
+        weights = np.asarray(pseudo_weights, dtype=np.float64)
+        if weights.shape != (n,) or not np.isfinite(weights).all() or (weights < 0).any():
+            raise LabelError(f"pseudo_weights must be finite floats >= 0 of shape ({n},),"
+                             f" got shape {weights.shape}")
+        weights = weights.astype(np.float32)
+    pseudo_idx = np.flatnonzero((pseudo >= 0) & (weights > 0) & (y < 0))
+    if not (y >= 0).any() and len(pseudo_idx) == 0:
+        raise LabelError("fit: no human labels and no weighted pseudo-labels to train on")
+    warm = init is not None and _check_init(init, ds, config)
+    device = select_device(config.device)
+    amp = config.amp and device.startswith("cuda")
+
+    devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+    with _threads(config.num_threads), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        train_idx, hold_idx = _holdout_split(y, config.holdout, config.seed)
+        model = build_model(ds.layout, in_channels=ds.x.shape[1], num_classes=k,
+                            frames=ds.x.shape[2], persons=ds.x.shape[4], config=config)
+        if warm:
+            model.load_state_dict(init.model.state_dict())
+        model.to(device)
+        if device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        epochs = config.warm_epochs if warm and config.warm_epochs > 0 else config.epochs
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+                 if config.lr_schedule == "cosine" else None)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported())
+        counts = np.bincount(y[train_idx], minlength=k).astype(np.float64)
+        counts += np.bincount(pseudo[pseudo_idx], weights=weights[pseudo_idx], minlength=k)
+        prior = losses.log_prior(counts).to(device) if config.balanced_loss else None
+        gen = torch.Generator().manual_seed(config.seed + 1)
+        augment = _Augment(ds) if config.augment else None
+        x_all = torch.from_numpy(np.ascontiguousarray(ds.x))
+        len_all = torch.from_numpy(ds.lengths.astype(np.int64))
+        target = torch.from_numpy(np.where(y >= 0, y, pseudo))
+        is_human = torch.from_numpy(y >= 0)
+        w_all = torch.from_numpy(weights)
+        # Pseudo-labels join after a supervised warm-up, unless the model is already trained
+        # (warm start) or there are no human labels to warm up on.
+        warmup = 0 if warm or len(train_idx) == 0 else config.supervised_epochs
+
+        history: list[dict] = []
+        best_key, best_epoch, best_state, stale = None, 0, None, 0
+        for epoch in range(epochs):
+            if cancel is not None and cancel():
+                raise CancelledError(f"training cancelled before epoch {epoch + 1}/{epochs}")
+            t0 = time.perf_counter()
+            members = train_idx
+            if epoch >= warmup and len(pseudo_idx):
+                draw = len(pseudo_idx)
+                if config.pseudo_ratio > 0:
+                    draw = min(draw, math.ceil(config.pseudo_ratio * max(len(train_idx),
+                                                                         config.batch_size)))
+                pick = torch.randperm(len(pseudo_idx), generator=gen)[:draw].numpy()
+                members = np.concatenate([train_idx, pseudo_idx[np.sort(pick)]])
+            order = members[torch.randperm(len(members), generator=gen).numpy()]
+            model.train()
+            sums = dict(loss=0.0, ce=0.0, contrastive=0.0, pseudo=0.0)
+            correct = seen = 0
+            for part in _batches(order, config.batch_size):
+                ti = torch.from_numpy(part)
+                xb = x_all[ti].to(device, non_blocking=True)
+                if augment is not None:
+                    xb = augment(xb, len_all[ti], gen)
+                tb, hb, wb = target[ti].to(device), is_human[ti].to(device), w_all[ti].to(device)
+                with _autocast(device, amp):
+                    out = model(xb)
+                terms = _batch_loss(out, tb, hb, wb, prior=prior, config=config)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(terms["loss"]).backward()
+                scaler.step(opt)
+                scaler.update()
+                for key, val in terms.items():
+                    sums[key] += float(val.detach()) * len(part)
+                with torch.no_grad():
+                    pred = out.probs.argmax(-1)
+                    correct += int((pred[hb] == tb[hb]).sum())
+                    seen += int(hb.sum())
+            if sched is not None:
+                sched.step()
+            if len(order):
+                _recalibrate_batch_norm(model, x_all, np.sort(order[:BN_SAMPLES]), device=device,
+                                        batch_size=max(config.batch_size, 64), amp=amp)
+            row = {key: val / max(1, len(order)) for key, val in sums.items()}
+            row.update(epoch=epoch + 1, train_acc=correct / seen if seen else float("nan"),
+                       samples=len(order), pseudo_samples=len(order) - len(train_idx))
+            stop = False
+            if len(hold_idx):
+                acc, nll = _evaluate(model, x_all, hold_idx, y[hold_idx], device=device,
+                                     batch_size=max(config.batch_size, 64), amp=amp)
+                row.update(holdout_acc=acc, holdout_loss=nll)
+                key = (acc, -nll)
+                if best_key is None or key > best_key:
+                    best_key, best_epoch, stale = key, epoch + 1, 0
+                    best_state = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
+                else:
+                    stale += 1
+                    # Early stopping only once pseudo-labels have had a chance to join.
+                    stop = stale >= config.patience and epoch + 1 > warmup
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
+            logger.debug("epoch %d: %s", epoch + 1, row)
+            if stop:
+                if progress is not None:
+                    progress(epochs, epochs)
+                break
+            if progress is not None:
+                progress(epoch + 1, epochs)
+
+        if best_state is not None:
+            model.load_state_dict(best_state)
+            best_metric = float(best_key[0])
+        else:
+            best_epoch, best_metric = len(history), float("nan")
+        model.eval()
+    seconds = time.perf_counter() - t_start
+    logger.info("fit: %d epochs, best %d (holdout %.3f), %.1f s on %s", len(history), best_epoch,
+                best_metric, seconds, device)
+    return FitResult(model=model, history=history, best_epoch=best_epoch, best_metric=best_metric,
+                     device=device, seconds=seconds, holdout=hold_idx, config=config,
+                     warm_started=warm)
+
+
+def _check_init(init: Checkpoint, ds: SequenceSet, config: TrainConfig) -> bool:
+    """CheckpointError if ``init`` belongs to another dataset, class list or layout; False (with a
+    warning: train from scratch) if its architecture differs from ``config``; True if usable."""
+    if tuple(init.classes) != tuple(ds.classes):
+        raise CheckpointError(f"init checkpoint has classes {list(init.classes)}, the dataset has"
+                              f" {list(ds.classes)}")
+    if init.layout_name != ds.layout.name:
+        raise CheckpointError(f"init checkpoint is for layout {init.layout_name!r}, the dataset"
+                              f" uses {ds.layout.name!r}")
+    if init.fingerprint != ds.fingerprint():
+        raise CheckpointError(f"init checkpoint belongs to dataset {init.fingerprint}, expected"
+                              f" this dataset's fingerprint {ds.fingerprint()}")
+    changed = [f"train.{name}: {getattr(init.config, name)!r} -> {getattr(config, name)!r}"
+               for name in ARCH_FIELDS if getattr(init.config, name) != getattr(config, name)]
+    if changed:
+        logger.warning("not warm-starting: the architecture changed (%s); training from scratch",
+                       ", ".join(changed))
+        return False
+    return True
+
+
+# --- embedding ----------------------------------------------------------------------------------
+def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int = 128, device: str | None = None,
+          progress: Callable[[int, int], None] | None = None) -> Embeddings:
+    """Both branches' embeddings and the class probabilities of every sample (no grad, batched).
+
+    ds.x float32 (N, C, T, V, M) must match the model's channels and joints. progress(done, N) after
+    each batch. The model is moved to ``device`` (default: where it is) and left in eval mode.
+    """
+    if not isinstance(ds, SequenceSet):
+        raise DataFormatError(f"embed expects a SequenceSet, got {type(ds).__name__}")
+    if batch_size < 1:
+        raise ConfigError(f"embed batch_size must be >= 1, got {batch_size}")
+    _check_finite(ds, "embed")
+    if device is None:
+        param = next(model.parameters(), None)
+        device = str(param.device) if param is not None else "cpu"
+    else:
+        device = select_device(device)
+    model.to(device).eval()
+    amp = device.startswith("cuda")
+    x = torch.from_numpy(np.ascontiguousarray(ds.x))
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("time", "freq", "pt", "pf")}
+    with torch.inference_mode():
+        for start in range(0, ds.n, batch_size):
+            xb = x[start:start + batch_size].to(device, non_blocking=True)
+            with _autocast(device, amp):
+                out = model(xb)
+            parts["time"].append(out.emb_time.float().cpu().numpy())
+            parts["freq"].append(out.emb_freq.float().cpu().numpy())
+            parts["pt"].append(out.logits_time.float().softmax(-1).cpu().numpy())
+            parts["pf"].append(out.logits_freq.float().softmax(-1).cpu().numpy())
+            if progress is not None:
+                progress(min(start + batch_size, ds.n), ds.n)
+    pt = np.concatenate(parts["pt"]).astype(np.float32)
+    pf = np.concatenate(parts["pf"]).astype(np.float32)
+    return Embeddings(
+        time=np.concatenate(parts["time"]).astype(np.float32),
+        freq=np.concatenate(parts["freq"]).astype(np.float32),
+        probs=(0.5 * (pt + pf)).astype(np.float32), probs_time=pt, probs_freq=pf,
+    )
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+def save_checkpoint(path: str | Path, fit_or_model: FitResult | nn.Module, *, config: TrainConfig,
+                    ds: SequenceSet, extra: dict | None = None) -> None:
+    """Write weights + config + class list + layout + dataset fingerprint to ``path`` atomically.
+
+    ``extra`` must hold plain values (str, numbers, bools, lists, dicts) so it loads with
+    ``weights_only=True``.
+    """
+    model = fit_or_model.model if isinstance(fit_or_model, FitResult) else fit_or_model
+    if not isinstance(model, SpelerNet):
+        raise CheckpointError(f"save_checkpoint expects a FitResult or SpelerNet, got"
+                              f" {type(model).__name__}")
+    _, c, t, v, m = ds.shape
+    if model.num_classes != ds.num_classes or model.in_channels != c or model.joints != v:
+        raise CheckpointError(
+            f"model (C={model.in_channels}, V={model.joints}, {model.num_classes} classes) does not"
+            f" fit dataset {ds.where} (C={c}, V={v}, {ds.num_classes} classes)")
+    payload = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+        "state_dict": {k: v_.detach().cpu() for k, v_ in model.state_dict().items()},
+        "config": dataclasses.asdict(config),
+        "classes": list(ds.classes),
+        "layout": ds.layout.to_json(),
+        "layout_name": ds.layout.name,
+        "fingerprint": ds.fingerprint(),
+        "model_args": {"in_channels": model.in_channels, "num_classes": model.num_classes,
+                       "frames": model.frames, "persons": model.persons},
+        "extra": dict(extra or {}),
+    }
+    if isinstance(fit_or_model, FitResult):
+        payload["fit"] = {"best_epoch": int(fit_or_model.best_epoch),
+                          "best_metric": float(fit_or_model.best_metric),
+                          "device": fit_or_model.device, "seconds": float(fit_or_model.seconds),
+                          "epochs_run": len(fit_or_model.history)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | Path, ds: SequenceSet) -> Checkpoint:
+    """Load a checkpoint for ``ds`` (weights_only=True, onto the CPU).
+
+    CheckpointError when the file is unreadable or was saved for another layout, class list or
+    dataset (fingerprint), saying which and what was expected.
+    """
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+        raise CheckpointError(f"{path}: not a readable SpeLER checkpoint ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a SpeLER checkpoint (no {CHECKPOINT_FORMAT!r} marker)")
+    if int(payload.get("version", 0)) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload['version']} is newer than this"
+                              f" SpeLER reads ({CHECKPOINT_VERSION})")
+    saved_layout = payload["layout_name"]
+    if saved_layout != ds.layout.name:
+        raise CheckpointError(f"{path}: checkpoint was trained on layout {saved_layout!r}, this"
+                              f" dataset uses layout {ds.layout.name!r}")
+    saved_classes = tuple(payload["classes"])
+    if saved_classes != tuple(ds.classes):
+        missing = [c for c in saved_classes if c not in ds.classes]
+        added = [c for c in ds.classes if c not in saved_classes]
+        detail = (f"missing here: {missing}, new here: {added}" if missing or added
+                  else "same names in another order")
+        raise CheckpointError(f"{path}: checkpoint classes {list(saved_classes)} differ from the"
+                              f" dataset's {list(ds.classes)} ({detail})")
+    fp = ds.fingerprint()
+    if payload["fingerprint"] != fp:
+        raise CheckpointError(
+            f"{path}: checkpoint belongs to dataset fingerprint {payload['fingerprint']}, this"
+            f" dataset's fingerprint is {fp} (other sample ids, shape, classes or layout)")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg_dict = {k: v for k, v in payload["config"].items() if k in known}
+    dropped = sorted(set(payload["config"]) - known)
+    if dropped:
+        logger.warning("%s: ignoring unknown train config keys %s", path, dropped)
+    try:
+        config = TrainConfig(**cfg_dict)
+        args = payload["model_args"]
+        model = build_model(Layout.from_json(payload["layout"]), config=config, **args)
+        model.load_state_dict(payload["state_dict"])
+    except (ConfigError, DataFormatError, RuntimeError, TypeError, KeyError) as exc:
+        raise CheckpointError(
+            f"{path}: cannot rebuild the model from the checkpoint ({exc})") from exc
+    model.eval()
+    return Checkpoint(model=model, config=config, classes=saved_classes, layout_name=saved_layout,
+                      fingerprint=payload["fingerprint"], extra=dict(payload.get("extra", {})))

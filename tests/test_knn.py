@@ -1,0 +1,141 @@
+"""kNN graph (faiss) and affinity: exact references, approximate recall, edge cases."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from speler.config import GraphConfig
+from speler.errors import ConfigError, DataFormatError
+from speler.graph.knn import KnnGraph, affinity, build_knn, gpu_available
+
+
+def _brute_force(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = xn @ xn.T
+    np.fill_diagonal(sims, -np.inf)
+    idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(sims, idx, axis=1)
+
+
+def _clusters(n: int, d: int, seed: int = 0, centers: int = 8, latent: int = 0) -> np.ndarray:
+    """Gaussian clusters; with ``latent`` > 0 they live in a latent space of that dimension
+    embedded in d dimensions plus a little noise (as learned embeddings do)."""
+    rng = np.random.default_rng(seed)
+    m = latent or d
+    means = rng.standard_normal((centers, m)) * 3
+    z = means[rng.integers(0, centers, n)] + rng.standard_normal((n, m))
+    if latent:
+        q, _ = np.linalg.qr(rng.standard_normal((d, latent)))
+        z = z @ q.T + 0.05 * rng.standard_normal((n, d))
+    return z.astype(np.float32)
+
+
+def test_exact_knn_equals_brute_force():
+    x = np.random.default_rng(1).standard_normal((400, 12)).astype(np.float32) * 7.0
+    g = build_knn(x, config=GraphConfig(index="flat", use_gpu=False), k=9)
+    idx, sims = _brute_force(x.astype(np.float64), 9)
+    assert g.method == "flat" and g.recall is None
+    assert g.indices.dtype == np.int64 and g.sims.dtype == np.float32 and g.indices.shape == (400, 9)
+    np.testing.assert_allclose(g.sims, sims, atol=1e-5)
+    # same neighbour sets (order may differ only among exact ties, which random data does not have)
+    assert (np.sort(g.indices, axis=1) == np.sort(idx, axis=1)).mean() == 1.0
+    assert not (g.indices == np.arange(400)[:, None]).any()
+
+
+def test_duplicates_never_list_themselves_and_zero_rows_are_isolated():
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((50, 6)).astype(np.float32)
+    x = np.concatenate([base, base[:10], np.zeros((3, 6), np.float32)])  # 10 exact duplicates
+    g = build_knn(x, config=GraphConfig(use_gpu=False), k=4)
+    assert not (g.indices == np.arange(len(x))[:, None]).any()
+    for i in range(10):  # each duplicate pair finds the other first, with similarity 1
+        assert g.indices[i, 0] == 50 + i and g.indices[50 + i, 0] == i
+        assert g.sims[i, 0] == pytest.approx(1.0, abs=1e-5)
+    W = affinity(g)
+    assert np.isfinite(W.data).all()
+    deg = np.asarray(W.sum(axis=1)).ravel()
+    assert (deg[-3:] == 0).all() and (deg[:-3] > 0).all()
+
+
+def test_affinity_formula_on_hand_made_graph():
+    g = KnnGraph(
+        indices=np.array([[1, 2], [0, 3], [0, -1], [1, 0]], dtype=np.int64),
+        sims=np.array([[0.5, -0.2], [0.5, 0.9], [0.8, 0.0], [0.9, 0.3]], dtype=np.float32),
+        method="hand", recall=None, seconds=0.0,
+    )
+    W = affinity(g, gamma=2.0)
+    expect = np.zeros((4, 4))
+    expect[0, 1] = expect[1, 0] = 0.5 ** 2  # mutual: (a + a) / 2
+    expect[0, 2] = expect[2, 0] = 0.8 ** 2 / 2  # only 2 -> 0 (0 -> 2 is negative: no edge)
+    expect[1, 3] = expect[3, 1] = 0.9 ** 2  # mutual
+    expect[3, 0] = expect[0, 3] = 0.3 ** 2 / 2
+    assert sp.isspmatrix_csr(W) and W.dtype == np.float32
+    np.testing.assert_allclose(W.toarray(), expect, rtol=1e-6)
+    assert (W.diagonal() == 0).all()
+
+
+def test_k_at_least_n_is_lowered_with_a_warning(caplog):
+    x = np.random.default_rng(3).standard_normal((6, 3))
+    with caplog.at_level(logging.WARNING, logger="speler.graph.knn"):
+        g = build_knn(x, config=GraphConfig(use_gpu=False), k=10)
+    assert g.indices.shape == (6, 5)
+    assert "k=10 >= n=6" in caplog.text
+    assert all(set(row) == set(range(6)) - {i} for i, row in enumerate(g.indices.tolist()))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_embeddings_are_rejected(bad):
+    x = np.ones((5, 3))
+    x[3, 1] = bad
+    with pytest.raises(DataFormatError, match="1 embedding rows contain NaN or infinite values .*row 3"):
+        build_knn(x, k=2)
+
+
+def test_bad_shapes_and_settings():
+    with pytest.raises(DataFormatError, match="2-d array"):
+        build_knn(np.ones(5), k=2)
+    with pytest.raises(DataFormatError, match="at least 2 samples"):
+        build_knn(np.ones((1, 4)), k=1)
+    with pytest.raises(ConfigError, match="k must be a positive integer"):
+        build_knn(np.ones((5, 2)), k=0)
+    with pytest.raises(ConfigError, match="graph.index must be one of"):
+        build_knn(np.ones((5, 2)), config=GraphConfig(index="annoy"), k=2)
+    g = build_knn(np.random.default_rng(0).standard_normal((5, 2)), k=2)
+    with pytest.raises(ConfigError, match="gamma"):
+        affinity(g, gamma=0.0)
+
+
+@pytest.mark.parametrize("index,pca,method", [("ivf", 0, "ivf"), ("ivf", 12, "ivf-pca"),
+                                              ("hnsw", 0, "hnsw")])
+def test_approximate_index_reports_its_measured_recall(index, pca, method):
+    x = _clusters(4000, 32, latent=8)
+    cfg = GraphConfig(index=index, use_gpu=False, recall_queries=300, nprobe=16, pca_dim=pca)
+    g = build_knn(x, config=cfg, k=10)
+    assert g.method == method and g.indices.shape == (4000, 10)
+    assert g.recall is not None and 0.85 <= g.recall <= 1.0
+    # independent recall over all samples, against brute force
+    idx, sims = _brute_force(x.astype(np.float64), 10)
+    kth = sims[:, -1:] - 1e-5
+    found = (g.sims >= kth) & (g.indices >= 0)
+    assert abs(found.mean() - g.recall) < 0.03
+    assert not (g.indices == np.arange(4000)[:, None]).any()
+
+
+def test_auto_picks_exact_below_the_limit_and_approximate_above():
+    x = _clusters(600, 8)
+    assert build_knn(x, config=GraphConfig(use_gpu=False), k=5).method == "flat"
+    g = build_knn(x, config=GraphConfig(use_gpu=False, exact_max_n=100, recall_queries=100), k=5)
+    assert g.method == "ivf" and g.recall is not None  # d = 8 <= pca_dim: no PCA
+
+
+@pytest.mark.skipif(not gpu_available(), reason="needs faiss with a CUDA GPU")
+def test_gpu_flat_equals_cpu_flat():
+    x = _clusters(3000, 32)
+    gpu = build_knn(x, config=GraphConfig(index="flat", use_gpu=True), k=10)
+    cpu = build_knn(x, config=GraphConfig(index="flat", use_gpu=False), k=10)
+    assert gpu.method == "gpu-flat" and cpu.method == "flat"
+    np.testing.assert_allclose(gpu.sims, cpu.sims, atol=1e-4)

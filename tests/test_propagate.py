@@ -1,0 +1,311 @@
+"""Balanced propagation, energy, thresholds: exact references, warm start, edge cases."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from speler.config import GraphConfig, PropagationConfig
+from speler.errors import DataFormatError, LabelError
+from speler.graph.knn import affinity, build_knn
+from speler.graph.propagate import (
+    PropagationWarning, balance_weights, class_thresholds, combine, energy_from_scores,
+    estimate_prior, normalized_operator, propagate, spectral_balance,
+)
+
+def _problem(n=300, C=4, seed=0, spread=1.2, labeled=24):
+    """Overlapping Gaussian classes (a connected kNN graph) with a few labels per class."""
+    rng = np.random.default_rng(seed)
+    sizes = np.maximum(5, (n * np.array([0.5, 0.25, 0.15, 0.1, 0.05, 0.05])[:C]).astype(int))
+    y = np.repeat(np.arange(C), sizes)[:n]
+    y = np.concatenate([y, rng.integers(0, C, n - len(y))]) if len(y) < n else y
+    x = rng.standard_normal((C, 10))[y] * spread + rng.standard_normal((n, 10))
+    W = affinity(build_knn(x, config=GraphConfig(use_gpu=False), k=10))
+    labels = np.full(n, -1)
+    for c in range(C):
+        members = np.flatnonzero(y == c)
+        labels[members[: max(1, labeled * len(members) // n)]] = c
+    return x, y, W, labels
+
+
+def _dense_solution(S_dense: np.ndarray, labels: np.ndarray, C: int, alpha: float) -> np.ndarray:
+    n = len(labels)
+    Y = np.zeros((n, C))
+    Y[labels >= 0, labels[labels >= 0]] = 1.0
+    return np.linalg.solve(np.eye(n) - alpha * S_dense, (1 - alpha) * Y)
+
+
+def _dense_normalized(W: sp.csr_matrix, w: np.ndarray | None = None) -> np.ndarray:
+    Wd = W.toarray().astype(np.float64)
+    if w is not None:
+        Wd = Wd * w[:, None] * w[None, :]
+    d = Wd.sum(axis=1)
+    g = np.where(d > 0, 1 / np.sqrt(np.where(d > 0, d, 1)), 0)
+    return Wd * g[:, None] * g[None, :]
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.9, 0.99])
+def test_plain_propagation_equals_dense_closed_form(alpha):
+    _, _, W, labels = _problem(seed=1)
+    cfg = PropagationConfig(alpha=alpha, balance=False, tol=1e-8, max_iter=1000)
+    r = propagate(W, labels, num_classes=4, config=cfg)
+    M = _dense_solution(_dense_normalized(W), labels, 4, alpha)
+    assert r.converged and r.scores.dtype == np.float32 and r.scores.shape == (300, 4)
+    assert np.abs(r.scores - M).max() <= 1e-5 * np.abs(M).max()
+
+
+def test_balanced_propagation_equals_dense_closed_form():
+    _, y, W, labels = _problem(seed=2)
+    pred = np.where(labels >= 0, -1, (y + (np.arange(300) % 7 == 0)) % 4)  # imperfect predictions
+    cfg = PropagationConfig(alpha=0.9, tol=1e-8, max_iter=1000)
+    r = propagate(W, labels, num_classes=4, config=cfg, predictions=pred)
+    p = estimate_prior(labels, pred, 4)
+    who = np.where(labels >= 0, labels, pred)
+    M = _dense_solution(_dense_normalized(W, p[who] ** -0.5), labels, 4, 0.9)
+    np.testing.assert_allclose(r.prior, p, rtol=1e-6)
+    assert r.first_pass_iterations == 0  # predictions given: no unbalanced pass
+    assert np.abs(r.scores - M).max() <= 1e-5 * np.abs(M).max()
+    lab = labels >= 0
+    assert (r.labels[lab] == labels[lab]).all()
+    assert (r.labels[~lab] == M[~lab].argmax(axis=1)).all()
+
+
+def test_balance_formula_on_hand_made_graph():
+    # path 0 - 1 - 2 - 3 with weights 1, 2, 3; classes 0, 0, 1, 1 with p = (0.8, 0.2)
+    W = sp.csr_matrix(np.array([[0, 1, 0, 0], [1, 0, 2, 0], [0, 2, 0, 3], [0, 0, 3, 0]], float))
+    labels = np.array([0, -1, 1, -1])
+    p = np.array([0.8, 0.2])
+    w = balance_weights(labels, p, predictions=np.array([-1, 0, -1, 1]))
+    np.testing.assert_allclose(w, [0.8 ** -0.5, 0.8 ** -0.5, 0.2 ** -0.5, 0.2 ** -0.5])
+    # w_hat_ij = w_ij (p_i p_j)^-1/2 by hand, then D^-1/2 W_hat D^-1/2
+    wh = np.array([[0, 1 / 0.8, 0, 0],
+                   [1 / 0.8, 0, 2 / math.sqrt(0.16), 0],
+                   [0, 2 / math.sqrt(0.16), 0, 3 / 0.2],
+                   [0, 0, 3 / 0.2, 0]])
+    d = wh.sum(axis=1)
+    expect = wh / np.sqrt(np.outer(d, d))
+    np.testing.assert_allclose(normalized_operator(W, w).toarray(), expect, rtol=1e-6)
+    # soft membership: exp(sum_c P_ic log p_c); a row of zeros gets the geometric mean of p
+    P = np.array([[0, 0], [0.5, 0.5], [0, 0], [0, 0]])
+    w2 = balance_weights(np.array([-1, -1, -1, 1]), p, memberships=P)
+    gm = math.sqrt(0.8 * 0.2)
+    np.testing.assert_allclose(w2, [gm ** -0.5, gm ** -0.5, gm ** -0.5, 0.2 ** -0.5])
+
+
+def test_prior_counts_labels_and_predictions_once():
+    labels = np.array([0, 0, 1, -1, -1, -1, -1, -1])
+    pred = np.array([1, 1, 1, 0, 0, 0, 2, -1])  # predictions of labeled samples are ignored
+    p = estimate_prior(labels, pred, 4)
+    # class 0: 2 labels + 3 predicted, class 1: 1 label, class 2: 1 predicted, class 3: 0 -> 0.5
+    np.testing.assert_allclose(p, np.array([5, 1, 1, 0.5]) / 7.5)
+
+
+def test_energy_matches_direct_computation():
+    rng = np.random.default_rng(4)
+    M = rng.random((40, 3)) ** 3
+    M[5] = 0.0  # a sample no seed reaches
+    labels = rng.integers(0, 3, 40)
+    labeled = np.zeros(40, bool)
+    labeled[:6] = True
+    labels[2] = 2
+    e = energy_from_scores(M, labels, labeled=labeled)
+    s = []
+    for c in range(3):
+        vals = [M[i, c] for i in range(40) if labels[i] == c and not labeled[i] and M[i, c] > 0]
+        s.append(np.median(vals))
+    ell = np.zeros(40)
+    for i in range(40):
+        if M[i].max() > 0:
+            ell[i] = math.log(sum(math.exp(10 * M[i, c] / s[c]) for c in range(3))) - math.log(3)
+    ref = [ell[i] for i in range(40) if not labeled[i] and ell[i] > 0]
+    expect = -10 * ell / np.median(ref)
+    np.testing.assert_allclose(e, expect, rtol=1e-5, atol=1e-6)
+    assert e[5] == 0.0 and (e <= 0).all()
+    # scale-robust: a global factor, or a factor per column, changes nothing
+    np.testing.assert_allclose(energy_from_scores(M * 1e4, labels, labeled=labeled), e, rtol=1e-5)
+    np.testing.assert_allclose(
+        energy_from_scores(M * np.array([3.0, 0.01, 70.0]), labels, labeled=labeled), e, rtol=1e-5)
+
+
+def test_thresholds_formula():
+    t = class_thresholds(-9.5, np.array([100, 50, 10, 0]))
+    v = np.array([1.0, 0.5, 0.1, 0.0])
+    np.testing.assert_allclose(t, -9.5 * v / (2 - v), rtol=1e-6)
+
+
+def test_reliability_and_weights_follow_the_thresholds():
+    _, _, W, labels = _problem(seed=5)
+    r = propagate(W, labels, num_classes=4)
+    lab = labels >= 0
+    counts = np.bincount(r.labels, minlength=4)
+    np.testing.assert_allclose(r.thresholds, class_thresholds(-9.5, counts))
+    expect = (~lab) & (r.energy <= r.thresholds[r.labels]) & (r.energy < 0)
+    assert (r.reliable == expect).all() and 0 < r.reliable.sum() < (~lab).sum()
+    assert (r.weights[~r.reliable] == 0).all() and r.weights.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(r.weights[r.reliable],
+                               -r.energy[r.reliable] / (-r.energy[r.reliable]).max(), rtol=1e-6)
+    assert r.margin.min() >= 0 and r.margin.max() <= 1 + 1e-6
+    assert np.median(r.energy[~lab]) == pytest.approx(-10.0, rel=1e-3)
+
+
+def test_rescaling_embeddings_or_graph_keeps_the_reliable_set():
+    x, _, W, labels = _problem(seed=6)
+    base = propagate(W, labels, num_classes=4)
+    W_big = affinity(build_knn(x * 1000.0, config=GraphConfig(use_gpu=False), k=10))
+    for W2 in (W_big, W * 0.001, W * 37.0):
+        r = propagate(W2, labels, num_classes=4)
+        assert (r.reliable == base.reliable).all()
+        assert (r.labels == base.labels).all()
+        np.testing.assert_allclose(r.energy, base.energy, rtol=1e-3, atol=1e-3)
+
+
+def test_warm_start_gives_the_same_answer_with_less_work():
+    _, y, W, labels = _problem(n=400, seed=7)
+    pred = np.where(labels >= 0, -1, y)
+    cfg = PropagationConfig(alpha=0.95, tol=1e-7, max_iter=1000)
+    first = propagate(W, labels, num_classes=4, config=cfg, predictions=pred)
+    node = np.flatnonzero((labels < 0) & (y == 2))[0]
+    for new_label in (2, 0):  # agrees with the prediction (same graph weights), then not
+        new = labels.copy()
+        new[node] = new_label
+        kw = dict(num_classes=4, config=cfg, predictions=pred, prior=first.prior)
+        cold = propagate(W, new, **kw)
+        warm = propagate(W, new, warm_start=first.scores, **kw)
+        assert np.abs(warm.scores - cold.scores).max() <= 1e-5 * np.abs(cold.scores).max()
+        assert (warm.labels == cold.labels).all()
+        assert warm.iterations <= cold.iterations and warm.products < cold.products
+    # with unchanged balance weights only the new label's column is not solved yet
+    new = labels.copy()
+    new[node] = 2
+    warm = propagate(W, new, num_classes=4, config=cfg, predictions=pred, prior=first.prior,
+                     warm_start=first.scores)
+    assert warm.products < 2 * warm.iterations  # about one column active throughout
+
+
+def test_warm_start_from_a_result_keeps_its_balance():
+    _, y, W, labels = _problem(n=400, seed=17)
+    cfg = PropagationConfig(tol=1e-7)
+    first = propagate(W, labels, num_classes=4, config=cfg)
+    node = np.flatnonzero(labels < 0)[3]
+    new = labels.copy()
+    new[node] = 1
+    warm = propagate(W, new, num_classes=4, config=cfg, warm_start=first)
+    assert warm.first_pass_iterations == 0 and warm.products < 2 * warm.iterations
+    np.testing.assert_array_equal(warm.balance_weights, first.balance_weights)
+    np.testing.assert_array_equal(warm.prior, first.prior)
+    p = first.prior.astype(np.float64)
+    M = _dense_solution(_dense_normalized(W, first.balance_weights.astype(np.float64)), new, 4,
+                        cfg.alpha)
+    assert np.abs(warm.scores - M).max() <= 1e-5 * np.abs(M).max()
+    assert warm.labels[node] == 1 and p.shape == (4,)
+
+
+def test_locality_order_gives_the_same_answer(monkeypatch):
+    import speler.graph.propagate as prop
+
+    _, _, W, labels = _problem(n=300, seed=18)
+    plain = propagate(W, labels, num_classes=4, config=PropagationConfig(reorder=False, tol=1e-8))
+    monkeypatch.setattr(prop, "_REORDER_MIN_N", 0)
+    ordered = propagate(W, labels, num_classes=4, config=PropagationConfig(reorder=True, tol=1e-8))
+    assert np.abs(ordered.scores - plain.scores).max() <= 1e-5 * np.abs(plain.scores).max()
+    assert (ordered.labels == plain.labels).all() and (ordered.reliable == plain.reliable).all()
+
+
+def test_non_convergence_is_a_warning_and_a_flag():
+    _, _, W, labels = _problem(seed=8)
+    with pytest.warns(PropagationWarning, match="stopped after 2 iterations"):
+        r = propagate(W, labels, num_classes=4,
+                      config=PropagationConfig(alpha=0.99, balance=False, max_iter=2))
+    assert not r.converged and r.iterations == 2 and r.residual > 1e-6
+    assert np.isfinite(r.scores).all()
+
+
+def test_isolated_samples_and_unlabeled_components():
+    _, _, W, labels = _problem(n=200, seed=9)
+    W = sp.block_diag([W, sp.csr_matrix((3, 3)), sp.csr_matrix(np.array([[0, 1.0], [1.0, 0]]))],
+                      format="csr")
+    labels = np.concatenate([labels, [-1, -1, -1, -1, -1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no division by zero anywhere
+        r = propagate(W, labels, num_classes=4)
+    for arr in (r.scores, r.energy, r.margin, r.weights):
+        assert np.isfinite(arr).all()
+    tail = slice(200, 205)
+    assert not r.connected[tail].any() and not r.reliable[tail].any()
+    assert (r.energy[tail] == 0).all() and (r.margin[tail] == 0).all()
+    assert (r.labels[tail] == int(np.argmax(r.prior))).all()
+
+
+def test_class_without_labels_is_never_predicted():
+    _, _, W, labels = _problem(seed=10)
+    labels = np.where(labels == 3, -1, labels)
+    r = propagate(W, labels, num_classes=5)  # classes 3 and 4 have no labeled sample
+    assert not np.isin(r.labels, [3, 4]).any()
+    assert (r.scores[:, 3:] == 0).all() and np.isfinite(r.energy).all()
+    assert r.prior[3] > 0 and r.thresholds[3] == 0 and r.thresholds[4] == 0
+
+
+def test_single_class():
+    _, _, W, labels = _problem(seed=11)
+    ones = np.where(labels >= 0, 0, -1)
+    r = propagate(W, ones, num_classes=1)
+    assert (r.labels == 0).all() and r.scores.shape == (300, 1)
+    assert np.allclose(r.margin[r.connected], 1.0) and np.isfinite(r.energy).all()
+
+
+def test_bad_inputs():
+    _, _, W, labels = _problem(n=120, seed=12)
+    with pytest.raises(LabelError, match="label 7 of sample 3 is out of range; expected -1"):
+        propagate(W, np.where(np.arange(120) == 3, 7, labels), num_classes=4)
+    with pytest.raises(LabelError, match="label -2 of sample 0"):
+        propagate(W, np.where(np.arange(120) == 0, -2, labels), num_classes=4)
+    with pytest.raises(LabelError, match="no labeled sample"):
+        propagate(W, np.full(120, -1), num_classes=4)
+    with pytest.raises(LabelError, match=r"labels must have shape \(120,\)"):
+        propagate(W, labels[:-1], num_classes=4)
+    with pytest.raises(LabelError, match="num_classes must be an integer >= 1"):
+        propagate(W, labels, num_classes=0)
+    with pytest.raises(DataFormatError, match="scipy sparse"):
+        propagate(W.toarray(), labels, num_classes=4)
+    A = W.tolil()
+    A[0, 5] = 3.0
+    with pytest.raises(DataFormatError, match="symmetric"):
+        propagate(A.tocsr(), labels, num_classes=4)
+    B = W.copy()
+    B.data[0] = np.nan
+    with pytest.raises(DataFormatError, match="NaN or infinite"):
+        propagate(B, labels, num_classes=4)
+    with pytest.raises(LabelError, match="prediction 9 of sample"):
+        propagate(W, labels, num_classes=4, predictions=np.full(120, 9))
+    with pytest.raises(DataFormatError, match="warm_start must be a finite array"):
+        propagate(W, labels, num_classes=4, warm_start=np.zeros((120, 3)))
+
+
+def test_combine_takes_the_mean_scores_and_the_or_of_the_branches():
+    x, y, W, labels = _problem(seed=13)
+    W2 = affinity(build_knn(x[:, ::-1] ** 3, config=GraphConfig(use_gpu=False), k=8))
+    a = propagate(W, labels, num_classes=4)
+    b = propagate(W2, labels, num_classes=4)
+    c = combine(a, b)
+    mean = 0.5 * (a.normalized + b.normalized)
+    lab = labels >= 0
+    assert (c.labels[~lab] == mean[~lab].argmax(axis=1)).all()
+    assert (c.labels[lab] == labels[lab]).all()
+    np.testing.assert_allclose(c.energy, np.minimum(a.energy, b.energy))
+    thr = class_thresholds(-9.5, np.bincount(c.labels, minlength=4))
+    either = (a.energy <= thr[c.labels]) | (b.energy <= thr[c.labels])
+    assert (c.reliable == (either & ~lab & (c.energy < 0))).all()
+    with pytest.raises(LabelError, match="different human labels"):
+        combine(a, propagate(W2, np.where(np.arange(300) == 299, 1, labels), num_classes=4))
+
+
+def test_spectral_balance_matches_what_propagate_uses():
+    _, _, W, labels = _problem(seed=14)
+    w, p = spectral_balance(W, labels, num_classes=4)
+    r = propagate(W, labels, num_classes=4)
+    np.testing.assert_allclose(r.prior, p, rtol=1e-6)
+    assert w.shape == (300,) and (w > 0).all()
