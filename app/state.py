@@ -1,0 +1,407 @@
+"""Session and caching glue between the Streamlit pages and ``speler`` (no logic the CLI would need).
+
+- Which project is open: ``st.session_state["project"]`` (a name under ``speler.project.default_root()``).
+- Cached opens and figures, keyed on project and round (``st.cache_resource`` / ``st.cache_data``).
+- The round runner: a round trains in a worker thread so the page stays responsive and shows a
+  progress bar per stage; Cancel sets an event that ``speler.loop.run_round``'s ``cancel`` reads.
+  Jobs live in a process-wide registry (one per project), so a round keeps running when the person
+  switches pages, and every session sees it.
+- ``user_error``: a ``SpelerError`` becomes ``st.error`` with what to do; nothing is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from speler.config import Config
+from speler.errors import CancelledError, ProjectError, SpelerError
+from speler.project import DATA_FILE, Project, default_root, list_projects
+
+logger = logging.getLogger("speler.app")
+
+DEFAULT_SAMPLE = "synthetic_actions"  # the bundled sample the app opens on, nothing to configure
+STAGES = ("train", "embed", "knn", "propagate", "suggest")
+STAGE_TITLES = {"train": "Training", "embed": "Embedding", "knn": "kNN graph",
+                "propagate": "Propagation", "suggest": "Suggestions"}
+
+_create_lock = threading.Lock()
+
+
+# -- where projects live ------------------------------------------------------------------------
+def root() -> Path:
+    """The projects folder (``$SPELER_HOME`` or ``annotations/``), read on every run so tests can set it."""
+    return default_root()
+
+
+def _stamp(root_dir: Path, name: str) -> int:
+    """Changes when a project is (re)created, so a replaced project is never served from cache."""
+    try:
+        return (root_dir / name / DATA_FILE).stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _open(root_dir: str, name: str, stamp: int) -> Project:
+    # The store's connection is thread-safe (check_same_thread=False plus a lock), so one open
+    # Project per (root, name, version) serves every session and the round worker.
+    return Project.open(Path(root_dir), name)
+
+
+def open_project(name: str) -> Project:
+    """The open project ``name`` (cached); ProjectError if it does not exist."""
+    r = root()
+    stamp = _stamp(r, name)
+    if stamp == 0:
+        raise ProjectError(f"no project {name!r} in {r}; pick another one on the Project page")
+    return _open(str(r), name, stamp)
+
+
+def ensure_default_project() -> None:
+    """On first start, create the bundled sample's project if it is missing (once per session)."""
+    if st.session_state.get("_default_checked"):
+        return
+    r = root()
+    with _create_lock:
+        if DEFAULT_SAMPLE not in list_projects(r):
+            from speler.data.samples import load_sample
+
+            with st.spinner(f"Creating project {DEFAULT_SAMPLE} from the bundled sample…"):
+                ds = load_sample(DEFAULT_SAMPLE)
+                Project.create(r, DEFAULT_SAMPLE, ds, config=Config(),
+                               meta={"source": f"sample:{DEFAULT_SAMPLE}"}).close()
+    st.session_state["_default_checked"] = True
+    st.session_state.setdefault("project", DEFAULT_SAMPLE)
+
+
+def current_name() -> str | None:
+    """Name of the project this session works on; falls back to the default or the first one."""
+    name = st.session_state.get("project")
+    known = list_projects(root())
+    if name in known:
+        return name
+    name = DEFAULT_SAMPLE if DEFAULT_SAMPLE in known else (known[0] if known else None)
+    st.session_state["project"] = name
+    return name
+
+
+def current_project() -> Project:
+    """The session's project; stops the page with st.error when there is none."""
+    name = current_name()
+    if name is None:
+        st.error(f"There are no projects in {root()}. Create one on the Project page "
+                 "(open a bundled sample or import your data).")
+        st.stop()
+    with user_error("Pick another project on the Project page."):
+        return open_project(name)
+    raise AssertionError("unreachable")  # user_error stops the page on failure
+
+
+def select_project(name: str) -> None:
+    """Switch this session to project ``name`` and forget per-project session state."""
+    if st.session_state.get("project") != name:
+        st.session_state["project"] = name
+        for key in ("skipped", "queue", "flash"):
+            st.session_state.pop(key, None)
+
+
+# -- errors -------------------------------------------------------------------------------------
+class user_error:
+    """``with user_error("what to do"):`` turns a SpelerError into st.error and stops the page."""
+
+    def __init__(self, hint: str = "", *, stop: bool = True) -> None:
+        self.hint = hint
+        self.stop = stop
+        self.failed = False
+
+    def __enter__(self) -> "user_error":
+        return self
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, SpelerError):
+            return False
+        self.failed = True
+        show_error(exc, self.hint)
+        if self.stop:
+            st.stop()
+        return True
+
+
+def show_error(exc: BaseException, hint: str = "") -> None:
+    st.error(f"{exc}" + (f"\n\n{hint}" if hint else ""), icon=":material/error:")
+
+
+def flash(kind: str, message: str) -> None:
+    """Remember a message for the next run of the page (callbacks run before the page draws)."""
+    st.session_state.setdefault("flash", []).append((kind, message))
+
+
+def show_flash() -> None:
+    for kind, message in st.session_state.pop("flash", []):
+        if kind == "toast":
+            st.toast(message, duration="long")
+        else:
+            {"error": st.error, "warning": st.warning, "success": st.success}.get(kind, st.info)(message)
+
+
+# -- loop state and suggestions ---------------------------------------------------------------
+def loop_state(project: Project):
+    """Latest complete round's LoopState, up to date with the store's human labels (None before
+    round 0). speler.loop keeps it in memory per project and re-propagates only when labels changed."""
+    from speler.loop import load_state
+
+    return load_state(project)
+
+
+def suggestions(project: Project, state, *, n: int, strategy: str) -> list:
+    """Suggestion queue for this session, skipping the samples it skipped; recomputed only when the
+    state (round or labels) changes."""
+    from speler.loop import suggest
+
+    skipped: set[str] = st.session_state.setdefault("skipped", set())
+    key = (str(project.path), state.round, labels_hash(state.human), n, strategy, len(skipped))
+    cached = st.session_state.get("queue")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    queue = [s for s in suggest(project, state, n=n + len(skipped), strategy=strategy)
+             if s.id not in skipped][:n]
+    st.session_state["queue"] = (key, queue)
+    return queue
+
+
+# -- cached views -------------------------------------------------------------------------------
+def project_key(project: Project) -> tuple[str, int]:
+    return str(project.path), _stamp(project.path.parent, project.name)
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def class_colors(classes: tuple[str, ...]) -> dict[str, str]:
+    """One colour per class name, the same in every plot and on every page."""
+    from speler.viz import class_colors as _colors
+
+    colors = _colors(list(classes))
+    if isinstance(colors, dict):
+        return {str(k): str(v) for k, v in colors.items()}
+    return {c: str(col) for c, col in zip(classes, colors)}
+
+
+@st.cache_resource(max_entries=96, show_spinner=False)
+def _sample_figure(key: tuple[str, int], index: int, title: str, color: str, height: int):
+    from speler.viz import series_figure, skeleton_animation
+
+    project = _open(str(Path(key[0]).parent), Path(key[0]).name, key[1])
+    ds = project.data
+    x = ds.x[index]
+    length = int(ds.lengths[index])
+    if ds.layout.is_series:
+        return series_figure(x, list(ds.channels), title=title, length=length, height=height,
+                             fps=ds.fps or None)
+    return skeleton_animation(x, ds.layout, title=title, color=color, length=length, height=height,
+                              fps=ds.fps or 30.0, channels=list(ds.channels))
+
+
+def sample_figure(project: Project, index: int, *, title: str, color: str, height: int = 420):
+    """Animated 3D skeleton (or series lines) of sample ``index``, cached per project and sample."""
+    return _sample_figure(project_key(project), int(index), title, color, int(height))
+
+
+def class_counts_figure(classes: tuple[str, ...], counts: dict[str, np.ndarray]):
+    """Stacked per-class bars (log scale) of the label sources in ``counts``."""
+    from speler.viz import class_counts_figure as _figure
+
+    return _figure(list(classes), counts, log=True, title="")
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def energy_figure(key: tuple[str, int], round_no: int, labels_key: str, _result, classes):
+    """Energy histograms per class with thresholds (cached per project, round and labels)."""
+    from speler.viz import energy_histogram
+
+    return energy_histogram(_result.energy, _result.labels, list(classes), _result.thresholds,
+                            title="", columns=4)
+
+
+@st.cache_resource(max_entries=8, show_spinner="Computing the spectrum…")
+def _spectrum_figure(key: tuple[str, int], round_no: int, labels_key: str, branch: str, _state,
+                     _config):
+    from speler.graph.spectrum import spectrum_before_after
+    from speler.viz import spectrum_figure
+
+    before, after = spectrum_before_after(
+        _state.affinities[branch], _state.human, num_classes=_state.probs.shape[1],
+        config=_config, predictions=_state.model_predictions)
+    return spectrum_figure(before, after, title=""), before.extremes, after.extremes
+
+
+def spectrum_figure(project: Project, state_, *, branch: str = "time"):
+    """(figure, extremes before, extremes after): eigenvalue density of S before/after balancing
+    on one branch's graph, cached per project, round and labels."""
+    return _spectrum_figure(project_key(project), state_.round, labels_hash(state_.human), branch,
+                            state_, project.config.propagation)
+
+
+def curves_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], *,
+                  y_title: str = "score on unlabeled samples"):
+    from speler.viz import curves_figure as _figure
+
+    return _figure(curves, y_title=y_title, x_title="human labels", title="")
+
+
+def labels_hash(labels: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(labels).tobytes()).hexdigest()[:16]
+
+
+# -- long work in a worker thread ---------------------------------------------------------------
+@dataclass
+class Job:
+    """Long work (a round, a simulation) running in a worker thread; the pages read it, the worker
+    writes it. ``progress[stage] = (done, total)``; ``stage`` is the stage reported last."""
+
+    kind: str
+    root: str
+    name: str
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    stage: str | None = None
+    progress: dict[str, tuple[int, int]] = field(default_factory=dict)
+    stage_started: dict[str, float] = field(default_factory=dict)
+    result: Any = None
+    error: str | None = None
+    cancelled: bool = False
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def running(self) -> bool:
+        return self.finished is None
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        """A ``progress(stage, done, total)`` callback (called in the worker)."""
+        if stage != self.stage:
+            self.stage = stage
+            self.stage_started[stage] = time.time()
+        self.progress[stage] = (int(done), int(total))
+
+
+@st.cache_resource(show_spinner=False)
+def _jobs() -> tuple[dict[tuple[str, str, str], Job], threading.Lock]:
+    return {}, threading.Lock()
+
+
+def job(project: Project, kind: str) -> Job | None:
+    """The latest job of ``kind`` for ``project`` started by this server (running or finished)."""
+    jobs, _ = _jobs()
+    return jobs.get((str(project.path.parent), project.name, kind))
+
+
+def round_job(project: Project) -> Job | None:
+    return job(project, "round")
+
+
+def start_job(project: Project, kind: str, work: Callable[[Job], Any]) -> Job:
+    """Run ``work(job)`` in a worker thread; ProjectError if a job of that kind is running already.
+    ``work`` reports through ``job.update`` and should stop when ``job.cancel_event`` is set."""
+    jobs, lock = _jobs()
+    key = (str(project.path.parent), project.name, kind)
+    with lock:
+        old = jobs.get(key)
+        if old is not None and old.running:
+            raise ProjectError(f"a {kind} of {project.name} is running already; wait or cancel it")
+        new = Job(kind=kind, root=key[0], name=key[1])
+        jobs[key] = new
+    threading.Thread(target=_work, args=(new, work), name=f"speler-{kind}-{project.name}",
+                     daemon=True).start()
+    return new
+
+
+def start_round(project: Project, *, config: Config) -> Job:
+    """``speler.loop.run_round`` in a worker thread, with progress per stage and a cancel flag."""
+    from speler.loop import run_round
+
+    return start_job(project, "round", lambda j: run_round(
+        project, config=config, progress=j.update, cancel=j.cancel_event.is_set))
+
+
+def _work(job: Job, work: Callable[[Job], Any]) -> None:
+    try:
+        job.result = work(job)
+    except CancelledError as exc:
+        job.cancelled = True
+        job.error = str(exc)
+    except SpelerError as exc:
+        job.error = str(exc)
+    except Exception as exc:  # a bug, not bad input: keep the traceback in the log
+        logger.error("%s of %s failed:\n%s", job.kind, job.name, traceback.format_exc())
+        job.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        job.finished = time.time()
+
+
+# -- simulated annotation -----------------------------------------------------------------------
+SIM_ROUNDS = 5  # rounds of simulated labeling per strategy
+SIM_BUDGET = 10  # labels per simulated round
+
+
+def simulation_path(project: Project) -> Path:
+    """Where the app keeps the project's simulation curves (the CLI's ``simulate --out`` format)."""
+    return project.exports_dir / f"{project.name}-simulation.json"
+
+
+def start_simulation(project: Project) -> Job:
+    """``speler.simulate.simulate`` on the project's data (every strategy, the same seeds) in a
+    worker thread; the curves are written to ``simulation_path``."""
+    import json
+    import os
+
+    from speler.simulate import simulate
+
+    ds, config, out = project.data, project.config, simulation_path(project)
+
+    def work(j: Job) -> Any:
+        def progress(done: int, total: int) -> None:
+            j.update("simulate", done, total)
+            if j.cancel_event.is_set():
+                raise CancelledError("simulation cancelled; the previous curves are kept")
+
+        j.update("train", 0, 1)
+        res = simulate(ds, rounds=SIM_ROUNDS, budget=SIM_BUDGET, config=config, name=project.name,
+                       progress=progress)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps({"dataset": res.dataset, "auc": res.auc, "curves": res.curves},
+                                  indent=2))
+        os.replace(tmp, out)
+        return res
+
+    return start_job(project, "simulation", work)
+
+
+def simulation_curves(project: Project) -> dict | None:
+    """The saved simulation ({"dataset", "auc", "curves": {strategy: [rows]}}), None if none."""
+    path = simulation_path(project)
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return None
+    return _read_json(str(path), stamp)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _read_json(path: str, stamp: int) -> dict | None:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        logger.warning("%s: unreadable simulation curves", path)
+        return None

@@ -1,0 +1,164 @@
+"""Diagnostics page: is imbalance distorting propagation (spectrum before/after balancing), how
+confident is it per class (energy histograms with thresholds), how fast does labeling pay off
+(accuracy / macro-F1 vs human labels), and which human labels deserve a second look (doubts)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app import state
+from speler import loop
+from speler.errors import SpelerError
+from speler.metrics import label_quality
+
+project = state.current_project()
+
+st.title("Diagnostics")
+state.show_flash()
+with state.user_error("Run a new round on the Round page if the project changed."):
+    ds = project.data
+    live = state.loop_state(project)
+if live is None:
+    st.info("Diagnostics need a round: run round 0 first.")
+    st.page_link("views/round.py", label="Go to Round", icon=":material/model_training:")
+    st.stop()
+
+classes = ds.classes
+colors = state.class_colors(classes)
+res = live.result
+key = state.project_key(project)
+h = state.labels_hash(live.human)
+
+top_left, top_right = st.columns(2, gap="large")
+with top_left:
+    st.subheader("Spectrum of the affinity")
+    with state.user_error("The spectrum could not be computed for this graph.", stop=False):
+        fig, before, after = state.spectrum_figure(project, live)
+        st.plotly_chart(fig, key="spectrum")
+        st.caption(
+            "Eigenvalue density of the normalised affinity S of the kNN graph, before and after "
+            "spectral balancing. Class imbalance pushes the density towards low eigenvalues; "
+            "balancing moves it back up. Share of eigenvalues below 0: "
+            f"{before['mass_below_0']:.1%} → {after['mass_below_0']:.1%}.")
+with top_right:
+    st.subheader("Energy per class")
+    fig = state.energy_figure(key, live.round, h, res, classes)
+    st.plotly_chart(fig, key="energy")
+    st.caption("Energy of each sample under its propagated class (lower = better connected to the "
+               "labeled set); dashed lines are the per-class reliability thresholds.")
+
+bottom_left, bottom_right = st.columns(2, gap="large")
+def _simulation() -> None:
+    """Curves of simulated annotation per strategy (run here in the background, or saved)."""
+    has_truth = ds.y_true is not None and bool((ds.y_true >= 0).all())
+    job = state.job(project, "simulation")
+    running = job is not None and job.running
+    saved = state.simulation_curves(project)
+    if saved and saved.get("curves"):
+        curves = {s: ([r["labels"] for r in rows], [r["macro_f1"] for r in rows])
+                  for s, rows in saved["curves"].items()}
+        st.plotly_chart(state.curves_figure(curves, y_title="macro-F1 of all labels"),
+                        key="sim_curves")
+        auc = sorted(saved.get("auc", {}).items(), key=lambda kv: -kv[1])
+        st.caption("Simulated annotator answering each strategy's suggestions from the held-out "
+                   f"truth, {state.SIM_BUDGET} labels per round. Mean macro-F1 over the rounds: "
+                   + ", ".join(f"{s} {v:.3f}" for s, v in auc) + ".")
+    elif has_truth:
+        st.caption("Compare the suggestion strategies by simulating an annotator who answers from "
+                   "the held-out truth (trains one model, then labels "
+                   f"{state.SIM_ROUNDS} × {state.SIM_BUDGET} samples per strategy).")
+    if not has_truth:
+        st.info("Simulation needs held-out truth for every sample, which this dataset does not "
+                "carry. Run `python -m speler simulate` on a fully labeled copy instead.")
+        return
+    if running:
+        st.button("Cancel simulation", key="sim_cancel", on_click=job.cancel_event.set)
+    else:
+        st.button("Simulate strategies" if not saved else "Simulate again", key="sim_run",
+                  on_click=_start_simulation, icon=":material/science:")
+
+    @st.fragment(run_every=1.0 if running else None)
+    def _sim_progress() -> None:
+        j = state.job(project, "simulation")
+        if j is None:
+            return
+        if running and not j.running:
+            st.rerun(scope="app")
+        if j.running:
+            done, total = j.progress.get("simulate", (0, 0))
+            secs = time.time() - j.started
+            text = (f"Simulating: {done}/{total} rounds · {secs:.0f} s" if total
+                    else f"Training the shared model · {secs:.0f} s")
+            st.progress(done / total if total else 0.0, text=text)
+        elif j.cancelled:
+            st.warning("Simulation cancelled; the previous curves are kept.")
+        elif j.error:
+            st.error(f"The simulation failed: {j.error}")
+
+    _sim_progress()
+
+
+def _start_simulation() -> None:
+    try:
+        state.start_simulation(project)
+    except SpelerError as exc:
+        state.flash("error", f"{exc}")
+
+
+with bottom_left:
+    st.subheader("Label quality vs human labels")
+    tab_rounds, tab_sim = st.tabs(["This project", "Simulated strategies"])
+    with tab_rounds:
+        points = []
+        for r in project.store.rounds():
+            m = r.metrics or {}
+            q = (m.get("quality") or {}).get("propagated")
+            if r.status == "done" and q:
+                points.append({"source": "after rounds", "labels": m.get("human_labels"), **q})
+        if ds.y_true is not None:
+            q = label_quality(ds.y_true, res.labels, num_classes=ds.num_classes, mask=live.human < 0)
+            points.append({"source": "now", "labels": int((live.human >= 0).sum()), **q})
+        if points:
+            table = pd.DataFrame(points)
+            curves = {
+                f"{metric} ({src})": (g["labels"].to_numpy(), g[metric].to_numpy())
+                for src, g in table.groupby("source", sort=False)
+                for metric in ("accuracy", "macro_f1")
+            }
+            st.plotly_chart(state.curves_figure(curves), key="curves")
+            st.caption("Propagated labels of the samples nobody labeled, scored against the "
+                       "held-out truth the dataset carries (evaluation only; never used for "
+                       "training).")
+        else:
+            st.info("This dataset carries no held-out truth, so label quality cannot be measured "
+                    "here.")
+    with tab_sim:
+        _simulation()
+
+with bottom_right:
+    st.subheader("Label doubts")
+    with state.user_error("Doubts could not be computed.", stop=False):
+        found = loop.doubts(project, live, top=20)
+        if not found:
+            st.success("The graph agrees with every human label.")
+        else:
+            st.dataframe(pd.DataFrame([{
+                "id": d.id, "label": d.label_name, "graph says": d.suggested_name,
+                "score": d.score, "source": d.source, "annotator": d.annotator, "reason": d.reason,
+            } for d in found]), hide_index=True, width="stretch", height=320,
+                column_config={"score": st.column_config.NumberColumn(format="%.2f")})
+            st.caption("Human labels whose graph neighbours point strongly elsewhere: worth a second "
+                       "look (relabel them from the Label page's search box after a round).")
+
+with st.expander("Propagation details"):
+    info = {
+        "round": live.round,
+        "reliable propagated labels": int(np.sum(res.reliable & (live.human < 0))),
+        "CG iterations per branch": {b: r.iterations for b, r in live.branch_results.items()},
+        "converged": {b: bool(r.converged) for b, r in live.branch_results.items()},
+    }
+    st.json(info)

@@ -1,0 +1,81 @@
+"""Export page: the label table with provenance, downloads as CSV / JSON / npz / PYSKL pickle, and
+the latest model checkpoint. Files are generated when a button is clicked, from the live state."""
+
+from __future__ import annotations
+
+import logging
+
+import streamlit as st
+
+from app import state
+from speler.export import EXTENSIONS, FORMATS, export_labels, label_table
+from speler.loop import load_state
+from speler.project import Project
+
+logger = logging.getLogger("speler.app")
+
+project = state.current_project()
+NAME = project.name
+MIME = {"csv": "text/csv", "json": "application/json", "npz": "application/octet-stream",
+        "pyskl": "application/octet-stream"}
+WHAT = {"csv": "one row per sample", "json": "rows plus a header with counts",
+        "npz": "arrays, for numpy", "pyskl": "PYSKL annotation pickle with the data"}
+
+
+def _export_bytes(fmt: str):
+    """A callable for st.download_button: writes the export when clicked, from the live labels."""
+
+    root = state.root()
+
+    def make() -> bytes:  # runs outside the script run: plain speler calls only
+        try:
+            with Project.open(root, NAME) as p:
+                live = load_state(p)
+                path = export_labels(p, format=fmt, propagation=None if live is None else live.result)
+                return path.read_bytes()
+        except Exception:
+            logger.exception("export of %s as %s failed", NAME, fmt)
+            raise
+
+    return make
+
+
+st.title("Export")
+with state.user_error("Run a new round on the Round page if the project changed."):
+    live = state.loop_state(project)
+    table = label_table(project, propagation=None if live is None else live.result)
+
+counts = table["source"].value_counts()
+cols = st.columns(4)
+for col, source in zip(cols, ("human", "imported", "propagated", "none")):
+    col.metric(source.capitalize(), f"{int(counts.get(source, 0)):,}")
+
+left, right = st.columns([1, 3], gap="large")
+with left:
+    st.subheader("Download")
+    for fmt in FORMATS:
+        st.download_button(
+            f"{fmt.upper()}", data=_export_bytes(fmt), file_name=f"{NAME}-labels{EXTENSIONS[fmt]}",
+            mime=MIME.get(fmt), key=f"download_{fmt}", on_click="ignore", width="stretch",
+            icon=":material/download:", help=WHAT.get(fmt),
+        )
+    last = project.latest_round()
+    ckpt = None if last is None else project.round_dir(last) / "checkpoint.pt"
+    if ckpt is not None and ckpt.is_file():
+        st.download_button(
+            f"Checkpoint (round {last})", data=ckpt.read_bytes, file_name=f"{NAME}-round{last:03d}.pt",
+            mime="application/octet-stream", key="download_checkpoint", on_click="ignore",
+            width="stretch", icon=":material/model_training:",
+        )
+    else:
+        st.caption("No checkpoint yet: it comes with the first round.")
+    st.caption(f"Files are also kept in `{project.exports_dir}`.")
+
+with right:
+    st.subheader("Labels")
+    st.dataframe(table, hide_index=True, width="stretch", height=420,
+                 column_config={"energy": st.column_config.NumberColumn(format="%.2f"),
+                                "margin": st.column_config.NumberColumn(format="%.3f")})
+    if "true_label_eval_only" in table.columns:
+        st.caption("`true_label_eval_only` is the held-out truth the dataset carries, for "
+                   "evaluation only; no one gave these labels.")

@@ -1,0 +1,211 @@
+"""Label page: the suggestion queue. One suggested sample at a time, animated, beside its nearest
+labeled neighbours; label it with a click or a number key, skip it, or undo. Every label
+re-propagates at once (no retraining) and the next suggestion appears."""
+
+from __future__ import annotations
+
+import html
+import os
+
+import numpy as np
+import streamlit as st
+
+from app import state
+from speler import loop
+from speler.errors import SpelerError
+from speler.selection import Suggestion
+
+project = state.current_project()
+NAME = project.name
+TOP_KEYS = 9  # number keys 1-9 label the nine most likely classes; a search box has the rest
+
+
+def _annotator() -> str:
+    if "annotator" not in st.session_state:  # kept outside the widget, so it survives page changes
+        st.session_state["annotator"] = os.environ.get("SPELER_ANNOTATOR", "")
+    return st.session_state["annotator"]
+
+
+def _set_annotator() -> None:
+    st.session_state["annotator"] = st.session_state.get("annotator_input", "").strip()
+
+
+def _do_label(sample_id: str, class_name: str) -> None:
+    p = state.open_project(NAME)
+    try:
+        loop.label(p, state.loop_state(p), sample_id, class_name, annotator=_annotator())
+    except SpelerError as exc:
+        state.flash("error", f"{exc}\n\nPick a class from the buttons or the search box.")
+        return
+    state.flash("toast", f"{sample_id} → {class_name}")
+
+
+def _do_other(sample_id: str) -> None:
+    choice = st.session_state.get("other_class")
+    st.session_state["other_class"] = None
+    if choice:
+        _do_label(sample_id, choice)
+
+
+def _do_skip(sample_id: str) -> None:
+    st.session_state.setdefault("skipped", set()).add(sample_id)
+    front = st.session_state.get("front", [])
+    if sample_id in front:
+        front.remove(sample_id)
+
+
+def _do_undo() -> None:
+    p = state.open_project(NAME)
+    try:
+        undone, _ = loop.undo(p, state.loop_state(p), annotator=_annotator())
+    except SpelerError as exc:
+        state.flash("error", f"{exc}")
+        return
+    if undone is None:
+        state.flash("toast", "Nothing to undo: you have not labeled anything yet.")
+        return
+    now = f"{undone.restored} ({undone.restored_source})" if undone.restored else "no label"
+    state.flash("toast", f"Undid {undone.sample_id} → {undone.label}; it now has {now}.")
+    front = st.session_state.setdefault("front", [])
+    if undone.sample_id not in front:
+        front.insert(0, undone.sample_id)  # show it again first
+    st.session_state.get("skipped", set()).discard(undone.sample_id)
+
+
+def _ink(color: str) -> str:
+    """Black or white text, whichever reads better on ``color`` (#RRGGBB)."""
+    r, g, b = (int(color.lstrip("#")[k:k + 2], 16) / 255 for k in (0, 2, 4))
+    return "#111111" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.6 else "#FFFFFF"
+
+
+def _chip(name: str, color: str, *, small: bool = False) -> str:
+    size = "0.85em" if small else "1.05em"
+    return (f"<span style='background:{color};color:{_ink(color)};padding:1px 8px;"
+            f"border-radius:10px;font-size:{size};font-weight:600'>{html.escape(name)}</span>")
+
+
+def _button_css(names: list[str], colors: dict[str, str]) -> str:
+    """Class colours on the label buttons: a stripe on each, the guess (key 1) filled."""
+    rules = [f".st-key-label_{k + 1} button {{border-left: 7px solid {colors[n]};}}"
+             for k, n in enumerate(names)]
+    if names:
+        c = colors[names[0]]
+        rules.append(f".st-key-label_1 button {{background: {c}; border-color: {c}; color: {_ink(c)};}}"
+                     f".st-key-label_1 button:hover {{filter: brightness(0.92); color: {_ink(c)};}}"
+                     f".st-key-label_1 button p, .st-key-label_1 button span {{color: {_ink(c)};}}")
+    return "<style>" + "".join(rules) + "</style>"
+
+
+def _queue(state_, classes: tuple[str, ...]) -> list:
+    """Suggestions, with samples to show again (after an undo) in front."""
+    cfg = project.config.selection
+    queue = state.suggestions(project, state_, n=cfg.batch, strategy=cfg.strategy)
+    human = state_.human
+    front = [i for i in st.session_state.get("front", [])
+             if human[project.store.sample_index(i)] < 0]
+    st.session_state["front"] = front
+    if not front:
+        return queue
+    res = state_.result
+    extra = []
+    for sid in front:
+        i = project.store.sample_index(sid)
+        order = np.argsort(-np.asarray(res.scores[i]), kind="stable")
+        extra.append(Suggestion(
+            index=i, id=sid, score=float("nan"),
+            reason=st.session_state.get("reasons", {}).get(sid, "you undid its label"),
+            predicted=int(res.labels[i]), runner_up=int(order[1]) if len(order) > 1 else -1,
+            energy=float(res.energy[i]), margin=float(res.margin[i])))
+    return extra + [s for s in queue if s.id not in set(front)]
+
+
+st.title("Label")
+state.show_flash()
+with state.user_error("Run a new round on the Round page if the project changed."):
+    ds = project.data
+    live = state.loop_state(project)
+classes = ds.classes
+colors = state.class_colors(classes)
+job = state.round_job(project)
+if job is not None and job.running:
+    st.info("A round is running; you can keep labeling. Its results replace these suggestions when "
+            "it finishes.", icon=":material/hourglass_top:")
+if live is None:
+    st.info("There are no suggestions yet: they come from a round. Run round 0 first.")
+    st.page_link("views/round.py", label="Go to Round", icon=":material/model_training:")
+    st.stop()
+
+with state.user_error("Check the suggestion settings on the Round page."):
+    queue = _queue(live, classes)
+human_n = int((live.human >= 0).sum())
+if not queue:
+    st.success(f"Nothing left to suggest: all {ds.n} samples have a human label, or you skipped "
+               "the rest. Export the labels, or run another round.")
+    st.button("Undo last label", key="undo", on_click=_do_undo, shortcut="U")
+    st.stop()
+
+sug = queue[0]
+i = int(sug.index)
+st.session_state.setdefault("reasons", {})[sug.id] = sug.reason  # kept for a later undo
+res = live.result
+scores = np.asarray(res.scores[i], dtype=np.float64)
+order = np.argsort(-scores, kind="stable")
+pred = classes[sug.predicted] if sug.predicted >= 0 else None
+runner = classes[sug.runner_up] if sug.runner_up >= 0 else None
+
+st.caption(f"Project **{NAME}** · round {live.round} · {human_n:,} of {ds.n:,} samples labeled by "
+           f"people · {len(queue)} in the queue · keys 1–{min(TOP_KEYS, len(classes))} label, "
+           "S skips, U undoes")
+left, right = st.columns([3, 2], gap="medium")
+
+with left:
+    fig = state.sample_figure(project, i, title="",
+                              color=colors.get(pred, "#444444") if pred else "#444444", height=430)
+    st.plotly_chart(fig, key="main_plot", config={"displaylogo": False})
+
+with right:
+    with st.container(key="current_sample"):
+        st.markdown(f"#### {html.escape(sug.id)}")
+    if pred:
+        runner_txt = f" · runner-up {_chip(runner, colors[runner], small=True)}" if runner else ""
+        st.markdown(f"Propagated guess {_chip(pred, colors[pred])}{runner_txt}",
+                    unsafe_allow_html=True)
+    m1, m2 = st.columns(2)
+    m1.metric("Energy", f"{sug.energy:.2f}", help="lower = better connected to the labeled samples")
+    m2.metric("Margin", f"{sug.margin:.3f}", help="gap between the two best classes; small = boundary")
+    st.caption(f"Why: {sug.reason}")
+
+    top = [classes[k] for k in order[:TOP_KEYS]]
+    st.html(_button_css(top, colors))
+    grid = st.columns(3)
+    for k, name in enumerate(top):
+        grid[k % 3].button(
+            name, key=f"label_{k + 1}", shortcut=str(k + 1), width="stretch",
+            on_click=_do_label, args=(sug.id, name), help=f"label {sug.id} as {name}",
+        )
+    if len(classes) > TOP_KEYS:
+        rest = [classes[k] for k in order[TOP_KEYS:]]
+        st.selectbox("Another class", rest, index=None, key="other_class",
+                     placeholder=f"Search the other {len(rest)} classes…",
+                     on_change=_do_other, args=(sug.id,))
+    a, b = st.columns(2)
+    a.button("Skip", key="skip", shortcut="S", width="stretch", on_click=_do_skip, args=(sug.id,),
+             icon=":material/skip_next:")
+    b.button("Undo", key="undo", shortcut="U", width="stretch", on_click=_do_undo,
+             icon=":material/undo:")
+    with st.expander("Annotator: " + (_annotator() or "not set")):
+        st.text_input("Your name", key="annotator_input", value=_annotator(),
+                      on_change=_set_annotator, help="saved with every label you give")
+
+st.markdown("##### Nearest labeled neighbours")
+nbrs = loop.neighbours(live, i, k=3)
+if not nbrs:
+    st.caption("No labeled samples yet.")
+cur_labels = live.human
+cols = st.columns(3)
+for col, j in zip(cols, nbrs):
+    lab = classes[int(cur_labels[j])]
+    with col:
+        st.markdown(f"{_chip(lab, colors[lab], small=True)} &nbsp; `{ds.ids[j]}`", unsafe_allow_html=True)
+        st.plotly_chart(state.sample_figure(project, j, title="", color=colors[lab], height=280),
+                        key=f"nbr_{j}", config={"displayModeBar": False})

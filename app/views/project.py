@@ -1,0 +1,210 @@
+"""Project page: open a bundled sample or an existing project, or import data; see its classes."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app import state
+from speler.config import Config
+from speler.errors import DataFormatError, ProjectError, SpelerError
+from speler.project import Project, check_name, list_projects
+
+# Larger data: put it on the server and import it by path. (Streamlit's own server.maxUploadSize,
+# 200 MB by default, stops bigger files in the browser already.)
+MAX_UPLOAD_MB = float(os.environ.get("SPELER_MAX_UPLOAD_MB", "200"))
+
+
+def _open_sample(name: str) -> None:
+    from speler.data.samples import load_sample
+
+    r = state.root()
+    try:
+        if name not in list_projects(r):
+            Project.create(r, name, load_sample(name), config=Config(),
+                           meta={"source": f"sample:{name}"}).close()
+        state.select_project(name)
+    except SpelerError as exc:
+        state.flash("error", f"{exc}\n\nThe bundled sample could not be opened; check the installation.")
+
+
+def _pick_project() -> None:
+    name = st.session_state.get("pick_project")
+    if name:
+        state.select_project(name)
+
+
+def _suggest_name(filename: str) -> str:
+    stem = Path(filename).name.split(".")[0]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[:64]
+    return stem or "imported"
+
+
+def _import(source: Path, *, name: str, fmt: str | None, where: str, overwrite: bool) -> None:
+    """Read ``source`` with speler's readers and create project ``name``; errors as st.error."""
+    from speler.formats import read
+
+    check_name(name)
+    r = state.root()
+    if (r / name).exists() and not overwrite:
+        raise ProjectError(f"a project named {name!r} exists already in {r}; pick another name "
+                           "or tick 'Replace an existing project'")
+    bar = st.progress(0.0, text=f"Reading {where}…")
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(min(1.0, done / max(total, 1)), text=f"Reading {where}: {done}/{total}")
+
+    ds = read(source, format=fmt, progress=progress)
+    bar.progress(1.0, text=f"Preprocessing {ds.n} samples and writing the project…")
+    meta = {"source": where}
+    if fmt:
+        meta["format"] = fmt
+    Project.create(r, name, ds, config=Config(), overwrite=overwrite, meta=meta).close()
+    bar.empty()
+    state.select_project(name)
+    state.flash("success", f"Imported {ds.n} samples ({ds.num_classes} classes) into project {name}.")
+    st.rerun()
+
+
+def _import_form(prefix: str, default_name: str) -> tuple[str, str | None, bool]:
+    from speler.formats import DESCRIPTIONS, FORMATS
+
+    c1, c2 = st.columns(2)
+    name = c1.text_input("Project name", value=default_name, key=f"{prefix}_name",
+                         help="letters, digits, '.', '_' or '-'")
+    options = ["detect"] + sorted(FORMATS)
+    fmt = c2.selectbox("Format", options, key=f"{prefix}_format",
+                       format_func=lambda f: "detect from the file" if f == "detect"
+                       else f"{f}: {DESCRIPTIONS.get(f, f)}",
+                       help="pick the reader yourself if detection fails")
+    overwrite = st.checkbox("Replace an existing project of that name", key=f"{prefix}_overwrite")
+    return name.strip(), None if fmt == "detect" else fmt, overwrite
+
+
+def _upload_tab() -> None:
+    up = st.file_uploader(
+        f"Data file (at most {MAX_UPLOAD_MB:g} MB; a .zip for a folder of files)", key="upload",
+        help="any format speler reads (see Format), or a zip of a folder of such files",
+    )
+    name, fmt, overwrite = _import_form("upload", _suggest_name(up.name) if up else "")
+    if not st.button("Import upload", key="upload_go", disabled=up is None, type="primary"):
+        return
+    size_mb = up.size / 2**20
+    if size_mb > MAX_UPLOAD_MB:
+        st.error(f"{up.name} is {size_mb:.1f} MB; uploads are capped at {MAX_UPLOAD_MB:g} MB. "
+                 "Copy the file to the server and import it with 'Server path' instead.")
+        return
+    with tempfile.TemporaryDirectory(prefix="speler-upload-") as tmp:
+        path = Path(tmp) / Path(up.name).name
+        path.write_bytes(up.getbuffer())
+        if path.suffix.lower() == ".zip":
+            folder = Path(tmp) / "unzipped"
+            try:
+                with zipfile.ZipFile(path) as z:
+                    for member in z.namelist():  # no absolute paths or '..' out of the folder
+                        if member.startswith("/") or ".." in Path(member).parts:
+                            raise DataFormatError(f"{up.name}: unsafe path {member!r} in the zip")
+                    z.extractall(folder)
+            except zipfile.BadZipFile as exc:
+                raise DataFormatError(f"{up.name}: not a readable zip ({exc})") from None
+            entries = list(folder.iterdir())
+            path = entries[0] if len(entries) == 1 and entries[0].is_dir() else folder
+        _import(path, name=name, fmt=fmt, where=f"upload:{up.name}", overwrite=overwrite)
+
+
+def _path_tab() -> None:
+    raw = st.text_input("File or folder on the server", key="server_path",
+                        placeholder="/data/ntu/nturgb+d_skeletons")
+    name, fmt, overwrite = _import_form("path", _suggest_name(raw) if raw.strip() else "")
+    if not st.button("Import path", key="path_go", disabled=not raw.strip(), type="primary"):
+        return
+    path = Path(raw.strip()).expanduser()
+    if not path.exists():
+        raise DataFormatError(f"{path}: no such file or folder on the server")
+    _import(path, name=name, fmt=fmt, where=str(path.resolve()), overwrite=overwrite)
+
+
+def _guarded(tab) -> None:
+    try:
+        tab()
+    except SpelerError as exc:
+        state.show_error(exc, "Nothing was imported. Check the file, or pick its format explicitly.")
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        # A reader tripped over the file before it could say why: still the user's file.
+        state.show_error(exc, "Nothing was imported: the file could not be read. "
+                              "Check it, or pick its format explicitly.")
+
+
+def _overview(project: Project) -> None:
+    ds = project.data
+    store = project.store
+    cur = store.current_labels()
+    C = ds.num_classes
+    counts = {src: np.bincount(cur.label[cur.source == src], minlength=C)
+              for src in ("human", "imported", "propagated")}
+    human = np.isin(cur.source, ("human", "imported"))
+    prop = cur.source == "propagated"
+    n_none = int((cur.source == "none").sum())
+    last = store.last_done_round()
+
+    st.subheader(project.name)
+    n, c, t, v, m = ds.shape
+    what = "series" if ds.layout.is_series else f"{ds.layout.name} skeletons ({v} joints, " + (f"up to {m} persons)" if m > 1 else "1 person)")
+    st.caption(f"{what} · {t} frames · source {store.meta.get('source', 'unknown')}")
+    cols = st.columns(5)
+    cols[0].metric("Samples", f"{n:,}")
+    cols[1].metric("Classes", C)
+    cols[2].metric("Labeled", f"{int(human.sum()):,}", help="by people: in the app or imported with the data")
+    cols[3].metric("Propagated", f"{int(prop.sum()):,}")
+    cols[4].metric("Rounds done", 0 if last is None else last + 1)
+    if n_none and last is not None:
+        st.caption(f"{n_none:,} samples have no label at all.")
+    shown = {k: v for k, v in counts.items() if v.any()} or {"human": counts["human"]}
+    st.markdown("**Samples per class** (log scale)")
+    st.plotly_chart(state.class_counts_figure(ds.classes, shown), key="class_counts")
+    with st.expander("Classes as a table"):
+        st.dataframe(pd.DataFrame({"class": ds.classes, **counts}), hide_index=True, width="stretch")
+
+
+st.title("Project")
+state.show_flash()
+left, right = st.columns([2, 3], gap="large")
+
+with left:
+    projects = list_projects(state.root())
+    current = state.current_name()
+    if projects:
+        if st.session_state.get("pick_project") != current:
+            st.session_state["pick_project"] = current
+        st.selectbox("Open a project", projects, key="pick_project", on_change=_pick_project)
+    else:
+        st.info("No projects yet: open a bundled sample or import your data below.")
+
+    from speler.data.samples import list_samples
+
+    st.markdown("**Bundled samples**")
+    for info in list_samples():
+        row = st.columns([4, 1], vertical_alignment="center")
+        row[0].markdown(f"**{info.title}**  \n<span style='font-size:0.85em;color:#666'>"
+                        f"{info.kind} · {info.description}</span>", unsafe_allow_html=True)
+        row[1].button("Open", key=f"sample_{info.name}", on_click=_open_sample, args=(info.name,))
+
+    st.markdown("**Import your data**")
+    tab_up, tab_path = st.tabs(["Upload", "Server path"])
+    with tab_up:
+        _guarded(_upload_tab)
+    with tab_path:
+        _guarded(_path_tab)
+
+with right:
+    if current is not None:
+        project = state.current_project()
+        with state.user_error("The project folder looks damaged; import the data again."):
+            _overview(project)

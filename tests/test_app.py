@@ -1,0 +1,260 @@
+"""The Streamlit app through AppTest, against real projects in a temporary SPELER_HOME.
+
+One round of the bundled sample is trained once per module (through the Round page, with few
+epochs); the tests after it label, skip and undo through the Label page's widgets and check the
+events in the real SQLite store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from speler.project import Project, list_projects
+from speler.store import LabelStore
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN = str(REPO / "app" / "main.py")
+SAMPLE = "synthetic_actions"
+EPOCHS = 2  # a small model is enough to exercise the pages
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """SPELER_HOME for this module (the app reads it on every run)."""
+    path = tmp_path_factory.mktemp("speler_home")
+    old = os.environ.get("SPELER_HOME")
+    os.environ["SPELER_HOME"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SPELER_HOME", None)
+    else:
+        os.environ["SPELER_HOME"] = old
+
+
+def _app() -> AppTest:
+    at = AppTest.from_file(MAIN, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _page(at: AppTest, page: str) -> AppTest:
+    at.switch_page(f"views/{page}.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def _texts(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
+    parts += [e.value for e in at.error] + [e.value for e in at.success] + [e.value for e in at.info]
+    parts += [e.value for e in at.warning]
+    return "\n".join(str(p) for p in parts)
+
+
+@pytest.fixture(scope="module")
+def trained(home):
+    """Open the app (creates the sample project), run round 0 from the Round page, wait for it."""
+    at = _app()
+    assert SAMPLE in list_projects(home)
+    _page(at, "round")
+    at.number_input(key="set_epochs").set_value(EPOCHS)
+    at.button(key="run_round").click().run()
+    assert not at.exception
+    deadline = time.time() + 240
+    with Project.open(home, SAMPLE) as project:
+        while time.time() < deadline:
+            rounds = project.store.rounds()
+            if rounds and rounds[-1].status in ("done", "failed") and _round_job_finished(at):
+                break
+            time.sleep(0.5)
+        rounds = project.store.rounds()
+    at.run()
+    assert rounds and rounds[-1].status == "done", (rounds, _texts(at))
+    return at
+
+
+def _round_job_finished(at: AppTest) -> bool:
+    """The worker thread has returned (the store may say done a moment before)."""
+    from app import state
+
+    jobs, _ = state._jobs()
+    return all(not job.running for job in jobs.values())
+
+
+def _human_events(home: Path):
+    with LabelStore.open(home / SAMPLE / "store.sqlite") as store:
+        return [e for e in store.events() if e.source == "human"]
+
+
+def _current_id(at: AppTest) -> str:
+    heads = [m.value for m in at.markdown if str(m.value).startswith("#### ")]
+    assert heads, _texts(at)
+    return heads[0][5:]
+
+
+# -- before any round ------------------------------------------------------------------------------
+def test_opens_on_bundled_sample_and_every_page_runs(home):
+    at = _app()
+    assert SAMPLE in list_projects(home)
+    assert any(m.label == "Samples" for m in at.metric)
+    assert len(at.get("plotly_chart")) >= 1  # class counts
+    for page in ("round", "label", "diagnostics", "export"):
+        _page(at, page)
+    _page(at, "label")
+    assert "Run round 0 first" in _texts(at)
+    _page(at, "round")
+    assert at.button(key="run_round").label == "Run round 0"
+
+
+def test_bad_upload_shows_error_and_creates_nothing(home):
+    at = _page(_app(), "project")
+    before = list_projects(home)
+    at.file_uploader(key="upload").set_value(("garbage.npz", b"this is not a zip file", "application/zip"))
+    at.run()
+    at.text_input(key="upload_name").input("garbage")
+    at.button(key="upload_go").click().run()
+    assert not at.exception
+    assert at.error, _texts(at)
+    assert "garbage" in at.error[0].value
+    assert list_projects(home) == before
+
+
+def test_upload_over_the_cap_is_refused(home, monkeypatch):
+    monkeypatch.setenv("SPELER_MAX_UPLOAD_MB", "0.001")
+    at = _page(_app(), "project")
+    at.file_uploader(key="upload").set_value(("big.ts", b"#" * 5000, "text/plain"))
+    at.run()
+    at.button(key="upload_go").click().run()
+    assert not at.exception
+    assert at.error and "capped at 0.001 MB" in at.error[0].value
+    assert "big" not in list_projects(home)
+
+
+def test_bad_server_path_shows_error(home):
+    at = _page(_app(), "project")
+    at.text_input(key="server_path").input(str(home / "no" / "such" / "file.skeleton"))
+    at.run()
+    at.button(key="path_go").click().run()
+    assert not at.exception
+    assert at.error and "no such file" in at.error[0].value
+
+
+def test_import_from_server_path(home):
+    path = REPO / "sample_data" / "basicmotions" / "BasicMotions_TRAIN.ts"
+    at = _page(_app(), "project")
+    at.text_input(key="server_path").input(str(path))
+    at.run()
+    at.text_input(key="path_name").input("mine")
+    at.button(key="path_go").click().run()
+    assert not at.exception
+    assert not at.error, at.error[0].value
+    assert "mine" in list_projects(home)
+    assert at.session_state["project"] == "mine"
+    # switching back to the sample through the picker
+    at.selectbox(key="pick_project").select(SAMPLE).run()
+    assert at.session_state["project"] == SAMPLE
+
+
+def test_project_whose_data_belongs_to_another_dataset_shows_error(home):
+    from speler.data.layouts import get_layout
+    from speler.data.schema import SequenceSet
+
+    def small(prefix: str) -> SequenceSet:
+        rng = np.random.default_rng(1)
+        return SequenceSet(x=rng.normal(size=(12, 3, 8, 1, 1)).astype(np.float32),
+                           ids=np.array([f"{prefix}{i}" for i in range(12)]), classes=("a", "b"),
+                           y=np.where(np.arange(12) < 4, np.arange(12) % 2, -1),
+                           layout=get_layout("series"))
+
+    Project.create(home, "swapped", small("s"), preprocess=False).close()
+    small("other").save(home / "swapped" / "data.npz")  # data of another dataset
+    at = _app()
+    at.selectbox(key="pick_project").select("swapped").run()
+    assert not at.exception
+    assert at.error and "fingerprint" in at.error[0].value
+    for page in ("round", "label", "diagnostics", "export"):
+        _page(at, page)
+        assert not at.exception
+    _page(at, "label")
+    assert at.error and "fingerprint" in at.error[0].value
+    _page(at, "project").selectbox(key="pick_project").select(SAMPLE).run()
+    assert not at.error and at.session_state["project"] == SAMPLE
+
+
+# -- after round 0 --------------------------------------------------------------------------------
+def test_round_page_shows_the_finished_round(trained):
+    at = _page(trained, "round")
+    assert at.button(key="run_round").label == "Run round 1"
+    assert any("Round 0 done" in s.value for s in at.success), _texts(at)
+    assert len(at.dataframe) == 1
+
+
+def test_label_click_writes_event_then_undo(trained, home):
+    at = _page(trained, "label")
+    before = _human_events(home)
+    sample = _current_id(at)
+    button = at.button(key="label_1")
+    chosen = button.label
+    button.click().run()
+    assert not at.exception
+    events = _human_events(home)
+    assert len(events) == len(before) + 1
+    assert (events[-1].sample_id, events[-1].label) == (sample, chosen)
+    assert _current_id(at) != sample  # the next suggestion is shown at once
+    with LabelStore.open(home / SAMPLE / "store.sqlite") as store:
+        assert store.human_labels()[store.sample_index(sample)] == store.class_index(chosen)
+
+    at.button(key="undo").click().run()
+    assert not at.exception
+    with LabelStore.open(home / SAMPLE / "store.sqlite") as store:
+        assert store.human_labels()[store.sample_index(sample)] == -1
+        assert any(e.undoes == events[-1].id for e in store.events(sample))
+    assert _current_id(at) == sample  # the undone sample comes back first
+
+
+def test_label_second_class_and_skip(trained, home):
+    at = _page(trained, "label")
+    sample = _current_id(at)
+    at.button(key="skip").click().run()
+    assert _current_id(at) != sample
+    sample = _current_id(at)
+    chosen = at.button(key="label_2").label
+    at.button(key="label_2").click().run()
+    last = _human_events(home)[-1]
+    assert (last.sample_id, last.label) == (sample, chosen)
+
+
+def test_diagnostics_and_export_pages(trained):
+    at = _page(trained, "diagnostics")
+    assert len(at.get("plotly_chart")) >= 2
+    at = _page(trained, "export")
+    keys = {b.key for b in at.get("download_button")}
+    assert {"download_csv", "download_json", "download_npz", "download_pyskl",
+            "download_checkpoint"} <= keys
+    assert len(at.dataframe) == 1
+    n = len(np.asarray(at.dataframe[0].value))
+    with LabelStore.open(Path(os.environ["SPELER_HOME"]) / SAMPLE / "store.sqlite") as store:
+        assert n == store.n
+
+
+def test_cancel_round_keeps_the_previous_one(trained, home):
+    at = _page(trained, "round")
+    at.button(key="run_round").click().run()
+    assert not at.exception
+    at.button(key="cancel_round").click().run()
+    deadline = time.time() + 120
+    while not _round_job_finished(at) and time.time() < deadline:
+        time.sleep(0.3)
+    at.run()
+    assert any("cancelled" in w.value for w in at.warning), _texts(at)
+    with Project.open(home, SAMPLE) as project:
+        assert project.store.last_done_round() == 0
+        assert project.latest_round() == 0
+        assert project.store.rounds()[-1].status == "failed"
+    assert at.button(key="run_round").label == "Run round 1"
