@@ -263,7 +263,9 @@ def _save_propagation(path: Path, state: LoopState) -> None:
     arrays = {"human": state.human}
     for name, r in [("combined", state.result)] + [(b, state.branch_results[b]) for b in BRANCHES]:
         for f in dataclasses.fields(r):
-            arrays[f"{name}.{f.name}"] = np.asarray(getattr(r, f.name))
+            value = getattr(r, f.name)
+            if value is not None:  # optional fields left unset are not stored (no object arrays)
+                arrays[f"{name}.{f.name}"] = np.asarray(value)
     for b in BRANCHES:
         arrays[f"{b}.knn_indices"] = state.graphs[b].indices
         arrays[f"{b}.knn_sims"] = state.graphs[b].sims
