@@ -22,7 +22,7 @@ st.set_page_config(page_title="SpeLER", page_icon=":material/label:", layout="wi
 
 # Not "pages/": that folder name switches Streamlit to its legacy multipage mode, where a deep link
 # such as /label runs the page without this script.
-_VIEWS = Path(__file__).parent / "views"
+_VIEWS = Path(__file__).resolve().parent / "views"
 pages = [
     st.Page(_VIEWS / "project.py", title="Project", icon=":material/folder_open:", default=True),
     st.Page(_VIEWS / "round.py", title="Round", icon=":material/model_training:"),
@@ -37,10 +37,9 @@ st.html("""<style>
                                       padding-left: 2.5rem; padding-right: 2.5rem;}
 h1 {font-size: 2rem !important; padding-top: 0.2rem !important;}
 h2 {font-size: 1.35rem !important;}
-section[data-testid="stMain"]:focus, section[data-testid="stMain"]:focus-visible {outline: none;}
+[data-testid="stMain"]:focus::before {box-shadow: none !important;}  /* no frame after a click */
 </style>""")
 
-with state.user_error("The bundled sample could not be set up; check the installation."):
-    state.ensure_default_project()
+state.ensure_default_project()
 
 page.run()

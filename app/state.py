@@ -4,8 +4,8 @@
 - Cached opens and figures, keyed on project and round (``st.cache_resource`` / ``st.cache_data``).
 - The round runner: a round trains in a worker thread so the page stays responsive and shows a
   progress bar per stage; Cancel sets an event that ``speler.loop.run_round``'s ``cancel`` reads.
-  Jobs live in a process-wide registry (one per project), so a round keeps running when the person
-  switches pages, and every session sees it.
+  Jobs (rounds, simulations) live in a process-wide registry, one per project and kind, so a round
+  keeps running when the person switches pages, and every session sees it.
 - ``user_error``: a ``SpelerError`` becomes ``st.error`` with what to do; nothing is lost.
 """
 
@@ -69,30 +69,38 @@ def open_project(name: str) -> Project:
 
 
 def ensure_default_project() -> None:
-    """On first start, create the bundled sample's project if it is missing (once per session)."""
+    """On first start, create the bundled sample's project if it is missing (once per session).
+    A failure is shown with st.error; the pages still run, so data can be imported instead."""
     if st.session_state.get("_default_checked"):
         return
-    r = root()
-    with _create_lock:
-        if DEFAULT_SAMPLE not in list_projects(r):
-            from speler.data.samples import load_sample
-
-            with st.spinner(f"Creating project {DEFAULT_SAMPLE} from the bundled sample…"):
-                ds = load_sample(DEFAULT_SAMPLE)
-                Project.create(r, DEFAULT_SAMPLE, ds, config=Config(),
-                               meta={"source": f"sample:{DEFAULT_SAMPLE}"}).close()
     st.session_state["_default_checked"] = True
-    st.session_state.setdefault("project", DEFAULT_SAMPLE)
+    r = root()
+    try:
+        with _create_lock:
+            if DEFAULT_SAMPLE not in list_projects(r):
+                from speler.data.samples import load_sample
+
+                with st.spinner(f"Creating project {DEFAULT_SAMPLE} from the bundled sample…"):
+                    ds = load_sample(DEFAULT_SAMPLE)
+                    Project.create(r, DEFAULT_SAMPLE, ds, config=Config(),
+                                   meta={"source": f"sample:{DEFAULT_SAMPLE}"}).close()
+    except SpelerError as exc:
+        show_error(exc, "The bundled sample could not be set up (check the installation); "
+                        "you can still import your own data on the Project page.")
 
 
 def current_name() -> str | None:
-    """Name of the project this session works on; falls back to the default or the first one."""
-    name = st.session_state.get("project")
+    """Name of the project this session works on: the session's choice, else the one in the URL
+    (``?project=``, so a reload or a shared link keeps it), else the default or the first one."""
     known = list_projects(root())
-    if name in known:
-        return name
-    name = DEFAULT_SAMPLE if DEFAULT_SAMPLE in known else (known[0] if known else None)
-    st.session_state["project"] = name
+    name = st.session_state.get("project")
+    if name not in known:
+        asked = st.query_params.get("project")
+        name = asked if asked in known else (
+            DEFAULT_SAMPLE if DEFAULT_SAMPLE in known else (known[0] if known else None))
+        st.session_state["project"] = name
+    if name is not None and st.query_params.get("project") != name:
+        st.query_params["project"] = name
     return name
 
 
@@ -112,8 +120,19 @@ def select_project(name: str) -> None:
     """Switch this session to project ``name`` and forget per-project session state."""
     if st.session_state.get("project") != name:
         st.session_state["project"] = name
-        for key in ("skipped", "queue", "flash"):
+        st.query_params["project"] = name
+        for key in ("skipped", "queue", "front", "reasons"):
             st.session_state.pop(key, None)
+
+
+def title(text: str, project: Project | None = None) -> None:
+    """The page title, with the open project and its last round underneath."""
+    st.title(text)
+    if project is not None:
+        last = project.store.last_done_round()
+        rounds = "no round yet" if last is None else f"last round {last}"
+        st.caption(f"Project **{project.name}** · {project.store.n:,} samples · "
+                   f"{len(project.store.classes)} classes · {rounds}")
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -205,8 +224,9 @@ def _sample_figure(key: tuple[str, int], index: int, title: str, color: str, hei
     x = ds.x[index]
     length = int(ds.lengths[index])
     if ds.layout.is_series:
-        return series_figure(x, list(ds.channels), title=title, length=length, height=height,
-                             fps=ds.fps or None)
+        # x axis in frames: after resampling to config.preprocess.frames, ds.fps no longer
+        # matches the frame spacing, so seconds would be wrong
+        return series_figure(x, list(ds.channels), title=title, length=length, height=height)
     return skeleton_animation(x, ds.layout, title=title, color=color, length=length, height=height,
                               fps=ds.fps or 30.0, channels=list(ds.channels))
 
@@ -220,7 +240,9 @@ def class_counts_figure(classes: tuple[str, ...], counts: dict[str, np.ndarray])
     """Stacked per-class bars (log scale) of the label sources in ``counts``."""
     from speler.viz import class_counts_figure as _figure
 
-    return _figure(list(classes), counts, log=True, title="")
+    fig = _figure(list(classes), counts, log=True, title="")
+    fig.update_layout(showlegend=True)  # name the source even when there is only one
+    return fig
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -255,7 +277,11 @@ def curves_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], *,
                   y_title: str = "score on unlabeled samples"):
     from speler.viz import curves_figure as _figure
 
-    return _figure(curves, y_title=y_title, x_title="human labels", title="")
+    fig = _figure(curves, y_title=y_title, x_title="human labels", title="")
+    xs = [x for v in curves.values() for x in v[0]]
+    if xs and max(xs) - min(xs) < 10:  # label counts are whole numbers: no 50.5 ticks
+        fig.update_xaxes(dtick=1)
+    return fig
 
 
 def labels_hash(labels: np.ndarray) -> str:

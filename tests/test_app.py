@@ -258,3 +258,23 @@ def test_cancel_round_keeps_the_previous_one(trained, home):
         assert project.latest_round() == 0
         assert project.store.rounds()[-1].status == "failed"
     assert at.button(key="run_round").label == "Run round 1"
+
+
+def test_simulation_from_diagnostics(trained, home):
+    at = _page(trained, "diagnostics")
+    at.button(key="sim_run").click().run()
+    assert not at.exception
+    assert at.button(key="sim_cancel")  # running: the page offers to cancel
+    deadline = time.time() + 240
+    while not _round_job_finished(at) and time.time() < deadline:
+        time.sleep(0.5)
+    at.run()
+    assert not at.exception and not at.error, _texts(at)
+    import json
+
+    saved = json.loads((home / SAMPLE / "exports" / f"{SAMPLE}-simulation.json").read_text())
+    from speler.selection import STRATEGIES
+
+    assert set(saved["curves"]) == set(STRATEGIES)
+    assert all(rows[-1]["labels"] > rows[0]["labels"] for rows in saved["curves"].values())
+    assert "Mean macro-F1 over the rounds" in _texts(at)

@@ -17,13 +17,13 @@ from speler.metrics import label_quality
 
 project = state.current_project()
 
-st.title("Diagnostics")
+state.title("Diagnostics", project)
 state.show_flash()
 with state.user_error("Run a new round on the Round page if the project changed."):
     ds = project.data
     live = state.loop_state(project)
 if live is None:
-    st.info("Diagnostics need a round: run round 0 first.")
+    st.info(f"Diagnostics need a round of project {project.name}: run round 0 first.")
     st.page_link("views/round.py", label="Go to Round", icon=":material/model_training:")
     st.stop()
 
@@ -113,26 +113,23 @@ with bottom_left:
     st.subheader("Label quality vs human labels")
     tab_rounds, tab_sim = st.tabs(["This project", "Simulated strategies"])
     with tab_rounds:
-        points = []
+        points = {}  # human labels -> quality; the live state last, so it wins a tie
         for r in project.store.rounds():
             m = r.metrics or {}
             q = (m.get("quality") or {}).get("propagated")
-            if r.status == "done" and q:
-                points.append({"source": "after rounds", "labels": m.get("human_labels"), **q})
+            if r.status == "done" and q and m.get("human_labels") is not None:
+                points[int(m["human_labels"])] = q
         if ds.y_true is not None:
-            q = label_quality(ds.y_true, res.labels, num_classes=ds.num_classes, mask=live.human < 0)
-            points.append({"source": "now", "labels": int((live.human >= 0).sum()), **q})
+            points[int((live.human >= 0).sum())] = label_quality(
+                ds.y_true, res.labels, num_classes=ds.num_classes, mask=live.human < 0)
         if points:
-            table = pd.DataFrame(points)
-            curves = {
-                f"{metric} ({src})": (g["labels"].to_numpy(), g[metric].to_numpy())
-                for src, g in table.groupby("source", sort=False)
-                for metric in ("accuracy", "macro_f1")
-            }
+            xs = sorted(points)
+            curves = {name: (xs, [points[x][metric] for x in xs])
+                      for name, metric in (("accuracy", "accuracy"), ("macro-F1", "macro_f1"))}
             st.plotly_chart(state.curves_figure(curves), key="curves")
-            st.caption("Propagated labels of the samples nobody labeled, scored against the "
-                       "held-out truth the dataset carries (evaluation only; never used for "
-                       "training).")
+            st.caption("Propagated labels of the samples nobody labeled, after each round and now, "
+                       "scored against the held-out truth the dataset carries (evaluation only; "
+                       "never used for training).")
         else:
             st.info("This dataset carries no held-out truth, so label quality cannot be measured "
                     "here.")

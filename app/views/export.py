@@ -40,7 +40,7 @@ def _export_bytes(fmt: str):
     return make
 
 
-st.title("Export")
+state.title("Export", project)
 with state.user_error("Run a new round on the Round page if the project changed."):
     live = state.loop_state(project)
     table = label_table(project, propagation=None if live is None else live.result)

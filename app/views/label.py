@@ -131,7 +131,7 @@ if job is not None and job.running:
     st.info("A round is running; you can keep labeling. Its results replace these suggestions when "
             "it finishes.", icon=":material/hourglass_top:")
 if live is None:
-    st.info("There are no suggestions yet: they come from a round. Run round 0 first.")
+    st.info(f"Project {NAME} has no suggestions yet: they come from a round. Run round 0 first.")
     st.page_link("views/round.py", label="Go to Round", icon=":material/model_training:")
     st.stop()
 

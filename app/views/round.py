@@ -98,7 +98,7 @@ def _outcome(job: state.Job) -> None:
         st.page_link("views/label.py", label="Label the suggestions", icon=":material/label:")
 
 
-st.title("Round")
+state.title("Round", project)
 state.show_flash()
 left, right = st.columns([2, 3], gap="large")
 
@@ -145,7 +145,7 @@ with right:
                 "accuracy": q.get("accuracy"), "macro-F1": q.get("macro_f1"),
                 "tail recall": q.get("tail_recall"),
                 "seconds": m.get("seconds"), "finished": (r.finished or "")[:19].replace("T", " "),
-                "note": r.reason or "",
+                "note": r.reason or None,
             })
         table = pd.DataFrame(rows)
         st.dataframe(table.dropna(axis=1, how="all"), hide_index=True, width="stretch",

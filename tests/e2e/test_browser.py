@@ -30,10 +30,17 @@ def _goto(page, name: str) -> None:
     _idle(page)
 
 
-def _shot(page, name: str) -> None:
+def _shot(page, name: str, *, bottom: bool = False) -> None:
+    """The viewport (1280×800) as the person sees it; with ``bottom`` also scrolled to the end."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.wait_for_timeout(600)  # let plots finish drawing
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+    if bottom:  # the page scrolls inside Streamlit's main element, not the document
+        main = page.locator('[data-testid="stMain"]')
+        main.evaluate("e => e.scrollTo(0, e.scrollHeight)")
+        page.wait_for_timeout(600)
+        page.screenshot(path=str(SCREENSHOTS / f"{name}-bottom.png"))
+        main.evaluate("e => e.scrollTo(0, 0)")
 
 
 CURRENT = ".st-key-current_sample h4"
@@ -50,7 +57,7 @@ def test_round_label_undo_export(app_server, page):
     page.get_by_role("heading", name="Project", exact=True).wait_for(timeout=120_000)
     _idle(page, timeout=120_000)
     expect(page.get_by_text("Samples per class")).to_be_visible()
-    _shot(page, "project")
+    _shot(page, "project", bottom=True)
 
     with Project.open(app_server.home, SAMPLE) as project:
         imported = int((project.store.human_labels() >= 0).sum())
@@ -83,7 +90,7 @@ def test_round_label_undo_export(app_server, page):
             before, timeout=30_000)
         _idle(page)
         labeled.append(before)
-    _shot(page, "label")
+    _shot(page, "label", bottom=True)
     heading.click()
     page.keyboard.press("u")
     expect(page.locator(CURRENT).first).to_have_text(labeled[-1],
@@ -98,7 +105,7 @@ def test_round_label_undo_export(app_server, page):
 
     _goto(page, "Diagnostics")
     page.wait_for_timeout(1500)
-    _shot(page, "diagnostics")
+    _shot(page, "diagnostics", bottom=True)
 
     # Export CSV and check its rows
     _goto(page, "Export")
