@@ -32,6 +32,9 @@ def test_preprocess_shape_centre_and_padding_ignored():
     ds = _skeleton()
     out = preprocess(ds, PreprocessConfig(frames=16, persons=1, align_view=False))
     assert out.x.shape == (4, 3, 16, 25, 1)
+    assert out.fps == 0.0  # unknown stays unknown
+    timed = preprocess(ds.replace(fps=30.0), PreprocessConfig(frames=16, persons=1, align_view=False))
+    assert timed.fps == pytest.approx(30.0 * 16 / np.median(ds.lengths))
     np.testing.assert_array_equal(out.lengths, 16)
     # centre joint of the first frame is the origin
     np.testing.assert_allclose(out.x[:, :, 0, NTU25.center[0], 0], 0, atol=1e-6)

@@ -38,7 +38,10 @@ def preprocess(ds: SequenceSet, config: PreprocessConfig = PreprocessConfig()) -
         if config.align_view and len(coord) == 3:
             x = _align(x, ds.layout, coord)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    return ds.replace(x=x, lengths=np.full(ds.n, config.frames, dtype=np.int64))
+    # Resampling changes the frame rate per sample; keep the typical one so playback and time
+    # axes show roughly real seconds.
+    fps = float(ds.fps * config.frames / max(1.0, float(np.median(lengths)))) if ds.fps > 0 else 0.0
+    return ds.replace(x=x, lengths=np.full(ds.n, config.frames, dtype=np.int64), fps=fps)
 
 
 def resample(x: np.ndarray, lengths: np.ndarray, frames: int) -> np.ndarray:
