@@ -39,7 +39,8 @@ def test_exact_knn_equals_brute_force():
     g = build_knn(x, config=GraphConfig(index="flat", use_gpu=False), k=9)
     idx, sims = _brute_force(x.astype(np.float64), 9)
     assert g.method == "flat" and g.recall is None
-    assert g.indices.dtype == np.int64 and g.sims.dtype == np.float32 and g.indices.shape == (400, 9)
+    assert g.indices.dtype == np.int64 and g.sims.dtype == np.float32
+    assert g.indices.shape == (400, 9)
     np.testing.assert_allclose(g.sims, sims, atol=1e-5)
     # same neighbour sets (order may differ only among exact ties, which random data does not have)
     assert (np.sort(g.indices, axis=1) == np.sort(idx, axis=1)).mean() == 1.0
@@ -91,7 +92,8 @@ def test_k_at_least_n_is_lowered_with_a_warning(caplog):
 def test_non_finite_embeddings_are_rejected(bad):
     x = np.ones((5, 3))
     x[3, 1] = bad
-    with pytest.raises(DataFormatError, match="1 embedding rows contain NaN or infinite values .*row 3"):
+    with pytest.raises(DataFormatError,
+                       match="1 embedding rows contain NaN or infinite values .*row 3"):
         build_knn(x, k=2)
 
 

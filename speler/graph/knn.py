@@ -137,7 +137,8 @@ def affinity(graph: KnnGraph, *, gamma: float = 3.0) -> sp.csr_matrix:
     n, k = graph.indices.shape
     rows = np.repeat(np.arange(n, dtype=np.int64), k)
     cols = graph.indices.reshape(-1).astype(np.int64, copy=False)
-    vals = np.maximum(graph.sims.reshape(-1).astype(np.float32, copy=False), 0.0) ** np.float32(gamma)
+    sims = graph.sims.reshape(-1).astype(np.float32, copy=False)
+    vals = np.maximum(sims, 0.0) ** np.float32(gamma)
     keep = (cols >= 0) & (cols != rows) & (vals > 0)
     rows, cols, vals = rows[keep], cols[keep], vals[keep] * np.float32(0.5)
     a = sp.csr_matrix((vals, (rows, cols)), shape=(n, n), dtype=np.float32)

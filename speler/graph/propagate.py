@@ -1,48 +1,59 @@
 """Spectral-balanced label propagation, propagation energy and pseudo-label reliability.
 
-Pipeline (``propagate``), all on a sparse affinity W (see ``knn.affinity``), never an n×n dense matrix:
+Pipeline (``propagate``), all on a sparse affinity W (``knn.affinity``), never an n×n dense matrix:
 
-1. Seeds ``Y``: one-hot rows for human-labeled samples, zero rows elsewhere. Seeds are *not* divided
-   by the class size |L_c|: the class prior is corrected in exactly one place (the energy, step 5),
-   and the balance (step 3) acts on the graph. Dividing the seeds by |L_c| on top of the balance
-   corrects for the prior twice; on the real sets that assigned 26 % of the samples to classes that
-   are 3 % of them (benchmarks/ablation_propagation.py).
-2. Class proportions ``p`` (``prior``): ``p_c = (#human labels of c + #unlabeled samples predicted c)
-   / n``. Predictions are the caller's (``predictions``, e.g. the model's), else those of the
-   previous solution (``warm_start``), else those of a first, unbalanced propagation. True labels of
-   unlabeled samples never enter; each count enters once. Classes with no count get half a sample.
-3. Spectral balance ``ŵ_ij = w_ij (p_c(i) p_c(j))^-1/2``. ``p_c(i)`` is the proportion of sample
-   i's class: its human label, else its predicted class. When the prediction comes from a
-   propagation, the class is taken softly, ``p_c(i) = exp(Σ_c P_ic log p_c)`` with P the row-
-   normalised scores, so a sample the first pass cannot place gets a neutral weight instead of a
-   confident wrong one. Then ``S = D̂^-1/2 Ŵ D̂^-1/2``; a sample without edges keeps a zero row.
-4. ``(I - α S) M = (1 - α) Y`` for all classes at once by conjugate gradient on the block of C
-   columns (one sparse × dense-block product per iteration, converged columns drop out), from
-   ``warm_start`` when given. Not reaching ``tol`` in ``max_iter`` iterations is a warning and
-   ``converged=False``, not an error. Labels: ``argmax_c M_ic`` for unlabeled samples, the human
-   label for labeled ones; a sample no seed reaches (all-zero row) gets the most frequent class
-   of ``p``, margin 0, energy 0 and is never reliable.
-5. Energy, scale-robust, with the prior removed exactly once. The paper writes
-   ``E_i = -logsumexp_j(M_ij / p_j)``: dividing column j by p_j puts the classes on one footing. But
-   how large class j's scores are depends on how much seed mass it has (|L_j|, and whether the seeds
-   were divided by it) and on how many samples share that mass, and the paper's scale (τ̂ = -9.5)
-   depends on α and the graph. So each column is divided by its own typical value instead:
-   ``s_j`` = median of ``M_ij`` over the unlabeled samples predicted j (over j's human labels when
-   there are none), ``u_ij = M_ij / s_j``: a typical member of any class has u = 1 for its class,
-   whatever the class prior, the seed normalisation or the scale of M. A per-class rescaling of
-   the seeds cannot correct the prior a second time (u is invariant to it). Then
-   ``ℓ_i = logsumexp_j(10 u_ij) - log C`` (≥ 0; 0 for a sample no seed reaches; 10 makes it close
-   to a soft maximum) and ``E_i = -10 ℓ_i / median ℓ`` over the reached unlabeled samples: E = 0 is
-   "no connection", E = -10 the median unlabeled sample, lower = more reliable. Multiplying the
-   embeddings, W, M or any column of M by a positive factor leaves E unchanged. On this scale the
-   paper's τ̂ = -9.5 means: a sample of the largest class must be about as well connected as the
-   median sample. (Measured in benchmarks/ablation_propagation.py: ranking by M/p, the paper's
-   correction, puts the samples near rare seeds first and picked pseudo-labels less precisely than
-   chance there; the per-class scale does clearly better, the margin better still.)
-6. Thresholds ``τ_c = τ̂ · I(n_c / max_k n_k)``, ``I(v) = v / (2 - v)``, with n_c the number of
-   samples labeled or predicted c; reliable = unlabeled, reached by some seed and
-   ``E_i ≤ τ_{label_i}``. Loss weights ``ω_i = max(0, -E_i) / max_{reliable} max(0, -E)`` for
-   reliable samples, 0 otherwise (the trainer may renormalise per batch, as the paper does).
+1. Seeds ``Y``: one-hot rows for the human labels, zero rows elsewhere, *not* divided by the class
+   size |L_c| (as Iscen et al. do): with the balance on top that corrects the prior twice; on the
+   real sets it put 25 % of the samples into classes that hold 3 % of them.
+2. Class proportions ``p`` (``prior``): ``p_c = (#human labels of c + #unlabeled samples predicted
+   c) / n``. Predictions are the caller's (``predictions``, e.g. the model's), else those of
+   ``warm_start``, else those of a first, unbalanced propagation (solved to ``FIRST_PASS_TOL``: only
+   its classes are used). True labels of unlabeled samples never enter; each count enters once.
+   A class with no count gets half a sample.
+3. Spectral balance ``ŵ_ij = w_ij (p_c(i) p_c(j))^-1/2``, then ``S = D̂^-1/2 Ŵ D̂^-1/2`` (a sample
+   without edges keeps a zero row). ``p_c(i)``: the human label's p, else the predicted class's;
+   a prediction that comes from a propagation is taken softly, ``p_c(i) = exp(Σ_c P_ic log p_c)``
+   with P the row-normalised scores, so a sample the first pass cannot place gets a neutral
+   weight rather than a confidently wrong one.
+4. ``(I - α S) M = (1 - α) Y`` for all classes at once: conjugate gradient on the block of C
+   columns, one sparse × dense-block product per iteration, converged columns leave the block;
+   from ``warm_start`` when given. From 20k samples everything runs on the graph renumbered in
+   reverse Cuthill-McKee order (computed once per graph object and cached): about 2x faster
+   products, and the single-column products of a warm start stop being latency-bound. Not
+   reaching ``tol`` within ``max_iter`` is a warning and ``converged=False``. Labels:
+   ``argmax_c M_ic`` (human label where given); a sample no seed reaches gets the most frequent
+   class of p, margin 0, energy 0 and is never reliable.
+5. Energy, scale-robust, prior removed once. The paper's ``E_i = -logsumexp_j(M_ij / p_j)``
+   depends on the scale of M (α, the graph: its τ̂ = -9.5 has no fixed meaning) and on how the
+   seeds were scaled. Here each column is divided by its own typical value, ``s_j`` = median of
+   ``M_ij`` over the unlabeled samples predicted j (over j's human labels when there are none):
+   ``u_ij = M_ij / s_j`` is 1 for a typical member of any class, whatever its prior, its seed
+   count or seed scaling, so the prior is removed exactly once and cannot be removed again. Then
+   ``ℓ_i = logsumexp_j(10 u_ij) - log C`` (≥ 0; 0 for a sample no seed reaches) and
+   ``E_i = -10 ℓ_i / median ℓ`` over the reached unlabeled samples: E = 0 means no connection,
+   E = -10 is the median unlabeled sample, lower = more reliable. Multiplying the embeddings, W,
+   M or any column of M by a positive number changes no energy; τ̂ = -9.5 then asks a sample of
+   the largest class to be about as well connected as the median sample.
+6. Thresholds ``τ_c = τ̂ · I(n_c / max_k n_k)``, ``I(v) = v / (2 - v)``, n_c = samples labeled or
+   predicted c; reliable = unlabeled, reached and ``E_i ≤ τ_{label_i}``; loss weights
+   ``ω_i = max(0, -E_i) / max_{reliable} max(0, -E)`` on reliable samples, else 0 (the trainer
+   may renormalise per batch, as the paper does).
+
+Why these choices (benchmarks/ablation_propagation.py: MSR Action3D, UTKinect, NATOPS, Epilepsy,
+BasicMotions, plain features, π ∈ {10, 50}, 5 / 10 % labels, 5 seeds; macro-F1 on unlabeled):
+- Plain LP with the paper's α = 0.99 (0.26) loses to LabelSpreading (0.41) because at α → 1 the
+  solution is dominated by the top eigenvector of S, whose weight per class is the seed count:
+  every weakly connected sample goes to the class with most seeds (rare share 1 % for 3 % true).
+  α = 0.8 keeps propagation local enough (0.44 plain); γ = 3 beats γ = 1 (0.44 vs 0.41); k = 20.
+- The balance boosts the classes the propagation predicts less often. It helps where the
+  propagation under-predicts them (α ≥ 0.8, and on the synthetic long tail of
+  benchmarks/propagation.py), and is neutral to slightly harmful at α ≤ 0.7 here, because with a
+  minimum of one label per class these small sets give the rare classes 2-10x their share of
+  seeds, so plain LP already over-predicts them. Default (α = 0.8, balanced) 0.453 vs plain 0.443
+  vs LabelSpreading 0.407.
+- Energy ranking: M / p puts samples near rare seeds first; picking pseudo-labels by it was no
+  better than taking all of them (precision 0.52 for 0.53 overall), with seeds divided by |L_c| as
+  well 0.31. The per-class scale does better (0.56); the margin better still (0.58).
 
 ``combine`` merges the time- and frequency-branch results (see its docstring).
 """
@@ -53,7 +64,8 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -65,9 +77,9 @@ from speler.errors import ConfigError, DataFormatError, LabelError
 logger = logging.getLogger(__name__)
 
 ENERGY_MEDIAN = -10.0  # energy of the median unlabeled sample (the scale of τ̂)
-_SHARPNESS = 10.0
+_SHARPNESS = 10.0  # u is multiplied by this inside logsumexp: close to a max, not a plain sum
 FIRST_PASS_TOL = 1e-3  # relative residual of the unbalanced pass that supplies predictions
-_REORDER_MIN_N = 20_000  # below this the dense block fits in cache anyway  # u / s is multiplied by this inside logsumexp: close to max, not a plain sum
+_REORDER_MIN_N = 20_000  # below this the dense block fits in cache anyway
 
 
 class PropagationWarning(UserWarning):
@@ -96,6 +108,7 @@ class PropagationResult:
         whose seeds changed.
     balance_weights: float32 (n,), node weights p_c(i)^-1/2 of the balance (1 without balance);
         passing this result as ``warm_start`` reuses them.
+    solve_seconds: wall time of the conjugate-gradient loop of the final solve.
     seconds: wall time of the whole call; tau_hat: τ̂ used for the thresholds.
     """
 
@@ -117,6 +130,7 @@ class PropagationResult:
     tau_hat: float = -9.5
     products: int = 0
     balance_weights: np.ndarray | None = None
+    solve_seconds: float = 0.0
 
     @property
     def normalized(self) -> np.ndarray:
@@ -156,6 +170,7 @@ def propagate(
     ConfigError for invalid settings.
     """
     start = time.perf_counter()
+    original = W
     W = _validated_graph(W)
     n = W.shape[0]
     labels = _validated_labels(labels, n, num_classes)
@@ -178,7 +193,22 @@ def propagate(
                 f"propagate: warm_start must be a finite array of shape {(n, C)}, got "
                 f"{warm_start.shape}"
             )
-    return _propagate(W, labels, C, config, prior, predictions, warm_start, progress, start)
+    if not (config.reorder and n >= _REORDER_MIN_N):
+        return _propagate(W, labels, C, config, prior, predictions, warm_start, progress, start)
+    # everything runs on the graph renumbered for locality; the answer is numbered back
+    order, Wp = _cached_order(original, W)
+    del W
+    if isinstance(warm_start, PropagationResult):
+        warm_start = replace(warm_start, scores=warm_start.scores[order],
+                             balance_weights=warm_start.balance_weights[order])
+    elif warm_start is not None:
+        warm_start = warm_start[order]
+    result = _propagate(Wp, labels[order], C, config, prior,
+                        None if predictions is None else predictions[order], warm_start,
+                        progress, start)
+    result = _numbered_back(result, order)
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def combine(time_result: PropagationResult, freq_result: PropagationResult) -> PropagationResult:
@@ -201,7 +231,8 @@ def combine(time_result: PropagationResult, freq_result: PropagationResult) -> P
             a.labels[a.labeled], b.labels[b.labeled]):
         raise LabelError("combine: the branches were propagated from different human labels")
     if a.tau_hat != b.tau_hat:
-        raise ConfigError(f"combine: the branches used different tau_hat ({a.tau_hat}, {b.tau_hat})")
+        raise ConfigError(
+            f"combine: the branches used different tau_hat ({a.tau_hat}, {b.tau_hat})")
     C = a.scores.shape[1]
     scores = 0.5 * (_row_normalize(a.scores) + _row_normalize(b.scores))
     human = a.labeled
@@ -280,7 +311,9 @@ def normalized_operator(W: sp.csr_matrix, node_weights: np.ndarray | None = None
     return S
 
 
-def energy_from_scores(scores: np.ndarray, labels: np.ndarray, *, labeled: np.ndarray) -> np.ndarray:
+def energy_from_scores(
+    scores: np.ndarray, labels: np.ndarray, *, labeled: np.ndarray
+) -> np.ndarray:
     """Scale-robust propagation energy (float32 (n,)); see the module docstring, step 5.
 
     scores: M (n, C); labels: int (n,) human or predicted class (-1 = none); labeled: bool (n,).
@@ -295,14 +328,20 @@ def energy_from_scores(scores: np.ndarray, labels: np.ndarray, *, labeled: np.nd
     if C == 0 or n == 0:
         return energy.astype(np.float32)
     inv = np.zeros(C)
-    for c in range(C):
-        members = labels == c
-        for group in (members & ~labeled, members & labeled):
-            vals = M[group, c]
-            vals = vals[vals > 0]
-            if vals.size:
-                inv[c] = 1.0 / float(np.median(vals))
-                break
+    valid = labels >= 0
+    picked = np.zeros(C, dtype=bool)
+    for group in (valid & ~labeled, valid & labeled):  # unlabeled members first, else human
+        rows = np.flatnonzero(group)
+        vals = M[rows, labels[rows]]
+        cls = labels[rows]
+        keep = (vals > 0) & ~picked[cls]
+        vals, cls = vals[keep], cls[keep]
+        order = np.lexsort((vals, cls))
+        vals, cls = vals[order], cls[order]
+        bounds = np.searchsorted(cls, np.arange(C + 1))
+        for c in np.flatnonzero(bounds[1:] > bounds[:-1]):
+            inv[c] = 1.0 / float(np.median(vals[bounds[c]:bounds[c + 1]]))
+            picked[c] = True
     u = M * inv[None, :]
     live = u.max(axis=1) > 0
     if not live.any():
@@ -334,7 +373,6 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
     lab = labels >= 0
     B = np.zeros((n, C), dtype=np.float32)
     B[lab, labels[lab]] = 1.0 - config.alpha
-    order = _locality_order(W) if config.reorder and n >= _REORDER_MIN_N else None
     first_iters = 0
     X0 = warm_start.scores if isinstance(warm_start, PropagationResult) else warm_start
     w = None
@@ -346,14 +384,14 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
             if prior is None:
                 prior = warm_start.prior.astype(np.float64)
         else:
-            w, prior, M0, first_iters = _balance(W, labels, C, config, prior, predictions, X0, B,
-                                                 order)
+            w, prior, M0, first_iters = _balance(W, labels, C, config, prior, predictions, X0, B)
             if X0 is None:
                 X0 = M0
             del M0
     S = normalized_operator(W, w)
-    M, iters, converged, residual, products = _solve(S, B, config, X0, progress, "propagation",
-                                                     order=order)
+    t_solve = time.perf_counter()
+    M, iters, converged, residual, products = _block_cg(S, B, config, X0, progress, "propagation")
+    t_solve = time.perf_counter() - t_solve
     del S
     connected = M.max(axis=1) > 0 if C else np.zeros(n, dtype=bool)
     connected |= lab
@@ -373,6 +411,7 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
         seconds=time.perf_counter() - start, first_pass_iterations=first_iters,
         tau_hat=float(config.tau_hat), products=products,
         balance_weights=(np.ones(n) if w is None else w).astype(np.float32),
+        solve_seconds=t_solve,
     )
 
 
@@ -399,11 +438,11 @@ def spectral_balance(
     lab = labels >= 0
     B = np.zeros((W.shape[0], C), dtype=np.float32)
     B[lab, labels[lab]] = 1.0 - config.alpha
-    w, p, _, _ = _balance(W, labels, C, config, prior, predictions, warm_start, B, None)
+    w, p, _, _ = _balance(W, labels, C, config, prior, predictions, warm_start, B)
     return w, p
 
 
-def _balance(W, labels, C, config, prior, predictions, warm_start, B, order):
+def _balance(W, labels, C, config, prior, predictions, warm_start, B):
     """Node weights of the balance, the prior, and the first-pass solution (or None)."""
     first_iters = 0
     M0 = None
@@ -412,9 +451,8 @@ def _balance(W, labels, C, config, prior, predictions, warm_start, B, order):
         memberships = _row_normalize(np.asarray(warm_start, dtype=np.float32))
     elif predictions is None:
         # only the argmax / soft class of the first pass is used: a loose tolerance is enough
-        M0, first_iters, _, _, _ = _solve(normalized_operator(W), B, config, None, None,
-                                          "first pass", tol=max(config.tol, FIRST_PASS_TOL),
-                                          order=order)
+        M0, first_iters, _, _, _ = _block_cg(normalized_operator(W), B, config, None, None,
+                                             "first pass", tol=max(config.tol, FIRST_PASS_TOL))
         memberships = _row_normalize(M0)
     if prior is None:
         hard = predictions
@@ -425,6 +463,29 @@ def _balance(W, labels, C, config, prior, predictions, warm_start, B, order):
     return w, prior, M0, first_iters
 
 
+_ORDER_CACHE: dict[int, tuple] = {}  # id(W) -> (weak ref to W, fingerprint, order, W renumbered)
+
+
+def _cached_order(original, W: sp.csr_matrix) -> tuple[np.ndarray, sp.csr_matrix]:
+    """The locality order of W and W renumbered by it, computed once per graph object (the
+    re-propagations after each new label reuse them). The caller's matrix is referenced weakly."""
+    key = id(original)
+    stamp = (W.nnz, float(W.data.sum(dtype=np.float64)), int(W.indices.sum(dtype=np.int64)))
+    hit = _ORDER_CACHE.get(key)
+    if hit is not None and hit[0]() is original and hit[1] == stamp:  # same object, unchanged
+        return hit[2], hit[3]
+    order = _locality_order(W)
+    Wp = W[order][:, order].tocsr()
+    Wp.sort_indices()
+    for k in [k for k, v in _ORDER_CACHE.items() if v[0]() is None]:
+        del _ORDER_CACHE[k]
+    try:
+        _ORDER_CACHE[key] = (weakref.ref(original), stamp, order, Wp)
+    except TypeError:  # not weakly referenceable: no cache
+        pass
+    return order, Wp
+
+
 def _locality_order(W: sp.csr_matrix) -> np.ndarray:
     """Reverse Cuthill-McKee order of the graph: neighbours get nearby row numbers, so the rows of
     the dense block that one sparse product reads are mostly in cache."""
@@ -433,17 +494,19 @@ def _locality_order(W: sp.csr_matrix) -> np.ndarray:
     return np.asarray(reverse_cuthill_mckee(W, symmetric_mode=True), dtype=np.int64)
 
 
-def _solve(S, B, config, X0, progress, what, tol=None, order=None):
-    """_block_cg in the locality order (when given), answer in the original order."""
-    if order is None:
-        return _block_cg(S, B, config, X0, progress, what, tol)
-    Sp = S[order][:, order].tocsr()
-    X0p = None if X0 is None else np.asarray(X0, dtype=np.float32)[order]
-    Mp, *rest = _block_cg(Sp, B[order], config, X0p, progress, what, tol)
-    del Sp, X0p
-    M = np.empty_like(Mp)
-    M[order] = Mp
-    return (M, *rest)
+def _numbered_back(r: PropagationResult, order: np.ndarray) -> PropagationResult:
+    """The result of a propagation on the renumbered graph, in the caller's sample order."""
+    def back(a):
+        out = np.empty_like(a)
+        out[order] = a
+        return out
+
+    return replace(
+        r, scores=back(r.scores), labels=back(r.labels), margin=back(r.margin),
+        energy=back(r.energy), reliable=back(r.reliable), weights=back(r.weights),
+        connected=back(r.connected), labeled=back(r.labeled),
+        balance_weights=back(r.balance_weights),
+    )
 
 
 def _block_cg(S, B, config, X0, progress, what, tol=None):
@@ -617,7 +680,8 @@ def _validated_graph(W) -> sp.csr_matrix:
 
 
 def _validated_labels(labels, n: int, num_classes) -> np.ndarray:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+    if (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+            or num_classes < 1):
         raise LabelError(f"propagate: num_classes must be an integer >= 1, got {num_classes!r}")
     y = np.asarray(labels)
     if y.shape != (n,):
