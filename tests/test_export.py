@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_series_set, make_skeleton_set
+from factories import make_series_set, make_skeleton_set
 from speler import formats
 from speler.config import GraphConfig, PropagationConfig
 from speler.errors import ConfigError
