@@ -264,7 +264,9 @@ def _save_propagation(path: Path, state: LoopState) -> None:
     for name, r in [("combined", state.result)] + [(b, state.branch_results[b]) for b in BRANCHES]:
         for f in dataclasses.fields(r):
             value = getattr(r, f.name)
-            if value is not None:  # optional fields left unset are not stored (no object arrays)
+            # arrays and plain numbers only: unset optional fields and in-memory bookkeeping
+            # (e.g. the solved system's fingerprint) are not stored, so no object arrays
+            if isinstance(value, (np.ndarray, np.generic, int, float, bool)):
                 arrays[f"{name}.{f.name}"] = np.asarray(value)
     for b in BRANCHES:
         arrays[f"{b}.knn_indices"] = state.graphs[b].indices
