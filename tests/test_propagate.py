@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -202,6 +203,17 @@ def test_warm_start_from_a_result_keeps_its_balance():
                         cfg.alpha)
     assert np.abs(warm.scores - M).max() <= 1e-5 * np.abs(M).max()
     assert warm.labels[node] == 1 and p.shape == (4,)
+    # edited scores void the fingerprint: nothing is taken as solved, the answer stays exact
+    zero = propagate(W, new, num_classes=4, config=cfg,
+                     warm_start=dataclasses.replace(first, scores=np.zeros_like(first.scores)))
+    assert np.abs(zero.scores - M).max() <= 1e-5 * np.abs(M).max()
+    # another α is another system: nothing may be skipped
+    other = PropagationConfig(tol=1e-7, alpha=0.9)
+    warm9 = propagate(W, new, num_classes=4, config=other, warm_start=first)
+    M9 = _dense_solution(_dense_normalized(W, first.balance_weights.astype(np.float64)), new, 4,
+                         0.9)
+    assert np.abs(warm9.scores - M9).max() <= 1e-5 * np.abs(M9).max()
+    assert warm9.products > 2 * warm9.iterations
 
 
 def test_locality_order_gives_the_same_answer(monkeypatch):

@@ -109,6 +109,9 @@ class PropagationResult:
     balance_weights: float32 (n,), node weights p_c(i)^-1/2 of the balance (1 without balance);
         passing this result as ``warm_start`` reuses them.
     solve_seconds: wall time of the conjugate-gradient loop of the final solve.
+    system: fingerprint of the solved system (graph, α, tol, balance, sum of the scores); a warm
+        start from this result on the same system skips the classes whose seeds did not change
+        (any change to the result's scores voids it).
     seconds: wall time of the whole call; tau_hat: τ̂ used for the thresholds.
     """
 
@@ -131,6 +134,7 @@ class PropagationResult:
     products: int = 0
     balance_weights: np.ndarray | None = None
     solve_seconds: float = 0.0
+    system: tuple | None = None
 
     @property
     def normalized(self) -> np.ndarray:
@@ -193,19 +197,22 @@ def propagate(
                 f"propagate: warm_start must be a finite array of shape {(n, C)}, got "
                 f"{warm_start.shape}"
             )
+    system = (_fingerprint(W), float(config.alpha), float(config.tol), bool(config.balance))
     if not (config.reorder and n >= _REORDER_MIN_N):
-        return _propagate(W, labels, C, config, prior, predictions, warm_start, progress, start)
+        return _propagate(W, labels, C, config, prior, predictions, warm_start, progress, start,
+                          system)
     # everything runs on the graph renumbered for locality; the answer is numbered back
     order, Wp = _cached_order(original, W)
     del W
     if isinstance(warm_start, PropagationResult):
         warm_start = replace(warm_start, scores=warm_start.scores[order],
-                             balance_weights=warm_start.balance_weights[order])
+                             balance_weights=warm_start.balance_weights[order],
+                             labels=warm_start.labels[order], labeled=warm_start.labeled[order])
     elif warm_start is not None:
         warm_start = warm_start[order]
     result = _propagate(Wp, labels[order], C, config, prior,
                         None if predictions is None else predictions[order], warm_start,
-                        progress, start)
+                        progress, start, system)
     result = _numbered_back(result, order)
     result.seconds = time.perf_counter() - start
     return result
@@ -250,7 +257,7 @@ def combine(time_result: PropagationResult, freq_result: PropagationResult) -> P
         residual=max(a.residual, b.residual), seconds=a.seconds + b.seconds,
         first_pass_iterations=max(a.first_pass_iterations, b.first_pass_iterations),
         tau_hat=a.tau_hat, products=a.products + b.products,
-        balance_weights=None,
+        balance_weights=None, system=None,
     )
 
 
@@ -368,7 +375,7 @@ def class_thresholds(tau_hat: float, counts: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, start):
+def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, start, system):
     n = W.shape[0]
     lab = labels >= 0
     B = np.zeros((n, C), dtype=np.float32)
@@ -388,9 +395,21 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
             if X0 is None:
                 X0 = M0
             del M0
+    solved = None
+    if (isinstance(warm_start, PropagationResult) and warm_start.system is not None
+            and warm_start.system == (*system, _checksum(warm_start.scores))):
+        # same graph, weights, α and tol: a class whose seeds are unchanged is solved already
+        prev_lab = warm_start.labeled
+        moved = (lab != prev_lab) | (lab & prev_lab & (labels != warm_start.labels))
+        solved = np.ones(C, dtype=bool)
+        solved[labels[moved & lab]] = False
+        solved[warm_start.labels[moved & prev_lab]] = False
     S = normalized_operator(W, w)
     t_solve = time.perf_counter()
-    M, iters, converged, residual, products = _block_cg(S, B, config, X0, progress, "propagation")
+    M, iters, converged, residual, products = _block_cg(S, B, config, X0, progress, "propagation",
+                                                        solved=solved)
+    if solved is not None and solved.any():
+        residual = max(residual, float(warm_start.residual))
     t_solve = time.perf_counter() - t_solve
     del S
     connected = M.max(axis=1) > 0 if C else np.zeros(n, dtype=bool)
@@ -411,7 +430,7 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
         seconds=time.perf_counter() - start, first_pass_iterations=first_iters,
         tau_hat=float(config.tau_hat), products=products,
         balance_weights=(np.ones(n) if w is None else w).astype(np.float32),
-        solve_seconds=t_solve,
+        solve_seconds=t_solve, system=(*system, _checksum(M)),
     )
 
 
@@ -466,11 +485,22 @@ def _balance(W, labels, C, config, prior, predictions, warm_start, B):
 _ORDER_CACHE: dict[int, tuple] = {}  # id(W) -> (weak ref to W, fingerprint, order, W renumbered)
 
 
+def _checksum(M: np.ndarray) -> float:
+    """Sum of the scores: ties a result's ``system`` to the scores it was computed with."""
+    return float(np.asarray(M).sum(dtype=np.float64))
+
+
+def _fingerprint(W: sp.csr_matrix) -> tuple:
+    """Cheap O(nnz) identity of a validated graph (shape, pattern and weights sums)."""
+    return (W.shape[0], W.nnz, float(W.data.sum(dtype=np.float64)),
+            int(W.indices.sum(dtype=np.int64)))
+
+
 def _cached_order(original, W: sp.csr_matrix) -> tuple[np.ndarray, sp.csr_matrix]:
     """The locality order of W and W renumbered by it, computed once per graph object (the
     re-propagations after each new label reuse them). The caller's matrix is referenced weakly."""
     key = id(original)
-    stamp = (W.nnz, float(W.data.sum(dtype=np.float64)), int(W.indices.sum(dtype=np.int64)))
+    stamp = _fingerprint(W)
     hit = _ORDER_CACHE.get(key)
     if hit is not None and hit[0]() is original and hit[1] == stamp:  # same object, unchanged
         return hit[2], hit[3]
@@ -509,7 +539,7 @@ def _numbered_back(r: PropagationResult, order: np.ndarray) -> PropagationResult
     )
 
 
-def _block_cg(S, B, config, X0, progress, what, tol=None):
+def _block_cg(S, B, config, X0, progress, what, tol=None, solved=None):
     """Solve (I - αS) X = B for all C columns of B at once (float32, torch CPU kernels).
 
     Conjugate gradient run independently per column but in one loop: each iteration does one
@@ -525,7 +555,7 @@ def _block_cg(S, B, config, X0, progress, what, tol=None):
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     try:
-        return _block_cg_torch(S, B, config, X0, progress, what, tol)
+        return _block_cg_torch(S, B, config, X0, progress, what, tol, solved)
     finally:
         torch.set_num_threads(threads)
 
@@ -535,7 +565,7 @@ def _dots(a, b) -> np.ndarray:
     return np.einsum("ij,ij->j", a.numpy(), b.numpy(), dtype=np.float64)
 
 
-def _block_cg_torch(S, B, config, X0, progress, what, tol):
+def _block_cg_torch(S, B, config, X0, progress, what, tol, solved):
     import torch
 
     alpha = float(config.alpha)
@@ -548,7 +578,13 @@ def _block_cg_torch(S, B, config, X0, progress, what, tol):
         R = Bt.clone()
     else:
         X = torch.from_numpy(np.array(X0, dtype=np.float32, order="C", copy=True))
-        R = Bt - X + alpha * torch.sparse.mm(St, X)
+        if solved is None or not solved.any():
+            R = Bt - X + alpha * torch.sparse.mm(St, X)
+        else:  # residuals only where needed: columns the caller knows are solved stay as they are
+            R = torch.zeros((n, C), dtype=torch.float32)
+            todo = torch.from_numpy(np.flatnonzero(~solved))
+            Xt = X[:, todo].contiguous()
+            R[:, todo] = Bt[:, todo] - Xt + alpha * torch.sparse.mm(St, Xt)
     zero = torch.from_numpy(bnorm == 0)
     X[:, zero] = 0.0
     R[:, zero] = 0.0
