@@ -296,16 +296,9 @@ def read_id_labels(path: Path) -> dict[str, str]:
 
     Empty labels mean unknown and are left out. Conflicting repeats are errors naming the lines.
     """
-    text = read_text(path)
-    rows = csv_rows(text, path)
     out: dict[str, str] = {}
     line_of: dict[str, int] = {}
-    for line, row in rows:
-        if line == rows[0][0] and is_header(row):
-            continue
-        if len(row) < 2:
-            raise fail(path, f"line {line}: expected 'id,label', got {','.join(row)[:60]!r}")
-        sid, lab = row[0].strip(), row[1].strip()
+    for line, sid, lab in id_label_rows(read_text(path), path):
         if not sid:
             raise fail(path, f"line {line}: empty id")
         if not lab:
@@ -316,6 +309,18 @@ def read_id_labels(path: Path) -> dict[str, str]:
         out[sid] = lab
         line_of[sid] = line
     return out
+
+
+def id_label_rows(text: str, path: Path):
+    """``(line, id, label)`` for each row of an ``id,label`` CSV text (an optional header skipped);
+    a row with fewer than two fields is an error naming its line."""
+    rows = csv_rows(text, path)
+    for line, row in rows:
+        if line == rows[0][0] and is_header(row):
+            continue
+        if len(row) < 2:
+            raise fail(path, f"line {line}: expected 'id,label', got {','.join(row)[:60]!r}")
+        yield line, row[0].strip(), row[1].strip()
 
 
 def is_header(row: list[str]) -> bool:

@@ -37,8 +37,8 @@ from speler.data.layouts import get_layout
 from speler.data.schema import SequenceSet
 from speler.errors import DataFormatError
 from speler.formats._common import (
-    LABEL_FILES, Progress, Sample, csv_rows, is_header, boundary, build, check_budget, existing,
-    fail, fill_missing, is_labels_file, list_files, read_text, rel, stem_of, tick,
+    LABEL_FILES, Progress, Sample, csv_rows, id_label_rows, is_header, boundary, build, check_budget,
+    existing,    fail, fill_missing, is_labels_file, list_files, read_text, rel, stem_of, tick,
 )
 
 T_COLUMNS = ("t", "time", "timestamp", "step", "frame")
@@ -170,13 +170,7 @@ def _read_pairs_or_lines(path: Path) -> dict[str, tuple[int, str]]:
             lines.pop()
         return {"__lines__": (0, "\n".join(lines))}
     out: dict[str, tuple[int, str]] = {}
-    rows = csv_rows(text, path)
-    for line, row in rows:
-        if line == rows[0][0] and is_header(row):
-            continue
-        if len(row) < 2:
-            raise fail(path, f"line {line}: expected 'id,label', got {','.join(row)[:60]!r}")
-        sid, lab = row[0].strip(), row[1].strip()
+    for line, sid, lab in id_label_rows(text, path):
         if sid in out and out[sid][1] != lab:
             raise fail(path, f"line {line}: id {sid!r} labelled {lab!r} here but {out[sid][1]!r} on"
                              f" line {out[sid][0]}")
