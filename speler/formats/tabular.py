@@ -38,7 +38,7 @@ from speler.data.schema import SequenceSet
 from speler.errors import DataFormatError
 from speler.formats._common import (
     LABEL_FILES, Progress, Sample, csv_rows, id_label_rows, is_header, boundary, build, check_budget,
-    existing,    fail, fill_missing, is_labels_file, list_files, read_text, rel, stem_of, tick,
+    existing, fail, fill_missing, is_labels_file, list_files, read_text, rel, stem_of, tick,
 )
 
 T_COLUMNS = ("t", "time", "timestamp", "step", "frame")
