@@ -31,8 +31,8 @@ from speler.project import DATA_FILE, Project, default_root, list_projects
 logger = logging.getLogger("speler.app")
 
 DEFAULT_SAMPLE = "synthetic_actions"  # the bundled sample the app opens on, nothing to configure
-STAGES = ("train", "embed", "knn", "propagate", "suggest")
-STAGE_TITLES = {"train": "Training", "embed": "Embedding", "knn": "kNN graph",
+STAGES = ("views", "train", "embed", "knn", "propagate", "suggest")
+STAGE_TITLES = {"views": "Label-free views", "train": "Training", "embed": "Embedding", "knn": "kNN graph",
                 "propagate": "Propagation", "suggest": "Suggestions"}
 
 _create_lock = threading.Lock()
@@ -255,21 +255,20 @@ def energy_figure(key: tuple[str, int], round_no: int, labels_key: str, _result,
 
 
 @st.cache_resource(max_entries=8, show_spinner="Computing the spectrum…")
-def _spectrum_figure(key: tuple[str, int], round_no: int, labels_key: str, branch: str, _state,
-                     _config):
+def _spectrum_figure(key: tuple[str, int], round_no: int, labels_key: str, _state, _config):
     from speler.graph.spectrum import spectrum_before_after
     from speler.viz import spectrum_figure
 
     before, after = spectrum_before_after(
-        _state.affinities[branch], _state.human, num_classes=_state.probs.shape[1],
-        config=_config, predictions=_state.model_predictions)
+        _state.affinity, _state.human, num_classes=_state.probs.shape[1], config=_config,
+        prior=_state.result.prior, predictions=_state.result.labels)
     return spectrum_figure(before, after, title=""), before.extremes, after.extremes
 
 
-def spectrum_figure(project: Project, state_, *, branch: str = "time"):
+def spectrum_figure(project: Project, state_):
     """(figure, extremes before, extremes after): eigenvalue density of S before/after balancing
-    on one branch's graph, cached per project, round and labels."""
-    return _spectrum_figure(project_key(project), state_.round, labels_hash(state_.human), branch,
+    on the graph the propagation ran on, cached per project, round and labels."""
+    return _spectrum_figure(project_key(project), state_.round, labels_hash(state_.human),
                             state_, project.config.propagation)
 
 

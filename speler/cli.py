@@ -419,9 +419,9 @@ def _run_propagate(args: argparse.Namespace) -> int:
         pred = np.bincount(res.labels, minlength=len(classes))
         human = np.bincount(state.human[state.human >= 0], minlength=len(classes))
         rel = np.bincount(res.labels[res.reliable], minlength=len(classes))
-        its = ", ".join(f"{b} {r.iterations} it{'' if r.converged else ' (NOT converged)'}"
-                        for b, r in state.branch_results.items())
-        _out(f"propagation on round {state.round:03d} graphs: {its}",
+        views = " + ".join(f"{v} {w:.2f}" for v, w in state.weights.items())
+        _out(f"propagation on round {state.round:03d}'s graph ({views}): {res.iterations} CG "
+             f"iterations{'' if res.converged else ' (NOT converged)'}",
              *_table(["class", "human", "predicted", "reliable", "tau"],
                      [(c, human[i], pred[i], rel[i], f"{res.thresholds[i]:.2f}")
                       for i, c in enumerate(classes)]))

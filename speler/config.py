@@ -3,7 +3,7 @@
 ``Config`` is saved as JSON in each project and each round. ``apply_overrides`` takes strings such as
 ``train.lr=3e-4`` and rejects unknown keys and wrong types; nothing is ever evaluated as code.
 Each section belongs to one module: preprocess → data/transforms.py, train → train.py,
-graph/propagation → graph/, selection → selection.py.
+graph/propagation → graph/, views → features.py and loop.py, selection → selection.py.
 """
 
 from __future__ import annotations
@@ -60,6 +60,41 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ViewsConfig:
+    plain_weight: float = 0.25  # weight of the plain-feature graph in the floor (0 = left out)
+    rocket_weight: float = 1.0  # weight of the random-kernel graph in the floor (0 = left out)
+    dim: int = 128  # PCA dimensions of each label-free view
+    rocket_features: int = 10_000  # random-kernel PPV features before PCA
+    network: str = "auto"  # "auto": joins the graph when cross-fitted labels say it helps;
+    # "always", "never" (no training at all: rounds propagate on the floor only)
+    network_weight: float = 0.5  # weight of the network's graph beside the floor's (sum 1)
+    judge_folds: int = 2  # cross-fitting folds of the human labels for the network's judgement
+    judge_min_labels: int = 6  # fewer held-out human labels than this: the network stays out
+    seed: int = 0  # random kernels and randomised PCA
+
+    def __post_init__(self) -> None:
+        _check(self, "views", [
+            ("plain_weight", self.plain_weight >= 0, ">= 0"),
+            ("rocket_weight", self.rocket_weight >= 0, ">= 0"),
+            ("rocket_weight", self.plain_weight + self.rocket_weight > 0,
+             "> 0 when plain_weight is 0 (the floor needs a view)"),
+            ("dim", self.dim >= 2, ">= 2"),
+            ("rocket_features", self.rocket_features >= 84, ">= 84 (one per kernel)"),
+            ("network", self.network in ("auto", "always", "never"), "'auto', 'always' or 'never'"),
+            ("network_weight", 0 < self.network_weight < 1, "in (0, 1)"),
+            ("judge_folds", self.judge_folds >= 2, ">= 2"),
+            ("judge_min_labels", self.judge_min_labels >= 1, ">= 1"),
+        ])
+
+
+def _check(section: object, name: str, checks: list[tuple[str, bool, str]]) -> None:
+    """ConfigError naming the first failing ``name.key``, its value and what is allowed."""
+    for key, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{name}.{key} must be {allowed}, got {getattr(section, key)!r}")
+
+
+@dataclass(frozen=True)
 class GraphConfig:
     k: int = 20  # neighbours per node
     gamma: float = 3.0  # affinity max(0, s)^gamma
@@ -102,6 +137,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     propagation: PropagationConfig = field(default_factory=PropagationConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
 
     def to_dict(self) -> dict[str, Any]:

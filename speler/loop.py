@@ -1,9 +1,13 @@
 """One annotation round, and the instant updates between rounds: the only module that chains the others.
 
-A round: train the backbone on human labels plus the previous round's reliable pseudo-labels
-(weighted by ω from propagation energy) → embed every sample (time and frequency branch) → kNN
-graph per branch → spectral-balanced propagation per branch → combine → write propagated labels
-(with energy and margin) to the store → suggestions → ``rounds/NNN/``.
+A round (``build_state``): label-free views (plain and random-kernel features, ``speler.features``)
+→ a kNN graph each → the floor: their normalised affinities summed, propagated from the human
+labels → the network trained on the human labels plus the floor's reliable pseudo-labels
+(weighted by ω from propagation energy; the previous round's in later rounds), embedded → it joins
+the graph only when cross-fitting says so (``judge``: networks trained without some human labels
+must predict those better through the graph than the floor does) → spectral-balanced propagation
+on the final graph → write propagated labels (with energy and margin) to the store → suggestions
+→ ``rounds/NNN/``.
 
 Crash safety: everything a round produces is written to ``rounds/.tmp-NNN`` first, renamed to
 ``rounds/NNN`` when complete, and only then are the round's propagated labels committed to the
@@ -34,34 +38,43 @@ import scipy.sparse as sp
 from speler import selection
 from speler.config import Config
 from speler.errors import CancelledError, LabelError, ProjectError
-from speler.graph.knn import KnnGraph, affinity, build_knn
-from speler.graph.propagate import PropagationResult, combine, propagate
+from speler.features import label_free_views
+from speler.graph.knn import (
+    KnnGraph, affinity, build_knn, combine_affinities, strongest_neighbours,
+)
+from speler.graph.propagate import PropagationResult, propagate
 from speler.metrics import label_quality
 from speler.project import Project
 from speler.train import embed, fit, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("train", "embed", "knn", "propagate", "suggest")
-BRANCHES = ("time", "freq")
+STAGES = ("views", "train", "embed", "knn", "propagate", "suggest")
 StageProgress = Callable[[str, int, int], None]
+NETWORK = "network"  # name of the trained network's view
 
 
 @dataclass
 class LoopState:
     """What the latest complete round left, kept in memory between labels.
 
-    embeddings: {"time": float32 (n, d_t), "freq": float32 (n, d_f)}; probs: float32 (n, C) model
-    softmax; graphs: kNN graph per branch; affinities: W per branch (CSR); branch_results: the
-    propagation per branch; result: their combination; human: int64 (n,) human labels it reflects.
+    embeddings: {view: float32 (n, d)}: the label-free views (``plain``, ``rocket``), the trained
+        network's (``network``, both branches) when one was trained, and ``combined`` (each view in
+        the graph L2-normalised and scaled by √weight, concatenated: its cosine similarity is the
+        weighted mean of the views'), which selection uses.
+    probs: float32 (n, C), the network's softmax, or the propagation's normalised scores when no
+        network was trained. graphs: kNN graph per view, and ``combined``: the strongest edges of
+        the graph propagation ran on. weights: {view: weight} of the views in that graph (summing
+        to 1). affinity: that graph, ``combine_affinities`` of the views' W (CSR (n, n)).
+    result: the propagation on it; human: int64 (n,) human labels it reflects.
     """
 
     round: int
     embeddings: dict[str, np.ndarray]
     probs: np.ndarray
     graphs: dict[str, KnnGraph]
-    affinities: dict[str, sp.csr_matrix]
-    branch_results: dict[str, PropagationResult]
+    weights: dict[str, float]
+    affinity: sp.csr_matrix
     result: PropagationResult
     human: np.ndarray
     metrics: dict = field(default_factory=dict)
@@ -69,6 +82,25 @@ class LoopState:
     @property
     def model_predictions(self) -> np.ndarray:
         return self.probs.argmax(axis=1)
+
+
+@dataclass
+class Judgement:
+    """Whether the network's graph joins the floor's, decided on human labels it never saw.
+
+    folds: per fold, the balanced accuracy on that fold's held-out human labels of propagation
+    from the other labels, on the floor and on floor + network (the network trained without the
+    held-out labels). joined: the decision; reason: why, in words.
+    """
+
+    mode: str
+    joined: bool
+    reason: str
+    held_out: int = 0
+    floor: float = float("nan")
+    with_network: float = float("nan")
+    folds: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 @dataclass
@@ -100,7 +132,6 @@ def run_round(
     if not (human >= 0).any():
         raise LabelError(f"project {project.name}: no human labels yet; label a few samples first")
     no = store.begin_round()
-    stage_seconds: dict[str, float] = {}
     started = time.perf_counter()
 
     def report(stage: str, done: int, total: int) -> None:
@@ -111,46 +142,27 @@ def run_round(
 
     tmp = project.begin_round_dir(no)
     try:
-        # 1. train: human labels + reliable pseudo-labels of the previous round, weighted by ω
-        t0 = time.perf_counter()
-        pseudo = weights = None
         init = None
         if previous is not None:
-            pseudo, weights = _pseudo_labels(previous.result, human)
             ckpt = project.round_dir(previous.round) / "checkpoint.pt"
             if ckpt.exists():
                 init = load_checkpoint(ckpt, ds)
-        report("train", 0, cfg.train.epochs)
-        fitted = fit(
-            ds, human, config=cfg.train, pseudo_labels=pseudo, pseudo_weights=weights, init=init,
-            progress=lambda e, total: report("train", e, total), cancel=cancel,
-        )
-        stage_seconds["train"] = time.perf_counter() - t0
-        save_checkpoint(tmp / "checkpoint.pt", fitted, config=cfg.train, ds=ds, extra={"round": no})
+        built = build_state(ds, human, no=no, config=cfg, previous=previous, init=init,
+                            report=report, cancel=cancel)
+        state, fitted = built.state, built.fitted
+        if fitted is not None:
+            save_checkpoint(tmp / "checkpoint.pt", fitted, config=cfg.train, ds=ds,
+                            extra={"round": no})
+        _save_state(tmp, state)
 
-        # 2. embed
-        t0 = time.perf_counter()
-        report("embed", 0, ds.n)
-        emb = embed(fitted.model, ds, progress=lambda d, total: report("embed", d, total))
-        stage_seconds["embed"] = time.perf_counter() - t0
-        embeddings = {"time": emb.time, "freq": emb.freq}
-        np.savez(tmp / "embeddings.npz", time=emb.time, freq=emb.freq, probs=emb.probs)
-
-        # 3. graphs, 4. propagation
-        state = _propagate_all(
-            no, embeddings, emb.probs, human, num_classes=ds.num_classes, config=cfg,
-            report=report, stage_seconds=stage_seconds,
-        )
-        _save_propagation(tmp / "propagation.npz", state)
-
-        # 5. suggestions
         t0 = time.perf_counter()
         report("suggest", 0, 1)
-        suggestions = suggest(project, state, n=cfg.selection.batch, strategy=cfg.selection.strategy)
-        stage_seconds["suggest"] = time.perf_counter() - t0
+        suggestions = suggest_for(state, human, ds, n=cfg.selection.batch,
+                                  strategy=cfg.selection.strategy, seed=0, config=cfg)
+        built.stage_seconds["suggest"] = time.perf_counter() - t0
         report("suggest", 1, 1)
 
-        metrics = _round_metrics(ds, human, state, fitted, stage_seconds)
+        metrics = _round_metrics(ds, human, built)
         metrics["seconds"] = time.perf_counter() - started
         state.metrics = metrics
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
@@ -177,11 +189,211 @@ def run_round(
     _STATE_CACHE.pop(str(project.path), None)
     return RoundResult(
         round=no, metrics=metrics, suggestions=suggestions,
-        seconds=time.perf_counter() - started, stage_seconds=stage_seconds, state=state,
+        seconds=time.perf_counter() - started, stage_seconds=built.stage_seconds, state=state,
     )
 
 
-def _pseudo_labels(result: PropagationResult, human: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class BuiltState:
+    """What ``build_state`` made: the state, the final network (None when none was trained), the
+    floor's propagation, the judgement, and seconds per stage."""
+
+    state: LoopState
+    fitted: object
+    floor: PropagationResult
+    judgement: Judgement
+    stage_seconds: dict[str, float]
+
+
+def build_state(
+    ds, human: np.ndarray, *, no: int, config: Config, previous: LoopState | None = None,
+    init=None, views: dict[str, np.ndarray] | None = None,
+    report: StageProgress | None = None, cancel: Callable[[], bool] | None = None,
+) -> BuiltState:
+    """Everything a round computes before suggestions, in memory (rounds and simulations share it).
+
+    1. label-free views → kNN graph each → the floor: their normalised affinities summed with
+       ``views.plain_weight`` / ``views.rocket_weight``, propagated from the human labels;
+    2. unless ``views.network`` is "never": the network is trained on the human labels plus the
+       reliable, energy-weighted pseudo-labels of the floor (of ``previous``'s result in later
+       rounds: the paper's loop), warm-started from ``init``, and embedded;
+    3. it joins the graph (weight ``views.network_weight``) when ``judge`` says it helps ("auto")
+       or always ("always"); the final propagation runs on that graph.
+    ``views``: precomputed label-free views (same samples), else computed here.
+    """
+    vc = config.views
+    stage_seconds: dict[str, float] = {}
+    report = report or (lambda *_: None)
+    C = ds.num_classes
+
+    t0 = time.perf_counter()
+    wanted = {"plain": vc.plain_weight, "rocket": vc.rocket_weight}
+    wanted = {k: w for k, w in wanted.items() if w > 0}
+    if views is None:
+        views = label_free_views(ds.x, views=tuple(wanted), dim=vc.dim,
+                                 rocket_features=vc.rocket_features, seed=vc.seed,
+                                 progress=lambda d, t: report("views", d, t))
+    stage_seconds["views"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    graphs = {v: build_knn(views[v], config=config.graph) for v in wanted}
+    view_w = {v: affinity(graphs[v], gamma=config.graph.gamma) for v in wanted}
+    floor_W = combine_affinities([(view_w[v], w) for v, w in wanted.items()])
+    knn_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    floor = propagate(floor_W, human, num_classes=C, config=config.propagation)
+    propagate_seconds = time.perf_counter() - t0
+
+    fitted = None
+    embeddings = dict(views)
+    probs = floor.normalized
+    judgement = Judgement(mode=vc.network, joined=False, reason="views.network is 'never'")
+    weights = _normalised(wanted)
+    W = floor_W
+    if vc.network != "never":
+        t0 = time.perf_counter()
+        epochs = config.train.epochs
+        folds = _judge_folds(human, vc) if vc.network == "auto" else []
+        total = epochs * (len(folds) + 1)
+        done = [0]
+
+        def train_progress(e: int, _total: int) -> None:
+            report("train", min(total, done[0] + e), total)
+
+        report("train", 0, total)
+        fold_nets = []
+        for held in folds:
+            human_a = human.copy()
+            human_a[held] = -1
+            floor_a = propagate(floor_W, human_a, num_classes=C, config=config.propagation)
+            pl, pw = pseudo_labels(floor_a, human_a)
+            net = fit(ds, human_a, config=config.train, pseudo_labels=pl, pseudo_weights=pw,
+                      progress=train_progress, cancel=cancel)
+            done[0] += epochs
+            fold_nets.append((held, human_a, floor_a, _network_view(embed(net.model, ds))))
+        source = previous.result if previous is not None else floor
+        pl, pw = pseudo_labels(source, human)
+        fitted = fit(ds, human, config=config.train, pseudo_labels=pl, pseudo_weights=pw,
+                     init=init, progress=train_progress, cancel=cancel)
+        report("train", total, total)
+        stage_seconds["train"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        report("embed", 0, ds.n)
+        emb = embed(fitted.model, ds, progress=lambda d, t: report("embed", d, t))
+        embeddings[NETWORK] = _network_view(emb)
+        probs = emb.probs
+        stage_seconds["embed"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        report("knn", 0, 1)
+        judgement = judge(fold_nets, floor_W, human, num_classes=C, config=config) if vc.network == "auto" \
+            else Judgement(mode="always", joined=True, reason="views.network is 'always'")
+        if judgement.joined:
+            graphs[NETWORK] = build_knn(embeddings[NETWORK], config=config.graph)
+            net_W = affinity(graphs[NETWORK], gamma=config.graph.gamma)
+            W = combine_affinities([(floor_W, 1 - vc.network_weight), (net_W, vc.network_weight)])
+            weights = {v: w * (1 - vc.network_weight) for v, w in weights.items()}
+            weights[NETWORK] = vc.network_weight
+        judgement.seconds = time.perf_counter() - t0
+        knn_seconds += judgement.seconds
+    report("knn", 1, 1)
+    stage_seconds["knn"] = knn_seconds
+
+    t0 = time.perf_counter()
+    report("propagate", 0, 1)
+    result = floor if W is floor_W else propagate(W, human, num_classes=C,
+                                                  config=config.propagation)
+    report("propagate", 1, 1)
+    stage_seconds["propagate"] = propagate_seconds + time.perf_counter() - t0
+    embeddings["combined"] = _combined_embedding(embeddings, weights)
+    graphs["combined"] = strongest_neighbours(W, config.graph.k)
+    state = LoopState(round=no, embeddings=embeddings, probs=np.asarray(probs, dtype=np.float32),
+                      graphs=graphs, weights=weights, affinity=W, result=result,
+                      human=human.copy())
+    return BuiltState(state=state, fitted=fitted, floor=floor, judgement=judgement,
+                      stage_seconds=stage_seconds)
+
+
+def _normalised(weights: dict[str, float]) -> dict[str, float]:
+    total = sum(weights.values())
+    return {k: float(w / total) for k, w in weights.items()}
+
+
+def _network_view(emb) -> np.ndarray:
+    """Both branches' embeddings, each L2-normalised, side by side: one view of the network."""
+    parts = [e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+             for e in (emb.time, emb.freq)]
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def _combined_embedding(embeddings: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    parts = [np.sqrt(w) * embeddings[v] / np.maximum(
+        np.linalg.norm(embeddings[v], axis=1, keepdims=True), 1e-12) for v, w in weights.items()]
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def _judge_folds(human: np.ndarray, vc) -> list[np.ndarray]:
+    """Held-out human labels per fold: the labels of each class with at least two are dealt
+    round-robin (in a seeded random order) over ``judge_folds`` folds, so every class keeps at
+    least one label in training; a class with a single label is never held out. No folds when
+    fewer than ``judge_min_labels`` labels could be held out or they cover fewer than 2 classes."""
+    rng = np.random.default_rng(vc.seed)
+    k = vc.judge_folds
+    assign = np.full(len(human), -1)
+    classes_held = 0
+    for c in np.unique(human[human >= 0]):
+        idx = rng.permutation(np.flatnonzero(human == c))
+        if len(idx) < 2:
+            continue
+        classes_held += 1
+        offset = int(rng.integers(k))
+        assign[idx] = (np.arange(len(idx)) + offset) % k
+    held = int((assign >= 0).sum())
+    if held < vc.judge_min_labels or classes_held < 2:
+        return []
+    return [np.flatnonzero(assign == f) for f in range(k) if (assign == f).any()]
+
+
+def judge(fold_nets: list, floor_W: sp.csr_matrix, human: np.ndarray, *, num_classes: int,
+          config: Config) -> Judgement:
+    """Does adding the network's graph to the floor help? ``fold_nets``: per fold (held-out
+    indices, the fold's training labels, the floor's propagation of them, the view of a network
+    trained without the held-out labels). Per fold, propagate the training labels on floor +
+    network as well, and score both graphs by balanced accuracy (mean recall over classes) on the
+    held-out human labels, pooled over the folds: the network joins when it scores higher. With no
+    folds (too few labels to judge) it stays out."""
+    vc = config.views
+    if not fold_nets:
+        return Judgement(mode="auto", joined=False,
+                         reason=f"too few human labels to judge the network (fewer than "
+                                f"{vc.judge_min_labels} could be held out from at least 2 classes)")
+    folds, truth, pred_floor, pred_net = [], [], [], []
+    for held, human_a, floor_a, view in fold_nets:
+        W_net = affinity(build_knn(view, config=config.graph), gamma=config.graph.gamma)
+        W = combine_affinities([(floor_W, 1 - vc.network_weight), (W_net, vc.network_weight)])
+        with_net = propagate(W, human_a, num_classes=num_classes, config=config.propagation)
+        t, f, g = human[held], floor_a.labels[held], with_net.labels[held]
+        folds.append({"held_out": int(len(held)), "floor": _balanced_accuracy(t, f),
+                      "with_network": _balanced_accuracy(t, g)})
+        truth.append(t)
+        pred_floor.append(f)
+        pred_net.append(g)
+    t = np.concatenate(truth)
+    floor_score = _balanced_accuracy(t, np.concatenate(pred_floor))
+    net_score = _balanced_accuracy(t, np.concatenate(pred_net))
+    joined = net_score > floor_score
+    reason = (f"{'joins' if joined else 'stays out'}: balanced accuracy on {len(t)} held-out human "
+              f"labels {net_score:.3f} with the network vs {floor_score:.3f} on the floor alone")
+    return Judgement(mode="auto", joined=joined, reason=reason, held_out=int(len(t)),
+                     floor=floor_score, with_network=net_score, folds=folds)
+
+
+def _balanced_accuracy(truth: np.ndarray, pred: np.ndarray) -> float:
+    return float(np.mean([np.mean(pred[truth == c] == c) for c in np.unique(truth)]))
+
+
+def pseudo_labels(result: PropagationResult, human: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reliable propagated labels of unlabeled samples and their ω (0 for everything else)."""
     use = result.reliable & (human < 0)
     pseudo = np.where(use, result.labels, -1).astype(np.int64)
@@ -189,46 +401,8 @@ def _pseudo_labels(result: PropagationResult, human: np.ndarray) -> tuple[np.nda
     return pseudo, weights
 
 
-def _propagate_all(
-    no: int,
-    embeddings: dict[str, np.ndarray],
-    probs: np.ndarray,
-    human: np.ndarray,
-    *,
-    num_classes: int,
-    config: Config,
-    report: StageProgress | None = None,
-    stage_seconds: dict[str, float] | None = None,
-) -> LoopState:
-    """kNN graph and propagation for both branches, combined; model predictions feed p_c(i)."""
-    stage_seconds = stage_seconds if stage_seconds is not None else {}
-    graphs, affinities, results = {}, {}, {}
-    t0 = time.perf_counter()
-    for i, branch in enumerate(BRANCHES):
-        if report:
-            report("knn", i, len(BRANCHES))
-        graphs[branch] = build_knn(embeddings[branch], config=config.graph)
-        affinities[branch] = affinity(graphs[branch], gamma=config.graph.gamma)
-    stage_seconds["knn"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    predictions = probs.argmax(axis=1)
-    for i, branch in enumerate(BRANCHES):
-        if report:
-            report("propagate", i, len(BRANCHES))
-        results[branch] = propagate(
-            affinities[branch], human, num_classes=num_classes, config=config.propagation,
-            predictions=predictions,
-        )
-    if report:
-        report("propagate", len(BRANCHES), len(BRANCHES))
-    stage_seconds["propagate"] = time.perf_counter() - t0
-    return LoopState(
-        round=no, embeddings=embeddings, probs=probs, graphs=graphs, affinities=affinities,
-        branch_results=results, result=combine(results["time"], results["freq"]), human=human.copy(),
-    )
-
-
-def _round_metrics(ds, human, state: LoopState, fitted, stage_seconds) -> dict:
+def _round_metrics(ds, human, built: BuiltState) -> dict:
+    state, fitted, j = built.state, built.fitted, built.judgement
     res = state.result
     counts = np.bincount(human[human >= 0], minlength=ds.num_classes)
     metrics: dict = {
@@ -238,40 +412,51 @@ def _round_metrics(ds, human, state: LoopState, fitted, stage_seconds) -> dict:
         "human_per_class": dict(zip(ds.classes, counts.tolist())),
         "predicted_per_class": dict(zip(ds.classes, np.bincount(res.labels, minlength=ds.num_classes).tolist())),
         "reliable": int(res.reliable.sum()),
-        "stage_seconds": dict(stage_seconds),
-        "train": {"best_epoch": fitted.best_epoch, "best_metric": fitted.best_metric,
-                  "device": fitted.device, "seconds": fitted.seconds},
-        "propagation": {
-            b: {"iterations": r.iterations, "converged": bool(r.converged), "residual": float(r.residual)}
-            for b, r in state.branch_results.items()
-        },
-        "knn": {b: {"method": g.method, "recall": g.recall, "k": int(g.indices.shape[1])}
-                for b, g in state.graphs.items()},
+        "stage_seconds": dict(built.stage_seconds),
+        "views": dict(state.weights),
+        "judgement": {"mode": j.mode, "joined": j.joined, "reason": j.reason,
+                      "held_out": j.held_out, "floor": j.floor, "with_network": j.with_network,
+                      "folds": [{k: v for k, v in f.items() if not isinstance(v, np.ndarray)}
+                                for f in j.folds], "seconds": j.seconds},
+        "train": None if fitted is None else {
+            "best_epoch": fitted.best_epoch, "best_metric": fitted.best_metric,
+            "device": fitted.device, "seconds": fitted.seconds, "epochs": len(fitted.history),
+            "warm_started": fitted.warm_started},
+        "propagation": {"iterations": res.iterations, "converged": bool(res.converged),
+                        "residual": float(res.residual)},
+        "knn": {v: {"method": g.method, "recall": g.recall, "k": int(g.indices.shape[1])}
+                for v, g in state.graphs.items() if v != "combined"},
     }
     if ds.y_true is not None:
         unlabeled = human < 0
-        metrics["quality"] = {
-            "propagated": label_quality(ds.y_true, res.labels, num_classes=ds.num_classes, mask=unlabeled),
-            "model": label_quality(ds.y_true, state.model_predictions, num_classes=ds.num_classes,
-                                   mask=unlabeled),
-        }
+        q = {"propagated": label_quality(ds.y_true, res.labels, num_classes=ds.num_classes,
+                                         mask=unlabeled),
+             "floor": label_quality(ds.y_true, built.floor.labels, num_classes=ds.num_classes,
+                                    mask=unlabeled)}
+        if fitted is not None:
+            q["model"] = label_quality(ds.y_true, state.model_predictions,
+                                       num_classes=ds.num_classes, mask=unlabeled)
+        metrics["quality"] = q
     return metrics
 
 
-def _save_propagation(path: Path, state: LoopState) -> None:
-    """Every field of the combined and per-branch results, the human labels and the kNN graphs."""
+def _save_state(folder: Path, state: LoopState) -> None:
+    """embeddings.npz (every view and probs) and propagation.npz (the result's array and number
+    fields, the human labels, each view's kNN lists and weight in the graph)."""
+    np.savez(folder / "embeddings.npz", probs=state.probs,
+             **{f"view.{v}": e for v, e in state.embeddings.items() if v != "combined"})
     arrays = {"human": state.human}
-    for name, r in [("combined", state.result)] + [(b, state.branch_results[b]) for b in BRANCHES]:
-        for f in dataclasses.fields(r):
-            value = getattr(r, f.name)
-            # arrays and plain numbers only: unset optional fields and in-memory bookkeeping
-            # (e.g. the solved system's fingerprint) are not stored, so no object arrays
-            if isinstance(value, (np.ndarray, np.generic, int, float, bool)):
-                arrays[f"{name}.{f.name}"] = np.asarray(value)
-    for b in BRANCHES:
-        arrays[f"{b}.knn_indices"] = state.graphs[b].indices
-        arrays[f"{b}.knn_sims"] = state.graphs[b].sims
-    np.savez(path, **arrays)
+    for f in dataclasses.fields(state.result):
+        value = getattr(state.result, f.name)
+        # arrays and plain numbers only: unset optional fields and in-memory bookkeeping
+        # (e.g. the solved system's fingerprint) are not stored, so no object arrays
+        if isinstance(value, (np.ndarray, np.generic, int, float, bool)):
+            arrays[f"combined.{f.name}"] = np.asarray(value)
+    for v, w in state.weights.items():
+        arrays[f"{v}.weight"] = np.asarray(w)
+        arrays[f"{v}.knn_indices"] = state.graphs[v].indices
+        arrays[f"{v}.knn_sims"] = state.graphs[v].sims
+    np.savez(folder / "propagation.npz", **arrays)
 
 
 def _load_result(z, name: str) -> PropagationResult:
@@ -333,22 +518,27 @@ def load_state(project: Project) -> LoopState | None:
     d = project.round_dir(no)
     cfg = Config.load(d / "config.json")
     with np.load(d / "embeddings.npz") as z:
-        embeddings = {"time": z["time"], "freq": z["freq"]}
+        embeddings = {f[len("view."):]: z[f] for f in z.files if f.startswith("view.")}
         probs = z["probs"]
     with np.load(d / "propagation.npz") as z:
-        branch = {b: _load_result(z, b) for b in BRANCHES}
-        combined = _load_result(z, "combined")
+        result = _load_result(z, "combined")
         human = z["human"]
+        weights = {f[:-len(".weight")]: float(z[f]) for f in z.files if f.endswith(".weight")}
         graphs = {
-            b: KnnGraph(indices=z[f"{b}.knn_indices"], sims=z[f"{b}.knn_sims"], method="saved",
+            v: KnnGraph(indices=z[f"{v}.knn_indices"], sims=z[f"{v}.knn_sims"], method="saved",
                         recall=None, seconds=0.0)
-            for b in BRANCHES
+            for v in weights
         }
-    affinities = {b: affinity(graphs[b], gamma=cfg.graph.gamma) for b in BRANCHES}
+    if not weights or any(v not in embeddings for v in weights):
+        raise ProjectError(f"{d}: round files of an older SpeLER version (no views); run a new round")
+    W = combine_affinities([(affinity(graphs[v], gamma=cfg.graph.gamma), w)
+                            for v, w in weights.items()])
+    embeddings["combined"] = _combined_embedding(embeddings, weights)
+    graphs["combined"] = strongest_neighbours(W, cfg.graph.k)
     metrics = json.loads((d / "metrics.json").read_text())
     state = LoopState(
-        round=no, embeddings=embeddings, probs=probs, graphs=graphs, affinities=affinities,
-        branch_results=branch, result=combined, human=human, metrics=metrics,
+        round=no, embeddings=embeddings, probs=probs, graphs=graphs, weights=weights, affinity=W,
+        result=result, human=human, metrics=metrics,
     )
     _STATE_CACHE[key] = state
     return _refresh(project, state)
@@ -383,20 +573,11 @@ def repropagate(project: Project, state: LoopState, human: np.ndarray | None = N
 
 
 def update_state(state: LoopState, human: np.ndarray, *, num_classes: int, config: Config) -> LoopState:
-    """A new state with propagation re-run for ``human`` labels, warm-started from ``state``."""
-    predictions = state.model_predictions
-    results = {
-        b: propagate(
-            state.affinities[b], human, num_classes=num_classes, config=config.propagation,
-            predictions=predictions, warm_start=state.branch_results[b].scores,
-        )
-        for b in BRANCHES
-    }
-    return LoopState(
-        round=state.round, embeddings=state.embeddings, probs=state.probs, graphs=state.graphs,
-        affinities=state.affinities, branch_results=results,
-        result=combine(results["time"], results["freq"]), human=human.copy(), metrics=state.metrics,
-    )
+    """A new state with propagation re-run for ``human`` labels on the state's graph, warm-started
+    from its result (its prior and balance weights kept, so unchanged classes need no work)."""
+    result = propagate(state.affinity, human, num_classes=num_classes, config=config.propagation,
+                       warm_start=state.result)
+    return dataclasses.replace(state, result=result, human=human.copy())
 
 
 def label(project: Project, state: LoopState | None, sample_id: str, label_name: str, *,
@@ -426,8 +607,8 @@ def suggest_for(state: LoopState, human: np.ndarray, ds, *, n: int, strategy: st
                 config: Config) -> list:
     """Suggestions from an in-memory state and human labels (used by rounds and simulations)."""
     return selection.suggest(
-        strategy, propagation=state.result, embeddings=state.embeddings["time"],
-        labeled=human >= 0, budget=n, seed=seed, probs=state.probs, graph=state.graphs["time"],
+        strategy, propagation=state.result, embeddings=state.embeddings["combined"],
+        labeled=human >= 0, budget=n, seed=seed, probs=state.probs, graph=state.graphs["combined"],
         classes=ds.classes, ids=ds.ids.tolist(),
         human_counts=np.bincount(human[human >= 0], minlength=ds.num_classes),
         config=config.selection,
@@ -438,19 +619,18 @@ def doubts(project: Project, state: LoopState, *, top: int = 20) -> list:
     """Human labels the graph strongly disagrees with (see speler.export.doubts)."""
     from speler.export import doubts as _doubts
 
-    # read each human label's support from its neighbours' scores in both branches' graphs, so a
-    # sample's own seed does not outvote them
-    return _doubts(project, state.result, top=top,
-                   affinity=[state.affinities[b] for b in BRANCHES])
+    # read each human label's support from its neighbours' scores in the graph, so a sample's own
+    # seed does not outvote them
+    return _doubts(project, state.result, top=top, affinity=state.affinity)
 
 
-def neighbours(state: LoopState, index: int, *, k: int = 3, branch: str = "time") -> list[int]:
+def neighbours(state: LoopState, index: int, *, k: int = 3, view: str = "combined") -> list[int]:
     """Up to ``k`` nearest human-labeled samples of sample ``index`` by embedding similarity."""
     labeled = np.flatnonzero(state.human >= 0)
     labeled = labeled[labeled != index]
     if len(labeled) == 0:
         return []
-    emb = state.embeddings[branch]
+    emb = state.embeddings[view]
     q = emb[index] / (np.linalg.norm(emb[index]) + 1e-12)
     e = emb[labeled] / (np.linalg.norm(emb[labeled], axis=1, keepdims=True) + 1e-12)
     order = np.argsort(-(e @ q), kind="stable")[:k]

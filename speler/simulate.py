@@ -3,8 +3,9 @@
 For one dataset (with ``y_true`` and a few labels in ``y``, e.g. from ``protocol.make_partial``):
 train the backbone once on the initial labels (round 0, shared by every strategy so they start from
 the same model and graph), then for each strategy and each of ``rounds`` rounds propagate, record
-the quality of the final labels (human where given, else propagated), and label ``budget`` more
-samples from the strategy's suggestions. With ``retrain_every`` > 0 the model is retrained (with
+the quality of the propagated labels on the samples that have no human label yet (a human label
+is the annotator's merit, not the graph's; counting it as correct would inflate every curve), and
+label ``budget`` more samples from the strategy's suggestions. With ``retrain_every`` > 0 the model is retrained (with
 energy-weighted pseudo-labels) every that many rounds, as a real project does; 0 keeps the
 round-0 model, which isolates what the query strategy itself contributes.
 """
@@ -21,10 +22,10 @@ import numpy as np
 from speler.config import Config
 from speler.data.schema import SequenceSet
 from speler.errors import DataFormatError
-from speler.loop import _propagate_all, _pseudo_labels, suggest_for, update_state
+from speler.features import label_free_views
+from speler.loop import build_state, suggest_for, update_state
 from speler.metrics import label_quality, tail_classes
 from speler.selection import STRATEGIES
-from speler.train import embed, fit
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class SimulationResult:
     """curves[strategy] = one dict per round: labels (human count), accuracy, macro_f1, tail_recall,
-    rare_share; auc[strategy] = mean macro-F1 over the rounds (area under the curve / rounds)."""
+    rare_share, all on the samples without a human label; auc[strategy] = ``curve_area`` of the
+    macro-F1 curve (trapezoids over the number of labels / their span)."""
 
     dataset: str
     curves: dict[str, list[dict]] = field(default_factory=dict)
@@ -62,7 +64,11 @@ def simulate(
     started = time.perf_counter()
     tail = tail_classes(np.bincount(ds.y_true, minlength=ds.num_classes))
     t0 = time.perf_counter()
-    base_state = _train_state(ds, ds.y.copy(), config=config, pseudo=None)
+    vc = config.views
+    views = label_free_views(ds.x, views=tuple(v for v, w in (("plain", vc.plain_weight),
+                                                             ("rocket", vc.rocket_weight)) if w > 0),
+                             dim=vc.dim, rocket_features=vc.rocket_features, seed=vc.seed)
+    base_state = _train_state(ds, ds.y.copy(), config=config, pseudo=None, views=views)
     result = SimulationResult(dataset=name or ds.where, train_seconds=time.perf_counter() - t0)
     total = len(strategies) * (rounds + 1)
     done = 0
@@ -72,11 +78,12 @@ def simulate(
         curve = []
         for r in range(rounds + 1):
             if r > 0 and retrain_every and r % retrain_every == 0:
-                state = _train_state(ds, human, config=config, pseudo=state)
+                state = _train_state(ds, human, config=config, pseudo=state, views=views)
             elif r > 0:
                 state = update_state(state, human, num_classes=ds.num_classes, config=config)
-            final = np.where(human >= 0, human, state.result.labels)
-            q = label_quality(ds.y_true, final, num_classes=ds.num_classes, tail=tail)
+            # scored on the samples nobody has labeled yet: human labels are not the graph's merit
+            q = label_quality(ds.y_true, state.result.labels, num_classes=ds.num_classes,
+                              mask=human < 0, tail=tail)
             q.update(round=r, labels=int((human >= 0).sum()))
             curve.append(q)
             done += 1
@@ -91,17 +98,23 @@ def simulate(
                 break
             human[idx] = ds.y_true[idx]
         result.curves[strategy] = curve
-        result.auc[strategy] = float(np.mean([c["macro_f1"] for c in curve]))
+        result.auc[strategy] = curve_area(curve)
         logger.info("%s %s: AUC %.4f", result.dataset, strategy, result.auc[strategy])
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _train_state(ds: SequenceSet, human: np.ndarray, *, config: Config, pseudo):
-    pl = pw = None
-    if pseudo is not None:
-        pl, pw = _pseudo_labels(pseudo.result, human)
-    fitted = fit(ds, human, config=config.train, pseudo_labels=pl, pseudo_weights=pw)
-    emb = embed(fitted.model, ds)
-    return _propagate_all(0, {"time": emb.time, "freq": emb.freq}, emb.probs, human,
-                          num_classes=ds.num_classes, config=config)
+def curve_area(curve: list[dict], key: str = "macro_f1") -> float:
+    """Area under ``key`` over the number of human labels (trapezoids), divided by the span of
+    label counts: the curve's mean height, in the units of ``key``; a single point is its value."""
+    x = np.array([c["labels"] for c in curve], dtype=np.float64)
+    y = np.array([c[key] for c in curve], dtype=np.float64)
+    if len(x) == 1 or x[-1] == x[0]:
+        return float(y.mean())
+    return float(np.trapezoid(y, x) / (x[-1] - x[0]))
+
+
+def _train_state(ds: SequenceSet, human: np.ndarray, *, config: Config, pseudo, views=None):
+    """A round's state for ``human`` labels (``pseudo``: the previous state, whose propagation
+    supplies the pseudo-labels, as in a project's later rounds)."""
+    return build_state(ds, human, no=0, config=config, previous=pseudo, views=views).state

@@ -65,7 +65,7 @@ def test_round_on_real_data_writes_everything(natops_round):
     project, res, stages = natops_round
     assert res.round == 0
     assert [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s] == \
-        ["train", "embed", "knn", "propagate", "suggest"]
+        ["views", "train", "embed", "knn", "propagate", "suggest"]
     d = project.round_dir(0)
     for f in ("checkpoint.pt", "embeddings.npz", "propagation.npz", "metrics.json", "config.json"):
         assert (d / f).is_file(), f

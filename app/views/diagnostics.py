@@ -61,11 +61,13 @@ def _simulation() -> None:
     if saved and saved.get("curves"):
         curves = {s: ([r["labels"] for r in rows], [r["macro_f1"] for r in rows])
                   for s, rows in saved["curves"].items()}
-        st.plotly_chart(state.curves_figure(curves, y_title="macro-F1 of all labels"),
+        st.plotly_chart(state.curves_figure(curves, y_title="macro-F1, samples not yet labeled"),
                         key="sim_curves")
         auc = sorted(saved.get("auc", {}).items(), key=lambda kv: -kv[1])
         st.caption("Simulated annotator answering each strategy's suggestions from the held-out "
-                   f"truth, {state.SIM_BUDGET} labels per round. Mean macro-F1 over the rounds: "
+                   f"truth, {state.SIM_BUDGET} labels per round; each point scores the propagated "
+                   "labels of the samples nobody has labeled yet. Area under the curve (mean "
+                   "macro-F1 over the label counts): "
                    + ", ".join(f"{s} {v:.3f}" for s, v in auc) + ".")
     elif has_truth:
         st.caption("Compare the suggestion strategies by simulating an annotator who answers from "
@@ -100,6 +102,27 @@ def _simulation() -> None:
             st.error(f"The simulation failed: {j.error}")
 
     _sim_progress()
+
+
+def _views_section() -> None:
+    """The views in the round's graph, and the cross-fitted judgement of the network."""
+    m = live.metrics or {}
+    st.markdown("Views in the graph and their weights: " + ", ".join(
+        f"**{v}** {w:.2f}" for v, w in live.weights.items()))
+    j = m.get("judgement")
+    if not j:
+        return
+    st.markdown(f"Network ({j['mode']}): {j['reason']}.")
+    if j.get("folds"):
+        st.dataframe(pd.DataFrame([{
+            "fold": i + 1, "held-out human labels": f["held_out"],
+            "floor": f["floor"], "floor + network": f["with_network"],
+        } for i, f in enumerate(j["folds"])]), hide_index=True,
+            column_config={c: st.column_config.NumberColumn(format="%.3f")
+                           for c in ("floor", "floor + network")})
+        st.caption("Balanced accuracy on human labels held out of the network's training and of "
+                   "the propagation's seeds (cross-fitting): the network joins the label-free "
+                   "floor only when it predicts labels it never saw better.")
 
 
 def _start_simulation() -> None:
@@ -151,11 +174,15 @@ with bottom_right:
             st.caption("Human labels whose graph neighbours point strongly elsewhere: worth a second "
                        "look (relabel them from the Label page's search box after a round).")
 
+with st.expander("Graph views: what the propagation ran on", expanded=True):
+    _views_section()
+
 with st.expander("Propagation details"):
     info = {
         "round": live.round,
         "reliable propagated labels": int(np.sum(res.reliable & (live.human < 0))),
-        "CG iterations per branch": {b: r.iterations for b, r in live.branch_results.items()},
-        "converged": {b: bool(r.converged) for b, r in live.branch_results.items()},
+        "views in the graph (weight)": live.weights,
+        "CG iterations": res.iterations,
+        "converged": bool(res.converged),
     }
     st.json(info)

@@ -60,7 +60,7 @@ def _cancel() -> None:
 def _stage_bars(job: state.Job) -> None:
     """One bar per stage: done before the current one, live on it, waiting after it."""
     cur = state.STAGES.index(job.stage) if job.stage in state.STAGES else -1
-    units = {"train": "epoch", "embed": "samples", "knn": "branch", "propagate": "branch",
+    units = {"views": "view", "train": "epoch", "embed": "samples", "knn": "step", "propagate": "step",
              "suggest": "step"}
     for i, stage in enumerate(state.STAGES):
         title = state.STAGE_TITLES[stage]
@@ -114,8 +114,10 @@ with left:
     else:
         st.button(f"Run round {nxt}", key="run_round", type="primary", on_click=_start,
                   icon=":material/play_arrow:")
-        st.caption("Trains on the human labels plus the last round's reliable pseudo-labels, "
-                   "then propagates and suggests what to label next.")
+        st.caption("Builds label-free views and their graph (the floor), trains the network on "
+                   "the human labels plus reliable pseudo-labels, adds it to the graph only if "
+                   "labels it never saw say it helps, then propagates and suggests what to label "
+                   "next.")
 
     @st.fragment(run_every=1.0 if running_at_draw else None)
     def _progress() -> None:
@@ -144,6 +146,8 @@ with right:
                 "human labels": m.get("human_labels"), "reliable": m.get("reliable"),
                 "accuracy": q.get("accuracy"), "macro-F1": q.get("macro_f1"),
                 "tail recall": q.get("tail_recall"),
+                "network": ((m.get("judgement") or {}).get("joined") and "joined") or (
+                    "out" if m.get("judgement") else None),
                 "seconds": m.get("seconds"), "finished": (r.finished or "")[:19].replace("T", " "),
                 "note": r.reason or None,
             })

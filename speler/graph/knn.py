@@ -149,6 +149,63 @@ def affinity(graph: KnnGraph, *, gamma: float = 3.0) -> sp.csr_matrix:
     return w.astype(np.float32, copy=False)
 
 
+def combine_affinities(parts: list[tuple[sp.spmatrix, float]]) -> sp.csr_matrix:
+    """Weighted mean of degree-normalised affinities: ``Σ_v w_v D_v^-1/2 W_v D_v^-1/2 / Σ_v w_v``.
+
+    parts: (W_v, w_v) pairs, each W_v a symmetric non-negative (n, n) affinity of the same samples
+    (e.g. one per view), w_v > 0. Normalising each view first makes the views count by their
+    weights, not by the scale of their similarities or their degrees. Returns float32 CSR with a
+    zero diagonal, symmetric; a single part comes back normalised. Raises DataFormatError for
+    mismatched shapes, ConfigError for a weight that is not positive.
+    """
+    if not parts:
+        raise DataFormatError("combine_affinities: no affinity to combine")
+    n = parts[0][0].shape[0]
+    total = None
+    weight_sum = 0.0
+    for W, w in parts:
+        if W.shape != (n, n):
+            raise DataFormatError(f"combine_affinities: affinities of shapes {parts[0][0].shape} "
+                                  f"and {W.shape} do not describe the same samples")
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
+            raise ConfigError(f"combine_affinities: view weight must be a positive number, got {w!r}")
+        W = sp.csr_matrix(W, dtype=np.float64)
+        deg = np.asarray(W.sum(axis=1)).ravel()
+        inv = np.divide(1.0, np.sqrt(deg), out=np.zeros_like(deg), where=deg > 0)
+        S = sp.diags(inv) @ W @ sp.diags(inv)
+        total = w * S if total is None else total + w * S
+        weight_sum += w
+    out = (total / weight_sum).tocsr()
+    out.setdiag(0.0)
+    out.eliminate_zeros()
+    out.sort_indices()
+    return out.astype(np.float32)
+
+
+def strongest_neighbours(W: sp.spmatrix, k: int) -> KnnGraph:
+    """The ``k`` strongest edges of each row of the affinity W as a KnnGraph (sims = edge weights;
+    -1 and 0 where a row has fewer edges), e.g. the neighbours of a combined graph."""
+    W = sp.csr_matrix(W)
+    n = W.shape[0]
+    counts = np.diff(W.indptr)
+    width = max(1, int(counts.max(initial=0)))
+    vals = np.full((n, width), -np.inf, dtype=np.float64)
+    cols = np.full((n, width), -1, dtype=np.int64)
+    rows = np.repeat(np.arange(n), counts)
+    pos = np.arange(W.nnz) - np.repeat(W.indptr[:-1], counts)
+    vals[rows, pos] = W.data
+    cols[rows, pos] = W.indices
+    k = max(1, min(int(k), width))
+    top = np.argsort(-vals, axis=1, kind="stable")[:, :k]
+    sims = np.take_along_axis(vals, top, axis=1)
+    idx = np.take_along_axis(cols, top, axis=1)
+    missing = ~np.isfinite(sims)
+    idx[missing] = -1
+    sims[missing] = 0.0
+    return KnnGraph(indices=idx, sims=sims.astype(np.float32), method="combined", recall=None,
+                    seconds=0.0)
+
+
 # ----------------------------------------------------------------------------------------------
 def _validated(embeddings: np.ndarray) -> np.ndarray:
     x = np.asarray(embeddings)
