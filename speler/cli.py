@@ -108,7 +108,8 @@ def _add_import(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help="CSV of id,label rows: your own labels for some samples")
     p.add_argument("--allow-new-classes", action="store_true",
                    help="let --labels add classes the data does not name")
-    p.add_argument("--frames", type=int, help="frames per sample after resampling (preprocess.frames)")
+    p.add_argument("--frames", type=int,
+                   help="frames per sample after resampling, 2 to 10000 (preprocess.frames)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override such as train.lr=3e-4 (repeatable)")
     p.add_argument("--no-file-labels", action="store_true",
@@ -135,6 +136,9 @@ def _run_import(args: argparse.Namespace) -> int:
     if args.frames is not None:
         overrides.append(f"preprocess.frames={args.frames}")
     config = apply_overrides(Config(), overrides)
+    from speler.data.transforms import check_preprocess_config
+
+    check_preprocess_config(config.preprocess)  # before the (possibly long) read
     if not args.overwrite:
         # Fail before the (possibly long) read when the project already exists.
         from speler.project import default_root
@@ -258,7 +262,7 @@ def _run_info(args: argparse.Namespace) -> int:
             _out(f"rounds    {len(rounds)} (last done: {store.last_done_round()})")
             for r in rounds:
                 extra = f" — {r.reason}" if r.reason else ""
-                _out(f"  {r.no:03d}  {r.status:<7}  started {r.started}{extra}")
+                _out(f"  {r.no:03d}  {r.status:<11}  started {r.started}{extra}")
     return EXIT_OK
 
 
@@ -630,17 +634,17 @@ def _setup_logging(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except _UsageError as exc:
-        _err(f"{exc} (see --help)")
-        return EXIT_ERROR
-    except SystemExit as exc:  # --help, --version
-        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_ERROR
-    _setup_logging(args.verbose)
     hook = sys.unraisablehook
     try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except _UsageError as exc:
+            _err(f"{exc} (see --help)")
+            return EXIT_ERROR
+        except SystemExit as exc:  # --help, --version
+            return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_ERROR
+        _setup_logging(args.verbose)
         return int(args._run(args))
     except _UsageError as exc:
         _err(f"{exc} (see --help)")
@@ -651,7 +655,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         _err(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc))
         return EXIT_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        # The library says what an interruption left behind when it left anything (an overwrite
+        # cut off while deleting the replaced project); otherwise it cleaned up.
+        said = " ".join(str(a) for a in exc.args).strip()
         # Objects cut off mid-construction (a half-opened ZipFile, say) complain from __del__
         # when the traceback is dropped; the library already cleaned up, so keep that quiet.
         sys.unraisablehook = lambda unraisable: None
@@ -659,5 +666,5 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
     finally:
         sys.unraisablehook = hook
-    _err("interrupted; nothing was half-written")
+    _err(f"interrupted; {said}" if said else "interrupted; nothing was half-written")
     return EXIT_INTERRUPTED

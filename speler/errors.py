@@ -37,3 +37,7 @@ class ProjectError(SpelerError):
 
 class CancelledError(SpelerError):
     """Long work was cancelled by the user between steps."""
+
+
+class AccessError(SpelerError):
+    """A path is outside the folders this server is configured to read from."""

@@ -9,8 +9,13 @@
     exports/        exported labels
 ```
 The default root is ``annotations/`` at the repository root, or ``$SPELER_HOME`` when set.
-A project is created in a temporary folder beside its final place and renamed into place, so it
-exists complete or not at all.
+A project is created in a temporary folder ``<root>/.tmp-<name>-<pid>-<hex>`` beside its final
+place and renamed into place, so it exists complete or not at all; a temporary folder left by a
+killed import is removed by the next ``Project.create`` (``clean_stale``). Replacing a project
+(``overwrite``) renames the old folder aside to ``<root>/.old-<name>-<hex>`` and deletes it only
+once the new one is in place, its label store last; if that is interrupted the error says where
+what is left of it is, and a project folder found missing with its ``.old-*`` folder still there
+(a crash between the two renames) is renamed back by ``clean_stale``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,7 +36,8 @@ from speler import __version__
 from speler.config import Config
 from speler.data.schema import SequenceSet
 from speler.errors import ConfigError, ProjectError
-from speler.store import LabelStore
+from speler.store import LabelStore, checkpoint_file
+from speler.system import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +49,13 @@ EXPORTS_DIR = "exports"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ROUND = re.compile(r"^\d{3,}$")
+_TMP = re.compile(r"^\.tmp-(?P<name>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+_OLD = re.compile(r"^\.old-(?P<name>.+)-[0-9a-f]{8}$")
+
+#: A temporary import folder whose process is gone is removed at once; one whose owner cannot be
+#: told (no pid in its name, or a pid alive but maybe reused) once it is this old (seconds).
+STALE_TMP_SECONDS = 24 * 3600
+STALE_TMP_UNKNOWN_SECONDS = 30 * 60
 
 
 def default_root() -> Path:
@@ -60,6 +74,56 @@ def check_name(name: str) -> str:
             " starting with a letter or digit"
         )
     return name
+
+
+def clean_stale(root: str | Path | None = None) -> list[Path]:
+    """Tidy what killed imports left in ``root``; returns the folders removed or restored.
+
+    ``.tmp-<name>-<pid>-*`` folders are removed when their process is gone (or, failing that, when
+    they are older than ``STALE_TMP_SECONDS``; older than ``STALE_TMP_UNKNOWN_SECONDS`` for names
+    without a pid). An ``.old-<name>-*`` folder whose project ``<name>`` is missing is renamed back
+    to ``<name>`` (a crash between the two renames of an overwrite); others are left for the user,
+    with a warning, as they may hold the only copy of a replaced project's labels.
+    """
+    root = default_root() if root is None else Path(root)
+    touched: list[Path] = []
+    if not root.is_dir():
+        return touched
+    now = time.time()
+    for p in sorted(root.iterdir()):
+        if not p.name.startswith((".tmp-", ".old-")) or not p.is_dir():
+            continue
+        try:
+            age = now - p.stat().st_mtime
+        except OSError:
+            continue
+        if p.name.startswith(".tmp-"):
+            m = _TMP.match(p.name)
+            if m is not None:
+                stale = not pid_alive(int(m["pid"])) or age > STALE_TMP_SECONDS
+            else:
+                stale = age > STALE_TMP_UNKNOWN_SECONDS
+            if stale:
+                logger.warning("removing %s: an import that did not finish left it", p)
+                _remove(p)
+                touched.append(p)
+            continue
+        m = _OLD.match(p.name)
+        if m is None:
+            continue
+        final = root / m["name"]
+        if not final.exists() and _NAME.match(m["name"]):
+            try:
+                os.rename(p, final)
+            except OSError as exc:
+                logger.warning("%s: could not restore the project folder %s (%s)", p, final, exc)
+                continue
+            logger.warning("restored %s from %s: replacing it had been interrupted", final, p)
+            touched.append(final)
+        else:
+            logger.warning("%s holds what is left of a replaced project %r; delete it once you no"
+                           " longer need its labels", p, m["name"])
+    return touched
 
 
 def list_projects(root: str | Path | None = None) -> list[str]:
@@ -109,7 +173,9 @@ class Project:
             ``preprocess=False``, for data that already is).
         labels_from: "file" writes the labels in ``ds.y`` (>= 0) as ``imported`` events; None
             imports no labels. ``ds.y_true`` is kept in data.npz for evaluation only.
-        overwrite: replace an existing project of that name (only once the new one is complete).
+        overwrite: replace an existing project of that name: the old folder is renamed aside and
+            deleted only once the new one is in place (a KeyboardInterrupt during that deletion
+            says where what is left of it, its label store last to go, is).
         meta: import provenance (source path, format, ...), kept in the store's meta table.
         ProjectError if the project exists and ``overwrite`` is False; on any error or Ctrl-C
         nothing is left behind.
@@ -131,7 +197,8 @@ class Project:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ProjectError(f"{root}: cannot create the projects folder ({exc})") from exc
-        tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        clean_stale(root)
+        tmp = root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir()
             ds.save(tmp / DATA_FILE)
@@ -149,19 +216,23 @@ class Project:
                     if len(known):
                         store.add_labels(zip(ds.ids[known].tolist(), ds.y[known].tolist()),
                                          source="imported", annotator="import")
-            _install(tmp, final, overwrite=overwrite)
+            old = _install(tmp, final, overwrite=overwrite)
         except OSError as exc:
             _remove(tmp)
             raise ProjectError(f"{final}: cannot write the project ({exc})") from exc
         except BaseException:
             _remove(tmp)
             raise
+        if old is not None:
+            _discard_replaced(old, final)
         logger.info("created project %s: %d samples, %d classes", final, ds.n, ds.num_classes)
         return cls.open_path(final)
 
     @classmethod
     def open(cls, root: str | Path | None, name: str) -> "Project":
-        """Open project ``name`` under ``root`` (default ``default_root()``)."""
+        """Open project ``name`` under ``root`` (default ``default_root()``); ``name`` must be a
+        project name (``check_name``), never a path that would reach outside ``root``."""
+        check_name(name)
         root = default_root() if root is None else Path(root)
         path = root / name
         if not path.is_dir():
@@ -180,10 +251,7 @@ class Project:
         for f in (DATA_FILE, STORE_FILE, CONFIG_FILE):
             if not (path / f).is_file():
                 raise ProjectError(f"{path}: project is incomplete, {f} is missing")
-        try:
-            config = Config.load(path / CONFIG_FILE)
-        except ConfigError as exc:
-            raise ProjectError(f"{path / CONFIG_FILE}: invalid project config ({exc})") from exc
+        config = _load_config(path / CONFIG_FILE)
         store = LabelStore.open(path / STORE_FILE)
         return cls(path, store, config)
 
@@ -252,7 +320,9 @@ class Project:
         tmp = self.rounds_dir / f".tmp-{int(no):03d}"
         if not tmp.is_dir():
             raise ProjectError(f"{tmp}: no round folder in progress for round {no}")
-        _install(tmp, self.round_dir(no), overwrite=True)
+        old = _install(tmp, self.round_dir(no), overwrite=True)
+        if old is not None:
+            _remove(old)
         return self.round_dir(no)
 
     def latest_round(self) -> int | None:
@@ -263,9 +333,36 @@ class Project:
         return max(nos) if nos else None
 
 
-def _install(tmp: Path, final: Path, *, overwrite: bool) -> None:
-    """Rename folder ``tmp`` to ``final``; with ``overwrite`` an existing ``final`` is moved aside
-    first and removed after, so ``final`` is never half-written."""
+def _load_config(path: Path) -> Config:
+    """The project's Config; ProjectError naming the file for anything but a valid JSON object."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+        raw = json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise ProjectError(f"{path}: invalid project config (byte {exc.start} is not UTF-8 text;"
+                           " expected the JSON that SpeLER wrote)") from None
+    except json.JSONDecodeError as exc:
+        raise ProjectError(f"{path}: invalid project config (not JSON: {exc}); expected the JSON"
+                           " object SpeLER wrote") from None
+    except OSError as exc:
+        raise ProjectError(f"{path}: cannot read the project config ({exc})") from exc
+    if not isinstance(raw, dict):
+        got = {list: "a JSON array", str: "a JSON string", bool: "a JSON boolean",
+               int: "a JSON number", float: "a JSON number"}.get(type(raw), "JSON null")
+        raise ProjectError(f"{path}: invalid project config ({got}, expected an object of sections"
+                           " such as {\"train\": {...}})")
+    try:
+        return Config.from_dict(raw)
+    except ConfigError as exc:
+        raise ProjectError(f"{path}: invalid project config ({exc})") from exc
+    except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise ProjectError(f"{path}: invalid project config ({type(exc).__name__}: {exc})") from exc
+
+
+def _install(tmp: Path, final: Path, *, overwrite: bool) -> Path | None:
+    """Rename folder ``tmp`` to ``final``. With ``overwrite`` an existing ``final`` is first renamed
+    aside to ``.old-<name>-<hex>`` and that path returned, for the caller to delete once the new
+    folder is in place; if putting ``tmp`` in place fails or is interrupted, it is renamed back."""
     if final.exists():
         if not overwrite:
             raise ProjectError(f"{final}: already exists")
@@ -274,15 +371,49 @@ def _install(tmp: Path, final: Path, *, overwrite: bool) -> None:
         try:
             os.rename(tmp, final)
         except BaseException:
-            os.rename(old, final)
+            if not final.exists():
+                os.rename(old, final)
             raise
-        _remove(old)
-    else:
-        os.rename(tmp, final)
+        return old
+    os.rename(tmp, final)
+    return None
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
+def _discard_replaced(old: Path, final: Path) -> None:
+    """Delete ``old``, the project folder ``final`` replaced: everything else first, its label store
+    last, so an interruption leaves the labels readable. On Ctrl-C the KeyboardInterrupt says where
+    what is left is; a failure to delete is only a warning (the new project is in place)."""
+    store = old / STORE_FILE
+    try:
+        whole = checkpoint_file(store)  # the labels in the write-ahead log go into the file
+        for p in list(old.iterdir()):
+            if not p.name.startswith(STORE_FILE):
+                _remove(p, strict=True)
+        if whole:
+            for suffix in ("-shm", "-wal", "-journal"):
+                (old / f"{STORE_FILE}{suffix}").unlink(missing_ok=True)
+        store.unlink(missing_ok=True)
+        for p in list(old.iterdir()):
+            _remove(p, strict=True)
+        old.rmdir()
+    except KeyboardInterrupt:
+        kept = (f"its label store {store} is still there" if store.exists()
+                else "its label store was already deleted")
+        raise KeyboardInterrupt(
+            f"{final} holds the new project; the project it replaced was being deleted when"
+            f" interrupted and what is left of it is in {old} ({kept}); delete that folder once"
+            " you no longer need it") from None
+    except OSError as exc:
+        logger.warning("%s: could not delete the replaced project (%s); delete it by hand", old, exc)
+
+
+def _remove(path: Path, *, strict: bool = False) -> None:
+    """Delete a file or folder tree; errors are ignored unless ``strict``."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=not strict)
+    elif path.exists() or path.is_symlink():
+        try:
+            path.unlink()
+        except OSError:
+            if strict:
+                raise

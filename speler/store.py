@@ -32,14 +32,17 @@ from typing import Any
 import numpy as np
 
 from speler.errors import LabelError, StoreError
+from speler.system import pid_alive, this_host
 
 logger = logging.getLogger(__name__)
 
 SOURCES = ("human", "imported", "propagated")
+#: Statuses stored in ``rounds``. ``rounds()`` reports a stored 'running' round as 'interrupted'
+#: when the process that started it (``pid`` on ``host``, this machine) no longer exists.
 ROUND_STATUSES = ("running", "done", "failed")
 
 #: Version of ``SCHEMA``; files with a lower ``user_version`` are migrated with ``MIGRATIONS``.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: The current schema, executed on a new, empty file.
 SCHEMA = """
@@ -74,7 +77,9 @@ CREATE TABLE rounds (
     finished TEXT,
     metrics  TEXT,                                    -- JSON
     config   TEXT,                                    -- JSON
-    reason   TEXT                                     -- why a round failed
+    reason   TEXT,                                    -- why a round failed
+    pid      INTEGER,                                 -- process that started the round
+    host     TEXT                                     -- and the machine it ran on
 );
 CREATE INDEX label_events_by_sample ON label_events(source, sample, id);
 CREATE INDEX label_events_undoes ON label_events(undoes) WHERE undoes IS NOT NULL;
@@ -85,7 +90,8 @@ BEGIN SELECT RAISE(ABORT, 'label events are append-only'); END;
 """
 
 #: ``MIGRATIONS[v]`` upgrades a file from ``user_version`` v to v + 1.
-#: Version 1 had no ``rounds.reason`` column and no indexes or append-only triggers on events.
+#: Version 1 had no ``rounds.reason`` column and no indexes or append-only triggers on events;
+#: version 2 no ``rounds.pid`` and ``rounds.host`` (its running rounds stay 'running').
 MIGRATIONS: dict[int, str] = {
     1: """
 ALTER TABLE rounds ADD COLUMN reason TEXT;
@@ -95,6 +101,10 @@ CREATE TRIGGER label_events_no_update BEFORE UPDATE ON label_events
 BEGIN SELECT RAISE(ABORT, 'label events are append-only'); END;
 CREATE TRIGGER label_events_no_delete BEFORE DELETE ON label_events
 BEGIN SELECT RAISE(ABORT, 'label events are append-only'); END;
+""",
+    2: """
+ALTER TABLE rounds ADD COLUMN pid INTEGER;
+ALTER TABLE rounds ADD COLUMN host TEXT;
 """,
 }
 
@@ -168,7 +178,12 @@ class UndoResult:
 
 @dataclass(frozen=True)
 class RoundInfo:
-    """One row of ``rounds``; metrics and config are the decoded JSON (None until written)."""
+    """One row of ``rounds``; metrics and config are the decoded JSON (None until written).
+
+    status: 'running', 'done', 'failed', or 'interrupted' for a round stored as running whose
+    process (``pid`` on ``host``) is gone; ``reason`` then says so. Nothing is written for that:
+    the next round takes the number over, as for any round that did not finish.
+    """
 
     no: int
     status: str
@@ -177,6 +192,8 @@ class RoundInfo:
     metrics: dict[str, Any] | None
     config: dict[str, Any] | None
     reason: str | None
+    pid: int | None = None
+    host: str | None = None
 
 
 @dataclass
@@ -675,8 +692,9 @@ class LabelStore:
                         logger.warning("%s: round %d was left %s; starting it again", self.path, no,
                                        old[0])
                     conn.execute("DELETE FROM rounds WHERE no >= ?", (no,))
-                    conn.execute("INSERT INTO rounds(no, status, started) VALUES (?, 'running', ?)",
-                                 (no, _now()))
+                    conn.execute("INSERT INTO rounds(no, status, started, pid, host)"
+                                 " VALUES (?, 'running', ?, ?, ?)",
+                                 (no, _now(), os.getpid(), this_host()))
             except sqlite3.Error as exc:
                 raise self._fail("starting a round", exc) from exc
         return no
@@ -756,17 +774,26 @@ class LabelStore:
         return n
 
     def rounds(self) -> list[RoundInfo]:
-        """All rounds, by number."""
+        """All rounds, by number; a running round whose process is gone is 'interrupted'."""
         with self._lock:
             try:
-                rows = self._c.execute("SELECT no, status, started, finished, metrics, config, reason"
-                                       " FROM rounds ORDER BY no").fetchall()
+                rows = self._c.execute("SELECT no, status, started, finished, metrics, config,"
+                                       " reason, pid, host FROM rounds ORDER BY no").fetchall()
             except sqlite3.Error as exc:
                 raise self._fail("reading rounds", exc) from exc
-        return [RoundInfo(no=r[0], status=r[1], started=r[2], finished=r[3],
-                          metrics=None if r[4] is None else json.loads(r[4]),
-                          config=None if r[5] is None else json.loads(r[5]), reason=r[6])
-                for r in rows]
+        host = this_host()
+        out = []
+        for r in rows:
+            status, reason, pid = r[1], r[6], r[7]
+            if status == "running" and pid is not None and r[8] == host and not pid_alive(pid):
+                status = "interrupted"
+                reason = (f"process {pid} that ran it has ended (killed or crashed); the next round"
+                          " starts it again")
+            out.append(RoundInfo(no=r[0], status=status, started=r[2], finished=r[3],
+                                 metrics=None if r[4] is None else json.loads(r[4]),
+                                 config=None if r[5] is None else json.loads(r[5]), reason=reason,
+                                 pid=pid, host=r[8]))
+        return out
 
     def last_done_round(self) -> int | None:
         """Number of the last round marked done, None before the first."""
@@ -776,6 +803,23 @@ class LabelStore:
             except sqlite3.Error as exc:
                 raise self._fail("reading rounds", exc) from exc
         return None if v is None else int(v)
+
+
+def checkpoint_file(path: str | Path) -> bool:
+    """Fold the write-ahead log of the store file ``path`` into the file (best effort, no
+    migration), so the file alone holds every label; False when that did not fully succeed."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        conn = sqlite3.connect(path, timeout=2.0, isolation_level=None)
+        try:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
+    return busy == 0
 
 
 def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:

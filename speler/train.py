@@ -617,41 +617,66 @@ def save_checkpoint(path: str | Path, fit_or_model: FitResult | nn.Module, *, co
 def load_checkpoint(path: str | Path, ds: SequenceSet) -> Checkpoint:
     """Load a checkpoint for ``ds`` (weights_only=True, onto the CPU).
 
-    CheckpointError when the file is unreadable or was saved for another layout, class list or
-    dataset (fingerprint), saying which and what was expected.
+    CheckpointError when the file is unreadable, lacks a field or has one of the wrong type, or was
+    saved for another layout, class list or dataset (fingerprint), saying which and what was
+    expected. For a round's checkpoint (``.../rounds/NNN/checkpoint.pt``) the message also says how
+    to get past it: delete that round folder, and the next round starts from an earlier one.
     """
     path = Path(path)
+    if path.parent.parent.name == "rounds":
+        fix = (f"; delete the round folder {path.parent} and run the round again (it then starts"
+               " from an earlier round's model, or trains from scratch)")
+    else:
+        fix = "; train a new checkpoint"
+
+    def bad(msg: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {msg}{fix}")
+
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        raise CheckpointError(f"{path}: not a readable SpeLER checkpoint ({exc})") from exc
+        raise bad(f"not a readable SpeLER checkpoint ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a SpeLER checkpoint (no {CHECKPOINT_FORMAT!r} marker)")
-    if int(payload.get("version", 0)) > CHECKPOINT_VERSION:
+        raise bad(f"not a SpeLER checkpoint (no {CHECKPOINT_FORMAT!r} marker)")
+    fields = {"version": (int, "an integer"), "layout_name": (str, "a layout name"),
+              "layout": (str, "a layout JSON string"), "classes": ((list, tuple), "a list of names"),
+              "fingerprint": (str, "a dataset fingerprint"), "config": (dict, "a dict"),
+              "model_args": (dict, "a dict"), "state_dict": (dict, "a dict of tensors"),
+              "extra": (dict, "a dict")}
+    for key, (types, what) in fields.items():
+        if key not in payload:
+            if key == "extra":
+                continue
+            raise bad(f"checkpoint has no {key!r} field, expected {what}")
+        value = payload[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise bad(f"checkpoint field {key!r} is {str(value)[:40]!r}, expected {what}")
+    if not all(isinstance(c, str) for c in payload["classes"]):
+        raise bad(f"checkpoint field 'classes' is {str(payload['classes'])[:60]}, expected names")
+    if payload["version"] > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {payload['version']} is newer than this"
                               f" SpeLER reads ({CHECKPOINT_VERSION})")
     saved_layout = payload["layout_name"]
     if saved_layout != ds.layout.name:
-        raise CheckpointError(f"{path}: checkpoint was trained on layout {saved_layout!r}, this"
-                              f" dataset uses layout {ds.layout.name!r}")
+        raise bad(f"checkpoint was trained on layout {saved_layout!r}, this dataset uses layout"
+                  f" {ds.layout.name!r}")
     saved_classes = tuple(payload["classes"])
     if saved_classes != tuple(ds.classes):
         missing = [c for c in saved_classes if c not in ds.classes]
         added = [c for c in ds.classes if c not in saved_classes]
         detail = (f"missing here: {missing}, new here: {added}" if missing or added
                   else "same names in another order")
-        raise CheckpointError(f"{path}: checkpoint classes {list(saved_classes)} differ from the"
-                              f" dataset's {list(ds.classes)} ({detail})")
+        raise bad(f"checkpoint classes {list(saved_classes)} differ from the dataset's"
+                  f" {list(ds.classes)} ({detail})")
     fp = ds.fingerprint()
     if payload["fingerprint"] != fp:
-        raise CheckpointError(
-            f"{path}: checkpoint belongs to dataset fingerprint {payload['fingerprint']}, this"
-            f" dataset's fingerprint is {fp} (other sample ids, shape, classes or layout)")
+        raise bad(f"checkpoint belongs to dataset fingerprint {payload['fingerprint']}, this"
+                  f" dataset's fingerprint is {fp} (other sample ids, shape, classes or layout)")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg_dict = {k: v for k, v in payload["config"].items() if k in known}
-    dropped = sorted(set(payload["config"]) - known)
+    dropped = sorted(set(payload["config"]) - known, key=str)
     if dropped:
         logger.warning("%s: ignoring unknown train config keys %s", path, dropped)
     try:
@@ -659,9 +684,9 @@ def load_checkpoint(path: str | Path, ds: SequenceSet) -> Checkpoint:
         args = payload["model_args"]
         model = build_model(Layout.from_json(payload["layout"]), config=config, **args)
         model.load_state_dict(payload["state_dict"])
-    except (ConfigError, DataFormatError, RuntimeError, TypeError, KeyError) as exc:
-        raise CheckpointError(
-            f"{path}: cannot rebuild the model from the checkpoint ({exc})") from exc
+    except (ConfigError, DataFormatError, RuntimeError, TypeError, KeyError, ValueError,
+            AttributeError) as exc:
+        raise bad(f"cannot rebuild the model from the checkpoint ({exc})") from exc
     model.eval()
     return Checkpoint(model=model, config=config, classes=saved_classes, layout_name=saved_layout,
                       fingerprint=payload["fingerprint"], extra=dict(payload.get("extra", {})))

@@ -136,13 +136,42 @@ def test_upload_over_the_cap_is_refused(home, monkeypatch):
     assert "big" not in list_projects(home)
 
 
-def test_bad_server_path_shows_error(home):
+def test_bad_server_path_shows_error(home, monkeypatch):
+    monkeypatch.setenv("SPELER_DATA_DIRS", str(home))
     at = _page(_app(), "project")
     at.text_input(key="server_path").input(str(home / "no" / "such" / "file.skeleton"))
     at.run()
     at.button(key="path_go").click().run()
     assert not at.exception
     assert at.error and "no such file" in at.error[0].value
+
+
+def test_server_path_outside_the_data_folders_is_refused(home, tmp_path, monkeypatch):
+    """A browser user may import only from the configured data folders (SPELER_DATA_DIRS)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "BasicMotions_TRAIN.ts").write_bytes(
+        (REPO / "sample_data" / "basicmotions" / "BasicMotions_TRAIN.ts").read_bytes())
+    monkeypatch.setenv("SPELER_DATA_DIRS", str(data))
+    at = _page(_app(), "project")
+    assert f"Data folders: `{data.resolve()}`" in _texts(at)
+    before = list_projects(home)
+    for outside in (REPO / "sample_data" / "basicmotions" / "BasicMotions_TRAIN.ts",
+                    data / ".." / "data" / ".." / "x.ts", "/etc/passwd"):
+        at.text_input(key="server_path").input(str(outside))
+        at.run()
+        at.text_input(key="path_name").input("outside")
+        at.button(key="path_go").click().run()
+        assert not at.exception
+        assert at.error and "the app imports only from its data folders" in at.error[0].value, outside
+        assert "no such file" not in at.error[0].value
+    assert list_projects(home) == before
+    at.text_input(key="server_path").input(str(data / "BasicMotions_TRAIN.ts"))
+    at.run()
+    at.text_input(key="path_name").input("inside")
+    at.button(key="path_go").click().run()
+    assert not at.exception and not at.error, at.error[0].value
+    assert "inside" in list_projects(home)
 
 
 def test_import_from_server_path(home):
@@ -277,4 +306,4 @@ def test_simulation_from_diagnostics(trained, home):
 
     assert set(saved["curves"]) == set(STRATEGIES)
     assert all(rows[-1]["labels"] > rows[0]["labels"] for rows in saved["curves"].values())
-    assert "Mean macro-F1 over the rounds" in _texts(at)
+    assert "Area under the curve" in _texts(at) and "samples nobody has labeled yet" in _texts(at)

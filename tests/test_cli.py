@@ -277,3 +277,117 @@ def test_samples_and_import_of_a_bundled_sample(capsys, tmp_path):
         assert 0 < (p.data.y >= 0).sum() < p.data.n and p.data.y_true is not None
     code, _, err = run(capsys, "--root", tmp_path, "import", "--sample", "nope", "--project", "x")
     assert code == 2 and "unknown sample 'nope'" in one_error_line(err)
+
+
+# -- faults: one error line, nothing saved is lost --------------------------------------------------
+@pytest.mark.parametrize("content", [b"[]", b"\xff\xfe\x00\x01garbage\x80"], ids=["list", "binary"])
+def test_damaged_config_json_is_one_error_line(capsys, project, content):
+    (project / "demo" / "config.json").write_bytes(content)
+    for argv in (["info", "demo"], ["label", "demo", "skel_005", "action3"], ["undo", "demo"],
+                 ["export", "demo"]):
+        code, out, err = run(capsys, "--root", project, *argv)
+        assert code == 2 and out == "", argv
+        line = one_error_line(err)
+        assert "demo/config.json: invalid project config" in line, line
+
+
+def test_commands_refuse_project_paths(capsys, tmp_path, skeleton_set):
+    """A name that is a path would open (and write) a project outside the projects folder."""
+    Project.create(tmp_path / "other", "demo", skeleton_set, preprocess=False).close()
+    root = tmp_path / "root"
+    root.mkdir()
+    for argv in (["label", "../other/demo", "skel_005", "action3"],
+                 ["info", str(tmp_path / "other" / "demo")], ["undo", "../other/demo"],
+                 ["export", "../other/demo"], ["round", "../other/demo"],
+                 ["suggest", "../other/demo"], ["doubts", "../other/demo"],
+                 ["propagate", "../other/demo"], ["train", "../other/demo"]):
+        code, out, err = run(capsys, "--root", root, *argv)
+        assert code == 2 and out == "", argv
+        assert "invalid project name" in one_error_line(err), argv
+    with Project.open(tmp_path / "other", "demo") as p:
+        assert "human" not in {e.source for e in p.store.events()}
+    assert not (tmp_path / "other" / "demo" / "exports" / "demo-labels.csv").exists()
+
+
+def test_ctrl_c_while_overwrite_deletes_the_old_project_says_where_it_is(capsys, project,
+                                                                        monkeypatch):
+    import shutil
+
+    code, _, err = run(capsys, "--root", project, "label", "demo", "skel_005", "action3")
+    assert code == 0, err
+    real_rmtree = shutil.rmtree
+
+    def rmtree_cut_short(path, *args, **kwargs):
+        if ".old-demo-" in str(path):
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_cut_short)
+    code, _, err = run(capsys, "--root", project, "import", "--sample", "basicmotions",
+                       "--project", "demo", "--overwrite")
+    monkeypatch.undo()
+    assert code == 130
+    line = one_error_line(err)
+    old = [q for q in project.iterdir() if q.name.startswith(".old-demo-")]
+    assert len(old) == 1 and str(old[0]) in line and "nothing was half-written" not in line, line
+    from speler.store import LabelStore
+
+    with LabelStore.open(old[0] / "store.sqlite") as s:
+        assert s.label_of("skel_005") == (3, "human")
+
+
+_CTRL_C_ON_IMPORT = """
+import builtins, os, runpy, signal, sys
+target = sys.argv.pop(1)
+real = builtins.__import__
+
+def hook(name, *args, **kwargs):
+    if name == target:
+        builtins.__import__ = real
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(name, *args, **kwargs)
+
+builtins.__import__ = hook
+runpy.run_module("speler", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("module", ["numpy", "speler.selection"],
+                         ids=["importing-the-cli", "building-the-parser"])
+def test_ctrl_c_in_the_first_seconds_exits_130_quietly(tmp_path, module):
+    """SIGINT while ``python -m speler`` still imports numpy, or builds its parser (which imports
+    torch): exit 130 with at most one line, no traceback."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-c", _CTRL_C_ON_IMPORT, module, "--root",
+                          str(tmp_path), "info", "x"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO, env=env)
+    assert res.returncode == 130, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted"), res.stderr
+
+
+def test_import_frames_are_bounded_before_reading(capsys, tmp_path):
+    root = tmp_path / "root"
+    for extra in (["--frames", "100000000"], ["--frames", "2000000"],
+                  ["--set", "preprocess.frames=20000"]):
+        code, out, err = run(capsys, "--root", root, "import", tmp_path / "never-read.ts",
+                             "--project", "p", *extra)
+        assert code == 2 and out == "", extra
+        line = one_error_line(err)
+        assert "frames must be between 2 and 10000" in line and "never-read" not in line, line
+    assert not root.exists() or list(root.iterdir()) == []
+
+
+def test_info_shows_a_killed_round_as_interrupted(capsys, project):
+    script = ("import os, signal, sys\nfrom speler.project import Project\n"
+              "p = Project.open(sys.argv[1], 'demo')\np.store.begin_round()\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    res = subprocess.run([sys.executable, "-c", script, str(project)], capture_output=True,
+                         text=True, timeout=120, cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert res.returncode == -9, res.stderr
+    code, out, err = run(capsys, "--root", project, "info", "demo")
+    assert code == 0, err
+    assert re.search(r"000  interrupted  started .* — process \d+ that ran it has ended", out), out
+    assert "running" not in out

@@ -988,3 +988,32 @@ def test_detection_by_content_for_renamed_text_files(tmp_path: Path) -> None:
     ntu_like.write_text(ntu_text([[("5", _body(rng, 1))]]))
     assert detect(ntu_like) == "ntu"
     assert read(ntu_like, format="ntu").n == 1
+
+
+# ================================================================================================
+# Text is UTF-8: other bytes are an error naming the line, never merged labels
+# ================================================================================================
+def test_label_csv_in_latin1_is_refused_naming_the_line(tmp_path: Path, small: SequenceSet) -> None:
+    # café and cafè in Latin-1 both became 'caf\ufffd': two classes merged into one
+    f = tmp_path / "mine.csv"
+    f.write_bytes("id,label\ns0,café\ns1,cafè\n".encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"mine\.csv: line 2 is not UTF-8 text \(byte 0xe9 at"
+                                              r" column 7\); save the file as UTF-8"):
+        read_label_csv(f, small, allow_new_classes=True)
+    # UTF-8, with or without a BOM, keeps the two classes apart
+    for bom in (b"", b"\xef\xbb\xbf"):
+        f.write_bytes(bom + "id,label\ns0,café\ns1,cafè\n".encode("utf-8"))
+        imp = read_label_csv(f, small, allow_new_classes=True)
+        assert imp.new_classes == ("café", "cafè") and imp.labels.tolist() == [2, 3]
+
+
+def test_uea_ts_in_latin1_is_refused_naming_the_line(tmp_path: Path) -> None:
+    f = tmp_path / "Toy_TRAIN.ts"
+    text = TS.replace("@classLabel true up down", "@classLabel true café cafè")
+    text = text.replace(":up\n", ":café\n").replace(":down\n", ":cafè\n")
+    f.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"Toy_TRAIN\.ts: line \d+ is not UTF-8 text"):
+        read(f)
+    f.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    ds = read(f)
+    assert ds.classes == ("café", "cafè") and ds.y.tolist() == [0, 1, 0]

@@ -163,3 +163,91 @@ def test_default_root_and_spelerhome(tmp_path, monkeypatch, skeleton_set):
     assert list_projects() == ["envproj"]
     with Project.open(None, "envproj") as p:
         assert isinstance(p.store, LabelStore) and isinstance(p.data, SequenceSet)
+
+
+# -- overwrite never loses human labels; stale folders of killed imports --------------------------
+def test_ctrl_c_while_deleting_the_replaced_project_keeps_its_labels(tmp_path, skeleton_set,
+                                                                    monkeypatch):
+    """Ctrl-C after the new project is in place, while the old one is being deleted: the error
+    says where the old folder went, and its label store (human labels) is still whole there."""
+    import shutil
+
+    with Project.create(tmp_path, "p", skeleton_set, preprocess=False) as p:
+        p.store.add_label("skel_005", "action3", source="human", annotator="ann")
+    real_rmtree = shutil.rmtree
+
+    def rmtree_cut_short(path, *args, **kwargs):
+        if ".old-p-" in str(path):
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_cut_short)
+    with pytest.raises(KeyboardInterrupt) as info:
+        Project.create(tmp_path, "p", skeleton_set.subset(np.arange(5)), preprocess=False,
+                       overwrite=True)
+    monkeypatch.undo()
+    said = str(info.value)
+    old = [q for q in tmp_path.iterdir() if q.name.startswith(".old-p-")]
+    assert len(old) == 1 and str(old[0]) in said and "is still there" in said, said
+    with Project.open(tmp_path, "p") as p:
+        assert p.data.n == 5, "the new project is in place"
+    with LabelStore.open(old[0] / "store.sqlite") as s:
+        assert s.label_of("skel_005") == (3, "human")
+
+
+def test_overwrite_deletes_the_replaced_folder_completely(tmp_path, skeleton_set):
+    Project.create(tmp_path, "p", skeleton_set, preprocess=False).close()
+    (tmp_path / "p" / "rounds" / "000").mkdir()
+    (tmp_path / "p" / "rounds" / "000" / "x.npz").write_bytes(b"x")
+    Project.create(tmp_path, "p", skeleton_set, preprocess=False, overwrite=True).close()
+    assert _entries(tmp_path) == ["p"]
+
+
+def test_clean_stale_removes_dead_imports_and_restores_a_project_left_aside(tmp_path, skeleton_set):
+    import os
+    import time
+
+    from speler.project import clean_stale
+
+    dead = tmp_path / ".tmp-a-999999999-0123abcd"  # beyond pid_max: no such process
+    alive = tmp_path / f".tmp-b-{os.getpid()}-0123abcd"
+    legacy_old = tmp_path / ".tmp-c-0123abcd"  # no pid in the name, two hours old
+    legacy_new = tmp_path / ".tmp-d-0123abcd"
+    for d in (dead, alive, legacy_old, legacy_new):
+        d.mkdir()
+        (d / "data.npz").write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(legacy_old, (two_hours_ago, two_hours_ago))
+    # a crash between the two renames of an overwrite: the project is only in its .old-* folder
+    Project.create(tmp_path, "gone", skeleton_set, preprocess=False).close()
+    os.rename(tmp_path / "gone", tmp_path / ".old-gone-89abcdef")
+    Project.create(tmp_path, "new", skeleton_set, preprocess=False).close()  # cleans on start
+    assert _entries(tmp_path) == [alive.name, legacy_new.name, "gone", "new"]
+    assert list_projects(tmp_path) == ["gone", "new"]
+    assert clean_stale(tmp_path) == []
+
+
+# -- every way to open a project checks the name -----------------------------------------------------
+def test_open_refuses_paths_as_names(tmp_path, skeleton_set):
+    Project.create(tmp_path / "other", "p", skeleton_set, preprocess=False).close()
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("../other/p", str(tmp_path / "other" / "p"), ".", "..", "p/../../other/p"):
+        with pytest.raises(ProjectError, match="invalid project name"):
+            Project.open(root, name)
+
+
+# -- a damaged config.json is a ProjectError naming it -------------------------------------------------
+@pytest.mark.parametrize("content, message", [
+    (b"[]", r"a JSON array, expected an object"),
+    (b"\xff\xfe\x00\x01garbage\x80", r"byte 0 is not UTF-8"),
+    (b"{not json", r"not JSON"),
+    (b'{"train": []}', r"section 'train' must be a mapping"),
+    (b'{"train": {"lr": [1]}}', r"train.lr"),
+    (b"null", r"JSON null, expected an object"),
+])
+def test_damaged_config_json_is_one_project_error(tmp_path, skeleton_set, content, message):
+    Project.create(tmp_path, "p", skeleton_set, preprocess=False).close()
+    (tmp_path / "p" / "config.json").write_bytes(content)
+    with pytest.raises(ProjectError, match=rf"p/config.json: invalid project config.*{message}"):
+        Project.open(tmp_path, "p")

@@ -497,3 +497,59 @@ def test_hundred_thousand_samples(tmp_path):
     np.testing.assert_array_equal(cur.label, expect)
     assert (human >= 0).sum() == len(set(known.tolist()) | set(range(20)))
     s.close()
+
+
+# -- rounds whose process is gone -------------------------------------------------------------------
+_KILLED_ROUND = """
+import os, signal, sys
+from speler.store import LabelStore
+s = LabelStore.open(sys.argv[1])
+print(s.begin_round(), os.getpid(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # killed mid-round: nothing gets to mark it failed
+"""
+
+
+def test_a_round_whose_process_was_killed_reads_as_interrupted(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    s = _big_store(tmp_path, n=20)
+    s.add_label("id00003", "b", annotator="ann")
+    events = s.events()
+    res = subprocess.run([sys.executable, "-c", _KILLED_ROUND, str(s.path)], capture_output=True,
+                         text=True, timeout=120, cwd=repo,
+                         env=dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1"))
+    assert res.returncode == -9, res.stderr
+    no, pid = map(int, res.stdout.split())
+    (r,) = s.rounds()
+    assert (r.no, r.status, r.pid) == (no, "interrupted", pid)
+    assert f"process {pid} that ran it has ended" in r.reason
+    assert s.events() == events and s.last_done_round() is None, "reading wrote nothing"
+    with sqlite3.connect(s.path) as raw:
+        assert raw.execute("SELECT status FROM rounds").fetchall() == [("running",)]
+    # a round of a live process stays running; the next round takes the number over
+    assert s.begin_round() == no
+    (r,) = s.rounds()
+    assert (r.status, r.pid, r.reason) == ("running", os.getpid(), None)
+    s.close()
+
+
+def test_migrates_a_version_2_file_keeping_running_rounds_running(tmp_path):
+    path = tmp_path / "v2.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_SCHEMA_V1)
+    with LabelStore.open(path) as s:  # now current; rebuild a version 2 rounds table by hand
+        pass
+    with sqlite3.connect(path) as conn:
+        conn.executescript("""
+            ALTER TABLE rounds DROP COLUMN pid; ALTER TABLE rounds DROP COLUMN host;
+            INSERT INTO rounds(no, status, started) VALUES (1, 'running', '2025-01-03T00:00:00');
+            PRAGMA user_version = 2;""")
+    with LabelStore.open(path) as s:
+        assert [(r.no, r.status, r.pid) for r in s.rounds()] == [(0, "done", None),
+                                                                  (1, "running", None)]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3

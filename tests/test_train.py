@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -352,3 +353,31 @@ def test_fit_on_gpu_with_amp(actions):
     assert result.device == "cuda"
     emb = embed(result.model, actions)
     assert np.isfinite(emb.time).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p.pop("layout_name"), r"checkpoint has no 'layout_name' field"),
+    (lambda p: p.update(version="abc"), r"checkpoint field 'version' is 'abc', expected an integer"),
+    (lambda p: p.update(classes="abc"), r"checkpoint field 'classes' is 'abc'"),
+    (lambda p: p.update(model_args=[]), r"checkpoint field 'model_args' is '\[\]', expected a dict"),
+], ids=["no-layout-name", "version-abc", "classes-str", "model-args-list"])
+def test_malformed_round_checkpoint_says_which_file_and_how_to_recover(actions, tmp_path, change,
+                                                                      message):
+    """A round's checkpoint with the format marker but a missing or mistyped field: one
+    CheckpointError naming the file and saying that deleting the round folder gets past it."""
+    from speler.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "state_dict": {},
+               "config": {}, "classes": list(actions.classes), "layout": actions.layout.to_json(),
+               "layout_name": actions.layout.name, "fingerprint": actions.fingerprint(),
+               "model_args": {}, "extra": {}}
+    change(payload)
+    path = tmp_path / "rounds" / "003" / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, actions)
+    said = str(info.value)
+    assert re.search(message, said), said
+    assert said.startswith(f"{path}: ")
+    assert f"delete the round folder {path.parent} and run the round again" in said

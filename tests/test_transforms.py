@@ -91,3 +91,52 @@ def test_series_zscore_and_bad_config():
     np.testing.assert_allclose(out.x.std(axis=2), 1, atol=1e-4)
     with pytest.raises(DataFormatError, match="frames"):
         preprocess(ds, PreprocessConfig(frames=1))
+
+
+def test_frames_are_bounded():
+    ds = _skeleton()
+    for frames in (10_001, 2_000_000, 100_000_000):
+        with pytest.raises(DataFormatError, match=rf"frames must be between 2 and 10000, got {frames}"):
+            preprocess(ds, PreprocessConfig(frames=frames))
+    assert preprocess(_skeleton(n=1), PreprocessConfig(frames=10_000)).x.shape[2] == 10_000
+
+
+_TIGHT_MEMORY = """
+import resource
+import numpy as np
+from speler.config import PreprocessConfig
+from speler.data.layouts import NTU25
+from speler.data.schema import SequenceSet
+from speler.data.transforms import preprocess
+from speler.errors import DataFormatError
+
+ds = SequenceSet(x=np.ones((40, 3, 16, 25, 2), np.float32), ids=np.array([f"s{i}" for i in range(40)]),
+                 classes=("a",), y=np.zeros(40, np.int64), layout=NTU25, where="tight.npz")
+with open("/proc/self/status") as fh:
+    vm = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+cap = vm + (300 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+try:
+    preprocess(ds, PreprocessConfig(frames=10_000))  # 40 x 3 x 10000 x 25 x 2 float32 = 229 MiB
+except DataFormatError as exc:
+    print("REFUSED", exc)
+else:
+    print("DONE")
+"""
+
+
+def test_preprocess_refuses_what_does_not_fit_in_memory_before_allocating():
+    """With 300 MiB of address space left, resampling to 10,000 frames (229 MiB out, ~3x that on
+    the way) is refused with a message instead of a MemoryError halfway through."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(repo))
+    res = subprocess.run([sys.executable, "-c", _TIGHT_MEMORY], capture_output=True, text=True,
+                         timeout=120, cwd=repo, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("REFUSED tight.npz: resampling 40 samples to 10000 frames"), res.stdout
+    assert "GiB of memory is free; use fewer frames" in res.stdout

@@ -14,8 +14,10 @@ import streamlit as st
 
 from app import state
 from speler.config import Config
-from speler.errors import DataFormatError, ProjectError, SpelerError
+from speler.errors import AccessError, DataFormatError, ProjectError, SpelerError
 from speler.project import Project, check_name, list_projects
+from speler.server_paths import ENV as DATA_DIRS_ENV
+from speler.server_paths import check_data_path, data_dirs
 
 # Larger data: put it on the server and import it by path. (Streamlit's own server.maxUploadSize,
 # 200 MB by default, stops bigger files in the browser already.)
@@ -120,20 +122,26 @@ def _upload_tab() -> None:
 
 
 def _path_tab() -> None:
+    allowed = data_dirs()
     raw = st.text_input("File or folder on the server", key="server_path",
-                        placeholder="/data/ntu/nturgb+d_skeletons")
+                        placeholder=str(allowed[0]) if allowed else "/data/ntu/nturgb+d_skeletons",
+                        help=f"inside one of the data folders set by {DATA_DIRS_ENV}")
+    st.caption("Data folders: " + (", ".join(f"`{d}`" for d in allowed) if allowed else
+                                   f"none (set {DATA_DIRS_ENV} where the app is started)"))
     name, fmt, overwrite = _import_form("path", _suggest_name(raw) if raw.strip() else "")
     if not st.button("Import path", key="path_go", disabled=not raw.strip(), type="primary"):
         return
-    path = Path(raw.strip()).expanduser()
+    path = check_data_path(raw)  # before anything about the path is looked at
     if not path.exists():
-        raise DataFormatError(f"{path}: no such file or folder on the server")
-    _import(path, name=name, fmt=fmt, where=str(path.resolve()), overwrite=overwrite)
+        raise DataFormatError(f"{raw.strip()}: no such file or folder on the server")
+    _import(path, name=name, fmt=fmt, where=str(path), overwrite=overwrite)
 
 
 def _guarded(tab) -> None:
     try:
         tab()
+    except AccessError as exc:
+        state.show_error(exc, "Nothing was imported.")
     except SpelerError as exc:
         state.show_error(exc, "Nothing was imported. Check the file, or pick its format explicitly.")
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:

@@ -14,14 +14,36 @@ import numpy as np
 from speler.config import PreprocessConfig
 from speler.data.schema import SequenceSet
 from speler.errors import DataFormatError
+from speler.system import check_fits
+
+#: Most frames per sample ``preprocess`` resamples to: models see 32-300, and N x C x T x V x M
+#: float32 grows with T (10,000 frames of 1,000 two-person NTU samples is 6 GB).
+MAX_FRAMES = 10_000
+
+
+def check_preprocess_config(config: PreprocessConfig) -> None:
+    """DataFormatError unless ``2 <= config.frames <= MAX_FRAMES`` and ``config.persons >= 1``."""
+    if isinstance(config.frames, bool) or not 2 <= config.frames <= MAX_FRAMES:
+        raise DataFormatError(f"preprocess: frames must be between 2 and {MAX_FRAMES}, got"
+                              f" {config.frames}")
+    if config.persons < 1:
+        raise DataFormatError(f"preprocess: persons must be >= 1, got {config.persons}")
 
 
 def preprocess(ds: SequenceSet, config: PreprocessConfig = PreprocessConfig()) -> SequenceSet:
-    """A new SequenceSet of shape (N, C, T, V, M') with T = config.frames and M' <= config.persons."""
-    if config.frames < 2:
-        raise DataFormatError(f"preprocess: frames must be >= 2, got {config.frames}")
-    if config.persons < 1:
-        raise DataFormatError(f"preprocess: persons must be >= 1, got {config.persons}")
+    """A new SequenceSet of shape (N, C, T, V, M') with T = config.frames and M' <= config.persons.
+
+    DataFormatError for frames outside 2..MAX_FRAMES, and before allocating anything when the
+    result (and the copies made on the way, about three of it) would not fit in free memory.
+    """
+    check_preprocess_config(config)
+    n, c, _, v, m = ds.x.shape
+    m_out = m if ds.layout.is_series else min(m, config.persons)
+    out_bytes = n * c * config.frames * v * m_out * 4
+    check_fits(3 * out_bytes + ds.x.nbytes, where=ds.where or "preprocess",
+               what=f"resampling {n} samples to {config.frames} frames ({n} x {c} x"
+                    f" {config.frames} x {v} x {m_out} float32, with working copies)",
+               error=DataFormatError, hint="; use fewer frames (preprocess.frames) or less data")
     x = ds.x
     lengths = ds.lengths
     if not ds.layout.is_series:

@@ -5,6 +5,7 @@ Private to ``speler.formats``. Every helper raises ``DataFormatError`` naming th
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import io
@@ -23,6 +24,7 @@ import numpy as np
 from speler.data.layouts import Layout
 from speler.data.schema import SequenceSet
 from speler.errors import DataFormatError
+from speler.system import available_bytes, check_fits
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +122,12 @@ def list_files(root: Path, accept: Callable[[Path], bool], *, recursive: bool = 
     return out
 
 
+def memory_budget(share: float) -> int | None:
+    """``share`` of the memory free now (``speler.system.available_bytes``), None if unknown."""
+    free = available_bytes()
+    return None if free is None else int(free * share)
+
+
 def read_bytes(path: Path) -> bytes:
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
@@ -129,12 +137,23 @@ def read_bytes(path: Path) -> bytes:
 
 
 def read_text(path: Path) -> str:
-    """The file decoded as UTF-8 (a BOM is dropped; undecodable bytes become U+FFFD)."""
+    """The file decoded strictly as UTF-8 (a leading BOM is dropped).
+
+    Bytes that are not UTF-8 (a Latin-1 ``cafè``, say) are a DataFormatError naming the line:
+    replacing them would silently merge different labels (``café`` and ``cafè``) into one.
+    """
     data = read_bytes(path)
     if b"\x00" in data[:65536]:
         raise fail(path, "contains NUL bytes; expected a text file")
-    text = data.decode("utf-8", errors="replace")
-    return text[1:] if text.startswith("\ufeff") else text
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise fail(path, f"line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x} at column"
+                         f" {col}); save the file as UTF-8") from None
 
 
 _NUM = re.compile(r"(\d+)")
@@ -206,6 +225,9 @@ def check_budget(n: int, c: int, t: int, v: int, m: int, where: object) -> None:
         raise fail(where, f"{n} samples x {c} channels x {t} frames x {v} joints x {m} persons would"
                           f" take {need / 2**30:.1f} GiB, more than the {MAX_TENSOR_BYTES / 2**30:.1f}"
                           " GiB SpeLER allocates (set SPELER_MAX_TENSOR_BYTES, or split the data)")
+    check_fits(need, where=where, error=DataFormatError,
+               what=f"the {n} x {c} x {t} x {v} x {m} float32 tensor of the samples",
+               hint="; split the data or free memory")
 
 
 def build(

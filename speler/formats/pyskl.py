@@ -4,8 +4,10 @@ The file is ``{"split": {name: [frame_dir, ...]}, "annotations": [anno, ...]}`` 
 of annotations), each ``anno`` a dict with ``frame_dir`` (sample name), ``label`` (int, class
 index), ``keypoint`` float (M, T, V, C) with C = 2 (x, y in pixels) or 3 (x, y, z), optionally
 ``keypoint_score`` float (M, T, V) and ``total_frames``. Other keys (``img_shape`` ...) are ignored.
-The pickle is opened by ``safe_pickle.safe_load``: a pickle that names any global other than
-numpy's array machinery is refused and nothing in it runs.
+The pickle is opened by ``safe_pickle.safe_loads``: a pickle that names any global other than
+numpy's array machinery is refused and nothing in it runs, and one that stands for more array data
+than a sixth of the free memory (an array shared by many annotations counting once per annotation)
+is refused before it is loaded.
 
 Layout from V: 17 ``coco17``, 18 ``openpose18``, 25 ``ntu25``; a pickle written by ``write_pyskl``
 carries SpeLER's layout, class names and fps in the extra top-level keys ``speler_layout``,
@@ -30,9 +32,15 @@ from speler.data.layouts import Layout, get_layout
 from speler.data.schema import SequenceSet
 from speler.errors import DataFormatError
 from speler.formats._common import (
-    Progress, Sample, boundary, build, existing, fail, list_files, read_bytes, rel, stem_of, tick,
+    Progress, Sample, boundary, build, existing, fail, list_files, memory_budget, read_bytes, rel,
+    stem_of, tick,
 )
-from speler.formats.safe_pickle import safe_loads
+from speler.formats.safe_pickle import MAX_TOTAL_BYTES, safe_loads
+
+# Reading a pickle's arrays needs about six times their bytes at the peak (float16 keypoints become
+# float64 per sample, then the padded float32 tensor), so a file may stand for a sixth of the memory
+# free; an array shared by many annotations counts once per annotation.
+PICKLE_MEMORY_SHARE = 1 / 6
 
 LAYOUT_BY_JOINTS = {17: "coco17", 18: "openpose18", 25: "ntu25"}
 
@@ -57,7 +65,9 @@ def read_pyskl(path: str | Path, *, progress: Progress = None) -> SequenceSet:
     numeric: dict[str, int] = {}
     for k, f in enumerate(files):
         r = rel(f, root)
-        obj = safe_loads(read_bytes(f), where=str(f))
+        budget = memory_budget(PICKLE_MEMORY_SHARE)
+        obj = safe_loads(read_bytes(f), where=str(f),
+                         max_bytes=MAX_TOTAL_BYTES if budget is None else min(MAX_TOTAL_BYTES, budget))
         annos, meta = _annotations(obj, f)
         f_layout = meta.get("layout")
         if meta.get("classes") is not None:

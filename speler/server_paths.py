@@ -1,0 +1,48 @@
+"""Which folders on the server the app may import data from by path.
+
+The app's "Server path" import reads whatever path a browser user types, so it is limited to the
+data folders named in ``$SPELER_DATA_DIRS`` (separated by ``os.pathsep``, ``:`` on Linux). Unset,
+they are the repository's ``sample_data/`` and ``../shared/data`` beside the repository when it
+exists; set but empty, no server path is allowed (uploads still are). Paths are compared after
+resolving symbolic links and ``..``, so neither leads out of an allowed folder. The command line
+reads any path its user can: it runs with that user's rights already.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from speler.errors import AccessError
+
+ENV = "SPELER_DATA_DIRS"
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def data_dirs() -> list[Path]:
+    """The allowed folders, resolved; folders that do not exist are left out."""
+    env = os.environ.get(ENV)
+    if env is not None:
+        raw = [Path(p).expanduser() for p in env.split(os.pathsep) if p.strip()]
+    else:
+        raw = [_REPO / "sample_data", _REPO.parent / "shared" / "data"]
+    return [p.resolve() for p in raw if p.is_dir()]
+
+
+def check_data_path(path: str | Path) -> Path:
+    """``path`` resolved, if it lies in one of ``data_dirs()``; AccessError otherwise, before
+    anything about the path (even whether it exists) is looked at."""
+    text = str(path).strip()
+    if not text or "\x00" in text:
+        raise AccessError(f"{text!r}: not a path")
+    try:
+        resolved = Path(text).expanduser().resolve()
+    except (RuntimeError, OSError, ValueError) as exc:  # ~nosuchuser, a symlink loop
+        raise AccessError(f"{text}: not a usable path ({exc})") from None
+    allowed = data_dirs()
+    if any(resolved == d or resolved.is_relative_to(d) for d in allowed):
+        return resolved
+    where = ", ".join(str(d) for d in allowed) if allowed else "none are configured"
+    raise AccessError(
+        f"{text}: the app imports only from its data folders ({where}); copy the data into one, or"
+        f" set {ENV} (folders separated by '{os.pathsep}') where the app is started")
