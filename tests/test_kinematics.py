@@ -24,8 +24,11 @@ J = {name: i for i, name in enumerate(NTU25.joints)}
 
 
 def _clean(actions, n=2, seed=0, **kw) -> SequenceSet:
-    """Exact forward kinematics: no jitter, no dropped frames."""
+    """Exact forward kinematics of canonical executions: no jitter, no tracking glitches, no
+    dropped frames, and ambiguity 0 (no left-side, cut, lookalike or fidgeting executions), so
+    each action's defining movement can be checked on every sample."""
     counts = {a: n for a in actions} if isinstance(actions, (list, tuple)) else actions
+    kw.setdefault("ambiguity", 0.0)
     return generate(n_per_class=counts, seed=seed, noise=0.0, drop_rate=0.0, **kw)
 
 
@@ -214,6 +217,35 @@ def test_bow_bends_the_trunk_forward(clean_actions):
         assert lean.max() > 0.5 and lean[0] < 0.3
 
 
+def test_ambiguity_brings_left_side_and_lookalike_executions_on_a_sound_body():
+    """At ambiguity 1 some waves are done with the left hand and some point/punch/kick samples
+    with the left side; bodies stay rigid and upright. At ambiguity 0 none are (canonical)."""
+    def left_waves(ds):
+        out = 0
+        for i in _each(ds, "wave"):
+            left = _height(ds, i, "HandLeft") > _height(ds, i, "ShoulderLeft") + 0.1
+            right = _height(ds, i, "HandRight") > _height(ds, i, "ShoulderRight") + 0.1
+            out += int(left.mean() > 0.3 and right.mean() < 0.1)
+        return out
+
+    amb = _clean(["wave", "kick", "squat", "bow"], n=30, seed=6, max_yaw=0.0, ambiguity=1.0)
+    canon = _clean(["wave"], n=30, seed=6, max_yaw=0.0)
+    assert left_waves(amb) >= 2 and left_waves(canon) == 0
+    kicks = _each(amb, "kick")
+    assert sum(_height(amb, i, "AnkleLeft").max() > _height(amb, i, "AnkleRight").max() + 0.1
+               for i in kicks) >= 2
+    for i in range(amb.n):
+        x = amb.x[i, :, : amb.lengths[i], :, 0]
+        lengths = np.stack([np.linalg.norm(x[:, :, c] - x[:, :, p], axis=0) for c, p in NTU25.bones])
+        assert lengths.std(axis=1).max() < 1e-5, amb.ids[i]
+        feet = np.minimum(_joint(amb, i, "FootLeft")[:, 1], _joint(amb, i, "FootRight")[:, 1])
+        assert (_joint(amb, i, "Head")[:, 1] > feet + 0.6).all(), amb.ids[i]
+    with pytest.raises(DataFormatError, match="ambiguity"):
+        generate(n_per_class=[1], seed=0, ambiguity=1.5)
+    with pytest.raises(DataFormatError, match="glitch_rate"):
+        generate(n_per_class=[1], seed=0, glitch_rate=-0.1)
+
+
 # -- sensor model -----------------------------------------------------------------------------
 def test_noise_jitters_bones_and_some_frames_are_dropped_or_frozen():
     ds = generate(n_per_class=[6] * len(ACTIONS), seed=9, fps=15)
@@ -228,6 +260,12 @@ def test_noise_jitters_bones_and_some_frames_are_dropped_or_frozen():
         jitter.append(thigh.std())
     assert dropped > 0 and frozen > 0
     assert 0.004 < float(np.median(jitter)) < 0.04  # centimetre-level Kinect jitter
+    # tracking glitches (occluded arm, swapped legs, jumping joint) on every sample: the same
+    # samples without them differ only there, by decimetres
+    glitched = generate(n_per_class=[6] * 3, seed=9, fps=15, glitch_rate=1.0, drop_rate=0.0)
+    clean = generate(n_per_class=[6] * 3, seed=9, fps=15, glitch_rate=0.0, drop_rate=0.0)
+    moved = np.abs(glitched.x - clean.x).max(axis=(1, 2, 3, 4))
+    assert (moved > 0.08).mean() > 0.5  # most glitched samples have a joint off by > 8 cm
     no_drop = generate(n_per_class=[6] * 3, seed=9, fps=15, drop_rate=0.0)
     for i in range(no_drop.n):
         assert (np.abs(no_drop.x[i, :, : no_drop.lengths[i]]).sum(axis=(0, 2, 3)) > 0).all()
@@ -250,8 +288,11 @@ def test_actions_are_separable_from_a_few_labels_but_not_trivially():
         dist = ((feats[test, None, :] - centroids[None]) ** 2).sum(-1)
         accs.append(float((dist.argmin(1) == ds.y[test]).mean()))
     chance = 1 / len(ACTIONS)
-    assert np.mean(accs) > 6 * chance  # well above chance (~0.55)
-    assert min(accs) < 0.995  # noise, view and style leave real confusions
+    # Since the generator's ambiguity (left-side, cut and lookalike executions, fidgets, glitches)
+    # this simple classifier gets about 0.55 (it got about 0.9 before, when the bundled sample was
+    # saturated at macro-F1 1.0): still far above chance, and far from perfect.
+    assert np.mean(accs) > 4 * chance  # well above chance (~0.36)
+    assert max(accs) < 0.8  # lookalike executions, noise, view and style leave real confusions
 
 
 # -- the bundled sample -----------------------------------------------------------------------

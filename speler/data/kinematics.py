@@ -6,15 +6,31 @@ kinematics over per-subject bone lengths, so every bone keeps its length within 
 of the motion each sample varies by
 
 - subject: height 1.55-1.90 m and segment proportions (torso, arms, legs, shoulders, hips, head),
-- speed: duration (1.5-4 s by default) and, for periodic actions, cycle frequency,
+  and habits: handedness (about one in five is left-handed), slouch, how the elbows are carried,
+  vigour (amplitude) and tempo (speed),
+- speed: duration (1.5-4 s by default) and, for periodic actions, cycle frequency; the pace may
+  also speed up and slow down within a clip (a monotone time warp),
 - amplitude and phase, plus slow idle sway of every joint,
 - viewpoint: body turned ±45° about the vertical axis, 2.5-3.5 m from the camera, sideways offset
-  ±0.4 m, camera height 0.8-1.2 m and a camera tilt of ±4°,
-- sensor noise: Kinect-like jitter of about 0.6-2.2 cm, growing with depth (larger at hands and feet,
-  slightly correlated in time), and the odd flipped thumb / hand tip,
+  ±0.4 m, camera height 0.8-1.2 m and a camera tilt of ±4°; the person may also turn by up to ±25°
+  and shuffle by up to ±15 cm during the clip,
+- sensor noise: Kinect-like jitter of about 0.7-2.7 cm, growing with depth (larger at hands and
+  feet, slightly correlated in time), and the odd flipped thumb / hand tip,
+- tracking glitches (35% of the samples by default): an occluded arm whose inferred joints
+  collapse beside the torso, legs that swap sides, a joint that jumps 8-30 cm for a few frames,
 - nuisance posture: the arm that takes no part in a one-arm action may rest on the hip or lie
-  across the belly,
+  across the belly, and a free hand may fidget (touch the face, scratch the head, look at a watch),
 - dropped frames: a few frames where the skeleton is missing (all zero) or frozen (repeated).
+
+``ambiguity`` (0-1, default 1) scales how often executions stray from the canonical one, the
+way real recordings do: one-sided actions (wave, punch, kick, point) done with the left side, clips
+that idle before the action, start late or stop before it is over, and lookalike styles that share
+motion with another action: a wave with the arm forward or only a swing or two, a pointing hand
+that beats, a punch without guard or as a slow push or a one-two, one or two claps or claps over
+the head, arms raised only to shoulder height or one after the other, a shallow squat leaning
+forward, a bow whose knees give, sitting down on something high or leaning far forward, a small
+hop or a jump that reaches up, a low kick, a low march or a step or two. At 0 every sample is the
+action's canonical execution (what the tests check each action by).
 
 Coordinates are Kinect camera space in metres: y up, z the depth away from the camera, x to the
 camera's left, i.e. a right-handed frame in which a person facing the camera has the right hand at
@@ -115,6 +131,8 @@ class Subject:
     offsets: float64 (V, 3), each joint's offset from its parent in the parent's rest frame
         (zero row for the root); ``np.linalg.norm(offsets, axis=1)`` are the bone lengths.
     ankle_height, foot_height: heights of the ankle and foot joints above the floor when standing.
+    left_handed, slouch, arm_carry, vigour, tempo: the person's habits (see :func:`make_subjects`);
+        they show in a sample in proportion to the generator's ``ambiguity``.
     """
 
     name: str
@@ -122,6 +140,11 @@ class Subject:
     offsets: np.ndarray
     ankle_height: float
     foot_height: float
+    left_handed: bool = False
+    slouch: float = 0.0  # degrees of habitual forward bend of the spine
+    arm_carry: float = 0.0  # degrees of habitual elbow flexion on top of the rest pose
+    vigour: float = 1.0  # this person's amplitude factor (scales every sample's amplitude)
+    tempo: float = 1.0  # this person's speed factor (scales cycle frequencies)
 
     @property
     def bone_lengths(self) -> np.ndarray:
@@ -130,8 +153,15 @@ class Subject:
 
 
 def make_subjects(n: int, *, seed: int) -> list[Subject]:
-    """``n`` subjects with seeded heights and proportions (deterministic from ``seed``)."""
+    """``n`` subjects with seeded heights, proportions and habits (deterministic from ``seed``).
+
+    Habits: about one person in five is left-handed (does one-sided actions with the left arm or
+    leg most of the time); each person has a habitual slouch (-4..12°), elbow carry (0..20°),
+    vigour (amplitude ×0.75..1.25) and tempo (speed ×0.8..1.25). They come from their own random
+    stream, so the bodies do not depend on them.
+    """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7919]))
+    habits = np.random.default_rng(np.random.SeedSequence([seed, 7927]))
     subjects = []
     for k in range(n):
         height = float(rng.uniform(1.55, 1.90))
@@ -146,6 +176,9 @@ def make_subjects(n: int, *, seed: int) -> list[Subject]:
         subjects.append(Subject(
             name=f"s{k + 1:02d}", height=height, offsets=offsets,
             ankle_height=_ANKLE_HEIGHT * scale, foot_height=_FOOT_HEIGHT * scale,
+            left_handed=bool(habits.random() < 0.2), slouch=float(habits.uniform(-4.0, 12.0)),
+            arm_carry=float(habits.uniform(0.0, 20.0)), vigour=float(habits.uniform(0.75, 1.25)),
+            tempo=float(habits.uniform(0.8, 1.25)),
         ))
     return subjects
 
@@ -279,6 +312,12 @@ class _Style:
     speed: float  # > 1 for long clips, < 1 for short ones: scales the quick moves (jabs)
     t: np.ndarray  # float64 (T,), seconds
     rng: np.random.Generator
+    ambiguity: float = 0.0  # the generator's ``ambiguity``: 0 = always the canonical execution
+
+    def odd(self, p: float) -> bool:
+        """True with probability ``p · ambiguity``: this sample does the action a less typical
+        way (one that looks more like another action). Draws from the sample's generator."""
+        return bool(self.rng.random() < p * self.ambiguity)
 
 
 def _smooth(t: np.ndarray, t0: float, t1: float) -> np.ndarray:
@@ -323,16 +362,22 @@ def _idle_arm(pose: _Pose, side: str, st: _Style) -> None:
 
 
 def _walk_in_place(pose: _Pose, st: _Style) -> None:
-    t, a = pose.t, st.amp
-    ramp = _smooth(t, 0.0, 0.3)
+    t, a, rng = pose.t, st.amp, st.rng
+    ramp = _smooth(t, st.onset, st.onset + 0.3)
     w = 2 * np.pi * st.freq * t + st.phase
-    lift_l = np.maximum(0.0, np.sin(w)) ** 1.3 * ramp
-    lift_r = np.maximum(0.0, np.sin(w + np.pi)) ** 1.3 * ramp
+    lift_amp = rng.uniform(0.35, 0.6) if st.odd(0.35) else 1.0  # a low march, feet barely up
+    if st.odd(0.25):  # only a step or two in the clip (started late or stopped early)
+        t0 = st.onset + rng.uniform(0.0, 0.3) * st.duration
+        t1 = t0 + rng.uniform(1.0, 2.0) / st.freq
+        ramp = ramp * _bump(t, t0, t0 + 0.2, t1, t1 + 0.4)
+    lift_l = np.maximum(0.0, np.sin(w)) ** 1.3 * ramp * lift_amp
+    lift_r = np.maximum(0.0, np.sin(w + np.pi)) ** 1.3 * ramp * lift_amp
     for p, lift in (("L", lift_l), ("R", lift_r)):
         pose[f"{p}_hip_flex"] += 60 * a * lift
         pose[f"{p}_knee"] += 80 * a * lift
         pose[f"{p}_ankle"] += 15 * lift
-    swing = np.sin(w) * ramp
+    arms = rng.uniform(0.1, 0.4) if st.odd(0.3) else (rng.uniform(1.3, 1.8) if st.odd(0.15) else 1.0)
+    swing = np.sin(w) * ramp * arms
     pose["L_sh_flex"] += -22 * a * swing
     pose["R_sh_flex"] += 22 * a * swing
     pose["L_elbow"] += 25 + 10 * np.maximum(0, -swing)
@@ -346,11 +391,19 @@ def _wave(pose: _Pose, st: _Style) -> None:
     env = _window(st, rise=rng.uniform(0.35, 0.6), fall=rng.uniform(0.35, 0.6),
                   ends=bool(rng.random() < 0.6))
     high = rng.uniform(0.0, 1.0)  # low wave (hand at head height) .. high wave (above the head)
+    plane = 0.0
+    if st.odd(0.35):  # waving to someone in front: the upper arm forward rather than out
+        plane, high = rng.uniform(45, 80), 0.5 * high
+        _blend(pose, "R_sh_plane", plane, env)
     _blend(pose, "R_sh_abd", 80 + 40 * high, env)
     _blend(pose, "R_sh_flex", rng.uniform(5, 25), env)
-    _blend(pose, "R_sh_ext", 90 - 20 * high, env)
+    _blend(pose, "R_sh_ext", 90 - 1.25 * plane - 20 * high, env)  # keeps the forearm upright
     osc = np.sin(2 * np.pi * st.freq * t + st.phase) * _smooth(t, st.onset + 0.2, st.onset + 0.5)
-    _blend(pose, "R_elbow", (95 - 35 * high) + 28 * a * osc, env)
+    if st.odd(0.3):  # a short "hi": one or two swings, then the hand is just held up
+        t1 = st.onset + 0.3 + rng.uniform(1.0, 2.0) / st.freq
+        osc = osc * (1.0 - _smooth(t, t1, t1 + 0.25))
+    swing = 28 * a * (rng.uniform(0.35, 0.6) if st.odd(0.3) else 1.0)  # a small hand wave
+    _blend(pose, "R_elbow", (95 - 35 * high) + swing * osc, env)
     pose["R_wrist"] += 12 * osc * env
     pose["spine_side"] += 3 * env
     pose["neck_yaw"] += -5 * env
@@ -361,15 +414,26 @@ def _clap(pose: _Pose, st: _Style) -> None:
     t, a, rng = pose.t, st.amp, st.rng
     env = _window(st, rise=rng.uniform(0.3, 0.5), fall=rng.uniform(0.3, 0.5),
                   ends=bool(rng.random() < 0.5))
+    freq = st.freq * (rng.uniform(0.5, 0.75) if st.odd(0.25) else 1.0)  # slow applause
     # open (0) .. closed (1): hands meet briefly, rest apart
-    closed = (0.5 + 0.5 * np.cos(2 * np.pi * st.freq * t + st.phase)) ** 2
+    closed = (0.5 + 0.5 * np.cos(2 * np.pi * freq * t + st.phase)) ** 2
     closed = closed * _smooth(t, st.onset + 0.15, st.onset + 0.4)
-    height = rng.uniform(-10, 15)
+    if st.odd(0.3):  # one or two claps only, the hands stay up in front afterwards
+        t1 = st.onset + 0.4 + rng.uniform(1.0, 2.0) / freq
+        closed = closed * (1.0 - _smooth(t, t1, t1 + 0.2))
+    high = st.odd(0.15)  # clapping over the head
+    height = rng.uniform(100, 140) if high else rng.uniform(-10, 15)
     for p in "LR":
-        _blend(pose, f"{p}_sh_flex", 40 + height, env)
-        _blend(pose, f"{p}_sh_abd", 12 - 18 * a * closed, env)
-        _blend(pose, f"{p}_elbow", 85 - 10 * closed, env)
-        _blend(pose, f"{p}_sh_ext", -(15 + 45 * a * closed), env)
+        if high:
+            _blend(pose, f"{p}_sh_flex", height, env)
+            _blend(pose, f"{p}_sh_abd", 15 - 20 * closed, env)
+            _blend(pose, f"{p}_elbow", 70 - 10 * closed, env)
+            _blend(pose, f"{p}_sh_ext", -(10 + 15 * closed), env)
+        else:
+            _blend(pose, f"{p}_sh_flex", 40 + height, env)
+            _blend(pose, f"{p}_sh_abd", 12 - 18 * a * closed, env)
+            _blend(pose, f"{p}_elbow", 85 - 10 * closed, env)
+            _blend(pose, f"{p}_sh_ext", -(15 + 45 * a * closed), env)
         _blend(pose, f"{p}_wrist", 10, env)
 
 
@@ -378,17 +442,20 @@ def _raise_arms(pose: _Pose, st: _Style) -> None:
     d = st.duration - st.onset
     up = rng.uniform(0.25, 0.35) * d
     hold = rng.uniform(0.15, 0.35) * d
-    env = _bump(t, st.onset, st.onset + up, st.onset + up + hold,
-                min(st.duration, st.onset + 2 * up + hold))
+    lag = rng.uniform(0.15, 0.45) if st.odd(0.25) else 0.0  # one arm after the other
     plane = rng.uniform(0.0, 80.0)  # 0: up through the sides .. 80: nearly through the front
     top = min(175.0, 155 + 20 * a)
-    for p in "LR":
+    if st.odd(0.3):  # only half way: arms held out in front at shoulder height (or a bit above)
+        plane, top = rng.uniform(75.0, 90.0), rng.uniform(85.0, 120.0)
+    for k, p in enumerate("LR"):
+        t0 = st.onset + k * lag
+        env = _bump(t, t0, t0 + up, t0 + up + hold, min(st.duration + k * lag, t0 + 2 * up + hold))
         _blend(pose, f"{p}_sh_abd", top, env)
         _blend(pose, f"{p}_sh_flex", 0, env)
         _blend(pose, f"{p}_sh_plane", plane, env)
         _blend(pose, f"{p}_elbow", 8, env)
-    pose["neck_bend"] += -10 * env
-    pose["chest_bend"] += -4 * env
+        pose["neck_bend"] += -5 * env * top / 175
+        pose["chest_bend"] += -2 * env
 
 
 def _squat(pose: _Pose, st: _Style) -> None:
@@ -404,13 +471,17 @@ def _squat(pose: _Pose, st: _Style) -> None:
         depth = np.maximum(depth, _bump(t, t0, t0 + down, t0 + down + hold,
                                         min(st.duration, t0 + 2 * down + hold)))
     k = float(np.clip(0.8 + 0.57 * (a - 0.8), 0.8, 1.0))  # half (0.8) to deep (1.0) squats
+    lean = 42.0
+    if st.odd(0.3):  # a shallow squat with the trunk leaning well forward
+        k, lean = rng.uniform(0.4, 0.6), rng.uniform(60.0, 80.0)
+    arms = 80.0 if not st.odd(0.35) else rng.uniform(10.0, 30.0)  # arms forward, or kept low
     for p in "LR":
         pose[f"{p}_hip_flex"] += 95 * k * depth
         pose[f"{p}_knee"] += 120 * k * depth
         pose[f"{p}_hip_abd"] += 8 * depth
-        _blend(pose, f"{p}_sh_flex", 80, depth * rng.uniform(0.6, 1.0))
+        _blend(pose, f"{p}_sh_flex", arms, depth * rng.uniform(0.6, 1.0))
         _blend(pose, f"{p}_elbow", 15, depth)
-    pose["pelvis_pitch"] += 42 * k * depth
+    pose["pelvis_pitch"] += lean * k * depth
     pose["spine_bend"] += 5 * depth
     pose["neck_bend"] += -25 * depth
 
@@ -423,10 +494,17 @@ def _bow(pose: _Pose, st: _Style) -> None:
     env = _bump(t, st.onset, st.onset + down, st.onset + down + hold,
                 min(st.duration, st.onset + 2 * down + hold))
     angle = np.clip(55 * a, 35, 75)
+    if st.odd(0.3):  # a short nod of a bow
+        angle = rng.uniform(20.0, 35.0)
     pose["pelvis_pitch"] += angle * env
     pose["spine_bend"] += 12 * env
     pose["chest_bend"] += 6 * env
     pose["neck_bend"] += 10 * env
+    if st.odd(0.35):  # the knees give as well (a bow that sinks, like a shallow squat)
+        knees = rng.uniform(25.0, 50.0)
+        for p in "LR":
+            pose[f"{p}_hip_flex"] += 0.75 * knees * env
+            pose[f"{p}_knee"] += knees * env
     for p in "LR":  # arms keep hanging: counter the trunk pitch
         pose[f"{p}_sh_flex"] += (angle + 18) * 0.85 * env
         pose[f"{p}_sh_abd"] += -4 * env
@@ -435,6 +513,8 @@ def _bow(pose: _Pose, st: _Style) -> None:
 def _punch(pose: _Pose, st: _Style) -> None:
     t, a, rng = pose.t, st.amp, st.rng
     guard = _window(st, rise=0.3, fall=0.3, ends=bool(rng.random() < 0.5))
+    if st.odd(0.3):  # no boxing guard: the arms hang between the jabs
+        guard = guard * rng.uniform(0.0, 0.3)
     for p in "LR":
         _blend(pose, f"{p}_sh_flex", 35, guard)
         _blend(pose, f"{p}_sh_abd", 5, guard)
@@ -442,17 +522,25 @@ def _punch(pose: _Pose, st: _Style) -> None:
         _blend(pose, f"{p}_sh_ext", -10, guard)
     d = st.duration - st.onset - 0.4
     n = int(np.clip(round(d / rng.uniform(0.6, 0.9)), 1, 4))
-    ext = np.zeros_like(t)
+    slow = rng.uniform(1.8, 2.8) if st.odd(0.3) else 1.0  # a slow push rather than a jab
+    if slow > 1.0:
+        n = max(1, n // 2)
+    both = st.odd(0.3)  # one-two: the jabs alternate between the arms
+    ext = {"L": np.zeros_like(t), "R": np.zeros_like(t)}
     for k in range(n):
         t0 = st.onset + 0.35 + (k + rng.uniform(0.1, 0.4)) * d / n
-        out = rng.uniform(0.12, 0.2) * st.speed
-        ext = np.maximum(ext, _bump(t, t0, t0 + out, t0 + out + 0.05, t0 + 2.3 * out + 0.05))
-    _blend(pose, "R_sh_flex", 85 * min(1.0, a) + 5, ext)
-    _blend(pose, "R_sh_abd", -8, ext)
-    _blend(pose, "R_elbow", 5, ext)
-    _blend(pose, "R_sh_ext", 0, ext)
-    pose["spine_twist"] += 18 * ext * a
-    pose["L_elbow"] += 10 * ext
+        out = rng.uniform(0.12, 0.2) * st.speed * slow
+        side = "L" if both and k % 2 else "R"
+        ext[side] = np.maximum(ext[side], _bump(t, t0, t0 + out, t0 + out + 0.05 * slow,
+                                                t0 + 2.3 * out + 0.05))
+    for p, o in (("R", "L"), ("L", "R")):
+        e = ext[p]
+        _blend(pose, f"{p}_sh_flex", 85 * min(1.0, a) + 5, e)
+        _blend(pose, f"{p}_sh_abd", -8, e)
+        _blend(pose, f"{p}_elbow", 5, e)
+        _blend(pose, f"{p}_sh_ext", 0, e)
+        pose["spine_twist"] += (18 if p == "R" else -18) * e * a
+        pose[f"{o}_elbow"] += 10 * e
 
 
 def _kick(pose: _Pose, st: _Style) -> None:
@@ -469,15 +557,17 @@ def _kick(pose: _Pose, st: _Style) -> None:
         chamber = np.maximum(chamber, _bump(t, t0, t0 + up, t0 + up + 2 * out, t0 + 2 * up + 2 * out))
         extend = np.maximum(extend, _bump(t, t0 + up, t0 + up + out, t0 + up + out + 0.05,
                                           t0 + up + 2 * out))
-    pose["R_hip_flex"] += 65 * chamber + 25 * a * extend
-    pose["R_knee"] += 95 * chamber - 85 * extend
+    low = rng.uniform(0.45, 0.65) if st.odd(0.35) else 1.0  # a low kick, barely above the knee
+    pose["R_hip_flex"] += low * (65 * chamber + 25 * a * extend)
+    pose["R_knee"] += low * (95 * chamber - 85 * extend)
     pose["R_ankle"] += 25 * chamber
-    pose["pelvis_pitch"] += -12 * extend - 4 * chamber
+    pose["pelvis_pitch"] += low * (-12 * extend - 4 * chamber)
     pose["spine_bend"] += 4 * chamber
+    arms = 0.0 if st.odd(0.3) else 1.0  # some keep the arms down
     for p in "LR":
-        _blend(pose, f"{p}_sh_abd", 25, chamber)
-        _blend(pose, f"{p}_elbow", 60, chamber)
-        _blend(pose, f"{p}_sh_flex", 25, chamber)
+        _blend(pose, f"{p}_sh_abd", 25, chamber * arms)
+        _blend(pose, f"{p}_elbow", 60, chamber * arms)
+        _blend(pose, f"{p}_sh_flex", 25, chamber * arms)
     pose["L_knee"] += 10 * chamber
 
 
@@ -490,6 +580,10 @@ def _jump(pose: _Pose, st: _Style) -> None:
     flight = np.zeros_like(t)
     arms = np.zeros_like(t)
     height = rng.uniform(0.15, 0.32) * a
+    dip, swing = 1.0, 1.0
+    if st.odd(0.3):  # a little hop: shallow dip, low, barely any arm swing
+        height, dip, swing = rng.uniform(0.06, 0.12), rng.uniform(0.4, 0.6), rng.uniform(0.0, 0.3)
+    reach = st.odd(0.25)  # jumping to reach up: the arms stay up until after the landing
     airtime = float(np.clip(2 * np.sqrt(2 * height / 9.81), 0.3, 0.55))
     for k in range(n):
         t0 = st.onset + k * span + 0.05 * span
@@ -501,13 +595,15 @@ def _jump(pose: _Pose, st: _Style) -> None:
                                                 min(st.duration, land + 0.6)))
         u = np.clip((t - take) / airtime, 0.0, 1.0)
         flight = np.maximum(flight, np.where((t > take) & (t < land), 4 * height * u * (1 - u), 0.0))
-        arms = np.maximum(arms, _bump(t, t0 + prep, take, land, land + 0.4))
+        stay = rng.uniform(0.6, 1.2) if reach else 0.0
+        arms = np.maximum(arms, _bump(t, t0 + prep, take, land + stay, land + stay + 0.4))
         pose["L_ankle"] += 30 * _bump(t, take - 0.1, take, land - 0.1, land)
         pose["R_ankle"] += 30 * _bump(t, take - 0.1, take, land - 0.1, land)
+    crouch = crouch * dip
     for p in "LR":
         pose[f"{p}_hip_flex"] += 60 * crouch
         pose[f"{p}_knee"] += 85 * crouch
-        pose[f"{p}_sh_flex"] += -45 * crouch + 140 * arms * (1 - crouch)
+        pose[f"{p}_sh_flex"] += swing * (-45 * crouch + 140 * arms * (1 - crouch))
         pose[f"{p}_elbow"] += 10 * arms
     pose["pelvis_pitch"] += 35 * crouch
     pose["neck_bend"] += -15 * crouch
@@ -520,13 +616,15 @@ def _sit_down(pose: _Pose, st: _Style) -> None:
     go = rng.uniform(0.45, 0.7) * d  # duration of the descent
     seat = _smooth(t, st.onset, st.onset + go)
     lean = _bump(t, st.onset, st.onset + 0.45 * go, st.onset + 0.6 * go, st.onset + go + 0.4)
+    low = rng.uniform(0.55, 0.8) if st.odd(0.3) else 1.0  # perches on something high
+    forward = rng.uniform(55.0, 70.0) if st.odd(0.3) else 40.0  # leans well forward going down
     for p in "LR":
-        pose[f"{p}_hip_flex"] += 88 * seat
-        pose[f"{p}_knee"] += 88 * seat
+        pose[f"{p}_hip_flex"] += 88 * seat * low
+        pose[f"{p}_knee"] += 88 * seat * low
         pose[f"{p}_hip_abd"] += 6 * seat
         _blend(pose, f"{p}_sh_flex", 45, seat * rng.uniform(0.6, 1.0))
         _blend(pose, f"{p}_elbow", 55, seat)
-    pose["pelvis_pitch"] += 40 * lean - 8 * seat
+    pose["pelvis_pitch"] += forward * lean - 8 * seat
     pose["spine_bend"] += 8 * lean
     pose["neck_bend"] += -15 * lean
 
@@ -538,11 +636,18 @@ def _point(pose: _Pose, st: _Style) -> None:
     hold = rng.uniform(0.3, 0.5) * d
     env = _bump(t, st.onset, st.onset + up, st.onset + up + hold,
                 min(st.duration + 1.0, st.onset + 2 * up + hold))
-    _blend(pose, "R_sh_flex", rng.uniform(70, 110), env)
-    _blend(pose, "R_sh_abd", rng.uniform(10, 45), env)
-    _blend(pose, "R_elbow", 5, env)
+    flex = rng.uniform(120, 150) if st.odd(0.25) else rng.uniform(70, 110)  # up at something high
+    elbow = rng.uniform(15, 40) if st.odd(0.3) else 5.0
+    _blend(pose, "R_sh_flex", flex, env)
+    abd = rng.uniform(35, 60) if st.odd(0.2) else rng.uniform(10, 35)  # off to the side
+    _blend(pose, "R_sh_abd", abd, env)
+    _blend(pose, "R_elbow", elbow, env)
     _blend(pose, "R_sh_ext", -20, env)
     _blend(pose, "R_wrist", -10, env)
+    if st.odd(0.35):  # "over there!": the pointing hand beats a few times while held out
+        beat = np.sin(2 * np.pi * rng.uniform(1.2, 2.4) * t + rng.uniform(0, 2 * np.pi))
+        pose["R_elbow"] += rng.uniform(12, 30) * (0.5 + 0.5 * beat) * env
+        pose["R_sh_flex"] += rng.uniform(4, 10) * beat * env
     pose["neck_yaw"] += -15 * env
     pose["spine_twist"] += -8 * env * a
     _idle_arm(pose, "L", st)
@@ -586,19 +691,84 @@ def _idle(pose: _Pose, rng: np.random.Generator) -> None:
                 2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
 
 
+# Actions done with one arm or one leg: a left-handed person (or anyone, now and then) does them
+# with the other side.
+_ONE_SIDED = ("wave", "punch", "kick", "point")
+# Actions during which a free hand may fidget (touch the face, scratch the head, check a watch).
+_FIDGETY = ("walk_in_place", "wave", "squat", "bow", "kick", "sit_down", "point")
+# Which arm is free in a one-arm action (before mirroring); other actions pick one at random.
+_FREE_ARM = {"wave": "L", "point": "L"}
+_MIRRORED_KEYS = ("pelvis_yaw", "pelvis_roll", "spine_twist", "spine_side", "neck_yaw")
+
+
+def _mirror(pose: _Pose) -> None:
+    """The same movement done with the other side of the body: swap left and right, and turn
+    the rotations about the vertical and the depth axes the other way (in place)."""
+    for key in _POSE_KEYS:
+        if key.startswith("L_"):
+            other = "R_" + key[2:]
+            pose[key], pose[other] = pose[other], pose[key]
+    for key in _MIRRORED_KEYS:
+        pose[key] = -pose[key]
+
+
+def _fidget(pose: _Pose, st: _Style, side: str) -> None:
+    """One arm does something unrelated for 0.6-1.4 s: touches the face, scratches the head or
+    looks at a watch (in place). Real recordings are full of these."""
+    rng, t = st.rng, pose.t
+    kind = int(rng.integers(3))
+    length = rng.uniform(0.6, 1.4)
+    t0 = rng.uniform(t[0], max(t[0], t[-1] - 0.5 * length))
+    env = _bump(t, t0, t0 + 0.3, t0 + length, t0 + length + 0.3)
+    if kind == 0:  # hand to the face or chin
+        target = {"sh_flex": rng.uniform(35, 55), "sh_abd": 15, "elbow": 135, "sh_ext": -35}
+    elif kind == 1:  # scratches the head, small quick strokes of the elbow
+        target = {"sh_flex": 30, "sh_abd": rng.uniform(95, 120), "elbow": 125, "sh_ext": 60}
+    else:  # looks at the watch: forearm raised across the chest
+        target = {"sh_flex": rng.uniform(35, 50), "sh_abd": 10, "elbow": 100, "sh_ext": -70}
+    for key, value in target.items():
+        _blend(pose, f"{side}_{key}", value, env)
+    if kind == 1:
+        pose[f"{side}_elbow"] += 8 * np.sin(2 * np.pi * rng.uniform(2.5, 4.0) * t) * env
+
+
+def _warp_time(t: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Monotone time warp of t (same first and last time): the movement speeds up and slows
+    down within the clip (people do not move at a constant pace)."""
+    if len(t) < 2 or strength <= 0:
+        return t
+    span = t[-1] - t[0]
+    k = int(rng.integers(1, 3))
+    amp = strength * rng.uniform(0.5, 1.0)  # < 1 keeps the warp monotone
+    return t + amp * span / (2 * np.pi * k) * np.sin(2 * np.pi * k * (t - t[0]) / span)
+
+
 # ---------------------------------------------------------------------------------------------
-# Sensor model: viewpoint, jitter, dropped frames
+# Sensor model: viewpoint, jitter, tracking glitches, dropped frames
 # ---------------------------------------------------------------------------------------------
-def _to_camera(pos: np.ndarray, rng: np.random.Generator, *, max_yaw: float) -> np.ndarray:
-    """Body frame (x left, y up, z forward; floor y = 0) → Kinect camera space (T, V, 3)."""
+def _to_camera(pos: np.ndarray, rng: np.random.Generator, *, max_yaw: float,
+               turn: float = 0.0, step: float = 0.0) -> np.ndarray:
+    """Body frame (x left, y up, z forward; floor y = 0) → Kinect camera space (T, V, 3).
+
+    turn: the person turns up to ± this many degrees about the vertical during the clip;
+    step: and shifts sideways and back/forth by up to ± this many metres (shuffling feet)."""
+    t = len(pos)
     yaw = rng.uniform(-max_yaw, max_yaw)
-    facing = _ry(np.array(180.0 + yaw))  # a person facing the camera looks along -z
     distance = rng.uniform(2.5, 3.5)
     offset = np.array([rng.uniform(-0.4, 0.4), -rng.uniform(0.8, 1.2), distance])
     tilt = _rx(np.array(rng.uniform(-4.0, 4.0)))
     # rotate about the body's starting position so the person stands at the sampled distance
     anchor = pos[0, _ROOT] * np.array([1.0, 0.0, 1.0])
-    world = (pos - anchor) @ facing.T + offset
+    body = pos - anchor
+    if turn > 0 or step > 0:
+        u = np.linspace(0.0, 1.0, t)
+        a, b = sorted(rng.uniform(0.0, 1.0, size=2))
+        move = _smooth(u, a, b)  # one turn / shuffle, somewhere in the clip
+        yaw = yaw + rng.uniform(-turn, turn) * move
+        shift = np.array([rng.uniform(-step, step), 0.0, rng.uniform(-step, step)])
+        body = body + move[:, None, None] * shift
+    facing = _ry(180.0 + np.broadcast_to(yaw, (t,)))  # facing the camera: looking along -z
+    world = np.einsum("tij,tvj->tvi", facing, body) + offset
     return world @ tilt.T
 
 
@@ -624,6 +794,57 @@ def _glitch(pos: np.ndarray, rng: np.random.Generator) -> None:
     pos[start:stop, j] = 2 * pos[start:stop, h] - pos[start:stop, j]
 
 
+_ARM = {side: [_J[f"{j}{side}"] for j in ("Elbow", "Wrist", "Hand", "HandTip", "Thumb")]
+        for side in ("Left", "Right")}
+_ARM_REACH = np.array([0.45, 0.85, 0.95, 1.05, 0.95])  # share of the arm's length below the shoulder
+_LEG = {side: [_J[f"{j}{side}"] for j in ("Knee", "Ankle", "Foot")] for side in ("Left", "Right")}
+_JUMPY = np.array([_J[n] for n in (
+    "HandLeft", "HandRight", "HandTipLeft", "HandTipRight", "ThumbLeft", "ThumbRight", "WristLeft",
+    "WristRight", "ElbowLeft", "ElbowRight", "FootLeft", "FootRight", "AnkleLeft", "AnkleRight",
+    "KneeLeft", "KneeRight", "Head")])
+
+
+def _tracking_glitches(pos: np.ndarray, rng: np.random.Generator, fps: float) -> None:
+    """1-3 Kinect tracking failures, in place on camera-space joints (T, V, 3):
+
+    - an occluded arm (hidden behind the body or turned away): its joints are "inferred" and
+      collapse towards a hanging arm beside the torso, shaky, for 0.3-1 s;
+    - the legs swap: the knees, ankles and feet of the two sides trade places for 0.2-0.8 s
+      (the classic Kinect confusion when the legs cross or the body turns);
+    - a joint jumps 8-30 cm away for 1-4 frames (a hand or foot latches onto the background)."""
+    t = len(pos)
+    for _ in range(int(rng.integers(1, 4))):
+        kind = rng.choice(3, p=[0.4, 0.25, 0.35])
+        if kind == 0:
+            length = max(1, int(round(rng.uniform(0.3, 1.0) * fps)))
+            start = int(rng.integers(0, max(1, t - length)))
+            sl = slice(start, min(t, start + length))
+            side = ("Left", "Right")[rng.integers(2)]
+            shoulder = pos[sl, _J[f"Shoulder{side}"]]
+            spine = pos[sl, _J["SpineMid"]]
+            arm = float(np.linalg.norm(pos[0, _J[f"Wrist{side}"]] - pos[0, _J[f"Elbow{side}"]])
+                        + np.linalg.norm(pos[0, _J[f"Elbow{side}"]] - shoulder[0]))
+            hang = shoulder[:, None, :] + 0.25 * (spine - shoulder)[:, None, :] \
+                - arm * _ARM_REACH[None, :, None] * np.array([0.0, 1.0, 0.0])
+            w = rng.uniform(0.6, 1.0)
+            shake = rng.normal(scale=0.03, size=hang.shape)
+            pos[sl, _ARM[side]] += w * (hang + shake - pos[sl, _ARM[side]])
+        elif kind == 1:
+            length = max(1, int(round(rng.uniform(0.2, 0.8) * fps)))
+            start = int(rng.integers(0, max(1, t - length)))
+            sl = slice(start, min(t, start + length))
+            left, right = pos[sl][:, _LEG["Left"]].copy(), pos[sl][:, _LEG["Right"]].copy()
+            pos[sl, _LEG["Left"]], pos[sl, _LEG["Right"]] = right, left
+        else:
+            length = int(rng.integers(1, 5))
+            start = int(rng.integers(0, max(1, t - length)))
+            joints = rng.choice(_JUMPY, size=int(rng.integers(1, 3)), replace=False)
+            jump = rng.normal(size=(len(joints), 3))
+            jump *= rng.uniform(0.08, 0.3, size=(len(joints), 1)) / np.linalg.norm(jump, axis=1,
+                                                                               keepdims=True)
+            pos[start:start + length, joints] += jump[None]
+
+
 def _drop_frames(pos: np.ndarray, rng: np.random.Generator) -> None:
     """1-3 events of 1-3 frames each: skeleton missing (zeros) or frozen (repeated); in place."""
     t = len(pos)
@@ -642,7 +863,7 @@ def _drop_frames(pos: np.ndarray, rng: np.random.Generator) -> None:
 # ---------------------------------------------------------------------------------------------
 def _sample(action: str, subject: Subject, rng: np.random.Generator, *, fps: float,
             max_frames: int, durations: tuple[float, float], max_yaw: float, noise: float,
-            drop_rate: float) -> np.ndarray:
+            drop_rate: float, ambiguity: float, glitch_rate: float) -> np.ndarray:
     """One sample's joints, float32 (3, T_i, V)."""
     spec = _SPECS[action]
     lo = max(durations[0], spec.duration[0])
@@ -653,28 +874,60 @@ def _sample(action: str, subject: Subject, rng: np.random.Generator, *, fps: flo
     frames = int(np.clip(round(duration * fps), 2, max_frames))
     duration = frames / fps
     periodic = spec.periodic
+    amb = float(ambiguity)
+
+    def odd(p: float) -> bool:
+        return bool(rng.random() < p * amb)
+
+    t = np.arange(frames) / fps
+    span = duration  # the action's own time span; longer than the clip when the clip cuts it
+    onset = 0.0 if periodic else float(rng.uniform(0.0, 0.15) * duration)
+    if odd(0.3):  # idles a while before starting
+        onset = float(rng.uniform(0.1, 0.3) * duration) if periodic else float(
+            rng.uniform(0.15, 0.35) * duration)
+    if not periodic:
+        if odd(0.25):  # the recording stops before the action is over
+            span = duration * float(rng.uniform(1.15, 1.45))
+        if odd(0.15):  # the recording starts late: the action is already under way
+            t = t + float(rng.uniform(0.1, 0.25)) * span
+    if odd(0.6):  # uneven pace within the clip
+        t = _warp_time(t, rng, 0.5)
+    vigour = 1.0 + amb * (subject.vigour - 1.0)
+    tempo = 1.0 + amb * (subject.tempo - 1.0)
     style = _Style(
-        duration=duration,
-        amp=float(rng.uniform(0.8, 1.15)),
+        duration=span,
+        amp=float(rng.uniform(0.8, 1.15)) * vigour,
         phase=float(rng.uniform(0, 2 * np.pi)),
-        freq=float(rng.uniform(*spec.freq)),
-        onset=0.0 if periodic else float(rng.uniform(0.0, 0.15) * duration),
-        speed=float(np.clip(duration / 2.5, 0.7, 1.3)),
-        t=np.arange(frames) / fps,
+        freq=float(rng.uniform(*spec.freq)) * tempo,
+        onset=onset,
+        speed=float(np.clip(duration / 2.5, 0.7, 1.3)) / tempo,
+        t=t,
         rng=rng,
+        ambiguity=amb,
     )
     pose = _Pose(style.t)
     _idle(pose, rng)
+    # the person's habits: posture and how they carry their arms
+    pose["spine_bend"] += amb * subject.slouch
+    pose["chest_bend"] += 0.5 * amb * subject.slouch
+    for p in "LR":
+        pose[f"{p}_elbow"] += amb * subject.arm_carry
     spec.fn(pose, style)
+    if action in _FIDGETY and odd(0.3):
+        _fidget(pose, style, _FREE_ARM.get(action, "LR"[int(rng.integers(2))]))
+    if action in _ONE_SIDED and odd(0.8 if subject.left_handed else 0.12):
+        _mirror(pose)
     pos = _forward_kinematics(pose, subject)
-    pos = _to_camera(pos, rng, max_yaw=max_yaw)
+    pos = _to_camera(pos, rng, max_yaw=max_yaw, turn=25.0 * amb, step=0.15 * amb)
     if noise > 0:
         # Kinect depth noise grows with the square of the distance
         depth = float(np.mean(pos[:, _ROOT, 2]))
-        sigma = noise * rng.uniform(0.009, 0.016) * (depth / 3.0) ** 2
+        sigma = noise * rng.uniform(0.010, 0.020) * (depth / 3.0) ** 2
         pos = pos + _jitter(pos.shape, rng, sigma)
         if rng.random() < 0.15:
             _glitch(pos, rng)
+        if rng.random() < glitch_rate:
+            _tracking_glitches(pos, rng, fps)
     if rng.random() < drop_rate:
         _drop_frames(pos, rng)
     return np.transpose(pos, (2, 0, 1)).astype(np.float32)
@@ -691,6 +944,8 @@ def generate(
     max_yaw: float = 45.0,
     noise: float = 1.0,
     drop_rate: float = 0.3,
+    ambiguity: float = 1.0,
+    glitch_rate: float = 0.35,
     progress: Callable[[int, int], None] | None = None,
 ) -> SequenceSet:
     """Synthetic ntu25 skeleton sequences of the actions in :data:`ACTIONS`.
@@ -707,6 +962,11 @@ def generate(
     max_yaw: body turned by up to ± this many degrees from facing the camera.
     noise: scale of the sensor jitter (0 = exact forward kinematics, no glitches).
     drop_rate: share of samples with dropped or frozen frames (0 = none).
+    ambiguity: how often executions stray from the canonical one, 0..1 (see the module
+        docstring): left-side executions, cut or idle clips, lookalike styles, fidgets, uneven
+        pace, turning, the subjects' habits. 0 = every sample is the action's canonical execution.
+    glitch_rate: share of samples with Kinect tracking failures (occluded arm, swapped legs,
+        jumping joints); only with ``noise > 0``.
 
     Returns a SequenceSet with x float32 (N, 3, T_max, 25, 1) zero-padded beyond ``lengths``,
     ids ``synth-<action>-sNN-eNNN``, ``y`` = ``y_true`` = the true action.
@@ -732,6 +992,10 @@ def generate(
         raise DataFormatError(f"kinematics: durations must be 0 < lo <= hi, got {durations}")
     if n_subjects < 1:
         raise DataFormatError(f"kinematics: n_subjects must be >= 1, got {n_subjects}")
+    if not 0.0 <= ambiguity <= 1.0:
+        raise DataFormatError(f"kinematics: ambiguity must be in [0, 1], got {ambiguity}")
+    if not 0.0 <= glitch_rate <= 1.0:
+        raise DataFormatError(f"kinematics: glitch_rate must be in [0, 1], got {glitch_rate}")
     max_frames = int(t_max) if t_max is not None else int(round(durations[1] * fps))
     if max_frames < 2:
         raise DataFormatError(f"kinematics: t_max must be >= 2 frames, got {max_frames}")
@@ -748,7 +1012,8 @@ def generate(
             subject = subjects[int(order[e % n_subjects])]
             rng = np.random.default_rng(np.random.SeedSequence([seed, a_idx, e]))
             seq = _sample(action, subject, rng, fps=fps, max_frames=max_frames, durations=durations,
-                          max_yaw=max_yaw, noise=noise, drop_rate=drop_rate)
+                          max_yaw=max_yaw, noise=noise, drop_rate=drop_rate,
+                          ambiguity=ambiguity, glitch_rate=glitch_rate)
             x[done, :, : seq.shape[1], :, 0] = seq
             ids.append(f"synth-{action}-{subject.name}-e{e + 1:03d}")
             labels.append(c)
