@@ -70,6 +70,8 @@ class ViewsConfig:
     network_weight: float = 0.5  # weight of the network's graph beside the floor's (sum 1)
     judge_folds: int = 2  # cross-fitting folds of the human labels for the network's judgement
     judge_min_labels: int = 6  # fewer held-out human labels than this: the network stays out
+    judge_epochs: bool = True  # the final network trains for the epoch count that did best on
+    # the held-out labels across the folds (early stopping that works with a few labels)
     seed: int = 0  # random kernels and randomised PCA
 
     def __post_init__(self) -> None:

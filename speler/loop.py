@@ -101,6 +101,9 @@ class Judgement:
     with_network: float = float("nan")
     folds: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    curve: list[float] = field(default_factory=list)  # held-out balanced accuracy of the fold
+    # networks' own predictions after each epoch, mean over the folds
+    epochs: int | None = None  # epochs the final network trained for, chosen from ``curve``
 
 
 @dataclass
@@ -262,19 +265,29 @@ def build_state(
 
         report("train", 0, total)
         fold_nets = []
+        curves = []
         for held in folds:
             human_a = human.copy()
             human_a[held] = -1
             floor_a = propagate(floor_W, human_a, num_classes=C, config=config.propagation)
             pl, pw = pseudo_labels(floor_a, human_a)
-            net = fit(ds, human_a, config=config.train, pseudo_labels=pl, pseudo_weights=pw,
-                      progress=train_progress, cancel=cancel)
+            net = fit(ds, human, config=config.train, pseudo_labels=pl, pseudo_weights=pw,
+                      holdout=held, progress=train_progress, cancel=cancel)
             done[0] += epochs
+            curves.append([row["holdout_acc"] for row in net.history])
             fold_nets.append((held, human_a, floor_a, _network_view(embed(net.model, ds))))
         source = previous.result if previous is not None else floor
         pl, pw = pseudo_labels(source, human)
-        fitted = fit(ds, human, config=config.train, pseudo_labels=pl, pseudo_weights=pw,
+        train_cfg, chosen = config.train, None
+        if curves and vc.judge_epochs:
+            chosen, score = crossfit_epochs(curves, minimum=config.train.supervised_epochs + 1)
+            train_cfg = dataclasses.replace(train_cfg, epochs=chosen)
+        fitted = fit(ds, human, config=train_cfg, pseudo_labels=pl, pseudo_weights=pw,
                      init=init, progress=train_progress, cancel=cancel)
+        if curves:
+            # the network's own held-out figure: mean over the folds at the epoch it trained to
+            at = min(len(fitted.history), len(curves[0])) - 1 if chosen is None else chosen - 1
+            fitted.best_epoch, fitted.best_metric = at + 1, float(np.mean([c[at] for c in curves]))
         report("train", total, total)
         stage_seconds["train"] = time.perf_counter() - t0
 
@@ -296,6 +309,9 @@ def build_state(
             weights = {v: w * (1 - vc.network_weight) for v, w in weights.items()}
             weights[NETWORK] = vc.network_weight
         judgement.seconds = time.perf_counter() - t0
+        if curves:
+            judgement.curve = np.mean(np.asarray(curves), axis=0).tolist()
+            judgement.epochs = chosen
         knn_seconds += judgement.seconds
     report("knn", 1, 1)
     stage_seconds["knn"] = knn_seconds
@@ -313,6 +329,17 @@ def build_state(
                       human=human.copy())
     return BuiltState(state=state, fitted=fitted, floor=floor, judgement=judgement,
                       stage_seconds=stage_seconds)
+
+
+def crossfit_epochs(curves: list[list[float]], *, minimum: int = 1) -> tuple[int, float]:
+    """(epochs, score): the epoch count whose held-out balanced accuracy, averaged over the folds'
+    learning curves and smoothed over 3 epochs, is highest (the latest of equals: training longer
+    is the default), at least ``minimum``; score is that smoothed mean."""
+    mean = np.mean(np.asarray(curves, dtype=np.float64), axis=0)
+    smooth = np.convolve(np.pad(mean, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    lo = min(max(1, minimum), len(smooth)) - 1
+    best = lo + int(np.flatnonzero(smooth[lo:] >= smooth[lo:].max() - 1e-12)[-1])
+    return best + 1, float(smooth[best])
 
 
 def _normalised(weights: dict[str, float]) -> dict[str, float]:
@@ -417,7 +444,8 @@ def _round_metrics(ds, human, built: BuiltState) -> dict:
         "judgement": {"mode": j.mode, "joined": j.joined, "reason": j.reason,
                       "held_out": j.held_out, "floor": j.floor, "with_network": j.with_network,
                       "folds": [{k: v for k, v in f.items() if not isinstance(v, np.ndarray)}
-                                for f in j.folds], "seconds": j.seconds},
+                                for f in j.folds], "seconds": j.seconds,
+                      "curve": j.curve, "epochs": j.epochs},
         "train": None if fitted is None else {
             "best_epoch": fitted.best_epoch, "best_metric": fitted.best_metric,
             "device": fitted.device, "seconds": fitted.seconds, "epochs": len(fitted.history),
@@ -530,7 +558,10 @@ def load_state(project: Project) -> LoopState | None:
             for v in weights
         }
     if not weights or any(v not in embeddings for v in weights):
-        raise ProjectError(f"{d}: round files of an older SpeLER version (no views); run a new round")
+        # written before rounds had views: nothing to re-propagate on; the next round starts over
+        logger.warning("%s: round files of an older SpeLER version (no views); run a new round", d)
+        _STATE_CACHE.pop(key, None)
+        return None
     W = combine_affinities([(affinity(graphs[v], gamma=cfg.graph.gamma), w)
                             for v, w in weights.items()])
     embeddings["combined"] = _combined_embedding(embeddings, weights)

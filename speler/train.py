@@ -352,7 +352,7 @@ def fit(
     ds: SequenceSet, labels: np.ndarray, *, config: TrainConfig = TrainConfig(),
     pseudo_labels: np.ndarray | None = None, pseudo_weights: np.ndarray | None = None,
     init: Checkpoint | None = None, progress: Callable[[int, int], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    cancel: Callable[[], bool] | None = None, holdout: np.ndarray | None = None,
 ) -> FitResult:
     """Train the backbone on the preprocessed ``ds`` (x float32 (N, C, T, V, M)).
 
@@ -363,6 +363,10 @@ def fit(
     architecture differs from ``config``).
     progress(epoch, epochs) after each epoch (called with (epochs, epochs) on an early stop);
     cancel() is checked before each epoch and raises CancelledError when true.
+    holdout: int indices of human-labeled samples to keep out of training and score after every
+    epoch (``history[e]["holdout_acc"]``), instead of the automatic ``config.holdout`` slice; the
+    model then trains every epoch and is returned as it ends (no best-epoch restore, no early
+    stop), so a caller can read an unbiased learning curve (cross-fitting, ``speler.loop``).
     Raises DataFormatError for non-finite input (naming the sample), LabelError for bad labels or
     when there is nothing to train on, ConfigError for bad settings, CheckpointError for a bad init.
     """
@@ -395,7 +399,14 @@ def fit(
     devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
     with _threads(config.num_threads), torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        train_idx, hold_idx = _holdout_split(y, config.holdout, config.seed)
+        if holdout is None:
+            train_idx, hold_idx = _holdout_split(y, config.holdout, config.seed)
+        else:
+            hold_idx = np.unique(np.asarray(holdout, dtype=np.int64))
+            if len(hold_idx) and (hold_idx.min() < 0 or hold_idx.max() >= n
+                                  or (y[hold_idx] < 0).any()):
+                raise LabelError("fit: holdout must index human-labeled samples")
+            train_idx = np.setdiff1d(np.flatnonzero(y >= 0), hold_idx)
         model = build_model(ds.layout, in_channels=ds.x.shape[1], num_classes=k,
                             frames=ds.x.shape[2], persons=ds.x.shape[4], config=config)
         if warm:
@@ -473,7 +484,9 @@ def fit(
                                      batch_size=max(config.batch_size, 64), amp=amp)
                 row.update(holdout_acc=acc, holdout_loss=nll)
                 key = (acc, -nll)
-                if best_key is None or key > best_key:
+                if holdout is not None:
+                    pass  # a curve for the caller: train on, keep the last epoch
+                elif best_key is None or key > best_key:
                     best_key, best_epoch, stale = key, epoch + 1, 0
                     best_state = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
                 else:
@@ -493,6 +506,8 @@ def fit(
         if best_state is not None:
             model.load_state_dict(best_state)
             best_metric = float(best_key[0])
+        elif holdout is not None and history and "holdout_acc" in history[-1]:
+            best_epoch, best_metric = len(history), float(history[-1]["holdout_acc"])
         else:
             best_epoch, best_metric = len(history), float("nan")
         model.eval()

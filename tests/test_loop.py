@@ -168,3 +168,53 @@ def test_kill_during_round_loses_nothing(tmp_path):
     res = run_round(project)  # starts again cleanly, leftovers removed
     assert res.round == 0 and not tmp_dir.exists()
     assert [r.status for r in project.store.rounds()] == ["done"]
+
+
+def test_crossfit_epochs_picks_the_best_smoothed_epoch_and_respects_the_minimum():
+    from speler.loop import crossfit_epochs
+
+    curves = [[0.2, 0.4, 0.6, 0.7, 0.7, 0.5], [0.2, 0.5, 0.6, 0.6, 0.8, 0.4]]
+    epochs, score = crossfit_epochs(curves)
+    mean = np.mean(curves, axis=0)
+    smooth = [np.mean(mean[max(0, i - 1):i + 2].tolist() + ([mean[0]] if i == 0 else [])
+                      + ([mean[-1]] if i == len(mean) - 1 else [])) for i in range(len(mean))]
+    assert epochs == int(np.argmax(smooth)) + 1 == 4
+    assert score == pytest.approx(max(smooth))
+    # a flat curve keeps the full training (the latest of equals), the minimum holds
+    assert crossfit_epochs([[0.5] * 5])[0] == 5
+    assert crossfit_epochs([[0.9, 0.1, 0.3, 0.1, 0.0]], minimum=3)[0] == 3
+
+
+def test_judge_folds_hold_out_only_classes_with_two_labels():
+    from speler.config import ViewsConfig
+    from speler.loop import _judge_folds
+
+    human = np.full(40, -1)
+    human[:6] = [0, 0, 0, 1, 1, 2]  # class 2 has one label: never held out
+    human[10:14] = [3, 3, 3, 3]
+    folds = _judge_folds(human, ViewsConfig(judge_min_labels=4, judge_folds=2))
+    held = np.concatenate(folds)
+    assert len(folds) == 2 and len(np.unique(held)) == len(held)
+    assert 5 not in held
+    for c in (0, 1, 3):  # every class keeps a label for training in every fold
+        for f in folds:
+            assert ((human == c) & ~np.isin(np.arange(40), f)).any()
+    assert sorted(held.tolist()) == [i for i in range(40) if human[i] in (0, 1, 3)]
+    # too few to judge: no folds at all
+    assert _judge_folds(human, ViewsConfig(judge_min_labels=20)) == []
+
+
+def test_network_judgement_never_reads_the_truth(tmp_path):
+    """The same labels give the same round whatever y_true says: the judge and the training use
+    human labels only."""
+    from speler.loop import build_state
+
+    ds = _small_sample(120)
+    cfg = apply_overrides(_config(), ["views.judge_min_labels=4", "views.rocket_features=500"])
+    a = build_state(ds, ds.y, no=0, config=cfg)
+    b = build_state(ds.replace(y_true=np.roll(ds.y_true, 7)), ds.y, no=0, config=cfg)
+    assert a.judgement.held_out > 0 and a.judgement.folds
+    assert a.judgement.joined == b.judgement.joined
+    assert a.judgement.with_network == b.judgement.with_network
+    np.testing.assert_array_equal(a.state.result.labels, b.state.result.labels)
+    assert np.isfinite(a.fitted.best_metric) and a.fitted.best_epoch == a.judgement.epochs

@@ -40,10 +40,12 @@ with top_left:
         fig, before, after = state.spectrum_figure(project, live)
         st.plotly_chart(fig, key="spectrum")
         st.caption(
-            "Eigenvalue density of the normalised affinity S of the kNN graph, before and after "
-            "spectral balancing. Class imbalance pushes the density towards low eigenvalues; "
-            "balancing moves it back up. Share of eigenvalues below 0: "
-            f"{before['mass_below_0']:.1%} → {after['mass_below_0']:.1%}.")
+            "Eigenvalue density of the normalised affinity S of the graph the propagation ran "
+            "on, before and after spectral balancing. Balancing reweights the nodes, which "
+            "reshapes the density but never changes how many eigenvalues are negative (a "
+            "congruence keeps the inertia), so compare the shape and the extremes: second "
+            f"largest eigenvalue {before['lambda_2']:.3f} → {after['lambda_2']:.3f}, smallest "
+            f"{before['lambda_min']:.3f} → {after['lambda_min']:.3f}.")
 with top_right:
     st.subheader("Energy per class")
     fig = state.energy_figure(key, live.round, h, res, classes)

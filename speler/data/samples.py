@@ -85,8 +85,9 @@ SAMPLES: dict[str, SampleInfo] = {
         description=(
             "Kinect-like 3D skeletons of 11 actions (walk in place, wave, clap, raise arms, squat, "
             "bow, punch, kick, jump, sit down, point) from SpeLER's kinematic generator: 10 "
-            "subjects, varied speed, view and sensor noise; long-tailed (imbalance 20) with about "
-            "6% of the sequences labeled."
+            "subjects with their own habits (some left-handed), action variants that share "
+            "motion, uneven timing, view drift, sensor noise and tracking failures; long-tailed "
+            "(imbalance 20) with about 6% of the sequences labeled."
         ),
         path=SAMPLE_DIR / "synthetic_actions" / "data.npz",
     ),
