@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from speler.errors import ConfigError
+
+MODEL_KINDS = ("small", "paper")  # train.model: "small" for CPUs, "paper" (CTR-GCN size) for GPUs
+STRATEGIES = ("speler", "random", "entropy", "margin", "lp-margin", "coreset")  # selection.strategy
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,33 @@ class TrainConfig:
     bones: bool = True  # skeleton time branch also sees bone vectors (joint - parent)
     lr_schedule: str = "cosine"  # "cosine" (decay to 0 over epochs) or "constant"
     warm_epochs: int = 20  # max epochs when warm-starting from the previous round (0 = epochs)
+
+    def __post_init__(self) -> None:
+        device = self.device.strip().lower()
+        _check(self, "train", [
+            ("model", self.model in MODEL_KINDS, f"one of {', '.join(MODEL_KINDS)}"),
+            ("channels", self.channels >= 1, ">= 1"), ("blocks", self.blocks >= 1, ">= 1"),
+            ("freq_channels", self.freq_channels >= 1, ">= 1"),
+            ("embed_dim", self.embed_dim >= 1, ">= 1"),
+            ("epochs", self.epochs >= 1, ">= 1"), ("warm_epochs", self.warm_epochs >= 0, ">= 0"),
+            ("supervised_epochs", self.supervised_epochs >= 0, ">= 0"),
+            ("batch_size", self.batch_size >= 2, ">= 2"), ("lr", self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("patience", self.patience >= 1, ">= 1"),
+            ("holdout", 0 <= self.holdout < 1, "in [0, 1)"),
+            ("contrastive_weight", self.contrastive_weight >= 0, ">= 0"),
+            ("pseudo_weight", self.pseudo_weight >= 0, ">= 0"),
+            ("pseudo_ratio", self.pseudo_ratio >= 0, ">= 0"),
+            ("temperature", self.temperature > 0, "> 0"),
+            ("logit_tau", self.logit_tau >= 0, ">= 0"),
+            ("segments", self.segments >= 1, ">= 1"),
+            ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("num_threads", self.num_threads >= 0, ">= 0"),
+            ("lr_schedule", self.lr_schedule in ("cosine", "constant"), "'cosine' or 'constant'"),
+            ("device", device in ("auto", "cpu", "cuda") or (
+                device.startswith("cuda:") and device[5:].isdigit()),
+             "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -109,6 +140,18 @@ class GraphConfig:
     use_gpu: bool = True  # use a faiss GPU index when faiss sees a GPU
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _check(self, "graph", [
+            ("k", self.k >= 1, ">= 1"),
+            ("gamma", math.isfinite(self.gamma) and self.gamma > 0, "a positive number"),
+            ("exact_max_n", self.exact_max_n >= 0, ">= 0"),
+            ("index", self.index in ("auto", "flat", "ivf", "hnsw"),
+             "one of auto, flat, ivf, hnsw"),
+            ("pca_dim", self.pca_dim >= 0, ">= 0"), ("nprobe", self.nprobe >= 1, ">= 1"),
+            ("refine_factor", self.refine_factor >= 1, ">= 1"),
+            ("recall_queries", self.recall_queries >= 1, ">= 1"),
+        ])
+
 
 @dataclass(frozen=True)
 class PropagationConfig:
@@ -121,6 +164,14 @@ class PropagationConfig:
     threads: int = 1  # torch threads for the solver (0 = torch's setting); memory-bound, and
     # extra threads only fight the app/trainer for cores (10x slower on a busy 2-core machine)
 
+    def __post_init__(self) -> None:
+        _check(self, "propagation", [
+            ("alpha", 0.0 < self.alpha < 1.0, "in (0, 1)"),
+            ("tol", self.tol > 0, "> 0"), ("max_iter", self.max_iter >= 1, ">= 1"),
+            ("tau_hat", self.tau_hat <= 0, "<= 0 (energies are negative)"),
+            ("threads", self.threads >= 0, ">= 0"),
+        ])
+
 
 @dataclass(frozen=True)
 class SelectionConfig:
@@ -131,6 +182,17 @@ class SelectionConfig:
     duplicate_similarity: float = 0.995  # cosine above which two samples are near-duplicates
     coreset_pool: int = 5_000  # coreset: random pool of unlabeled candidates (0 = all of them)
     coreset_centres: int = 10_000  # coreset: random subset of the labeled set as centres (0 = all)
+
+    def __post_init__(self) -> None:
+        _check(self, "selection", [
+            ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+            ("batch", self.batch >= 1, ">= 1"),
+            ("minority_weight", self.minority_weight >= 0, ">= 0"),
+            ("outlier_ratio", self.outlier_ratio >= 0, ">= 0"),
+            ("duplicate_similarity", 0 < self.duplicate_similarity <= 1, "in (0, 1]"),
+            ("coreset_pool", self.coreset_pool >= 0, ">= 0"),
+            ("coreset_centres", self.coreset_centres >= 0, ">= 0"),
+        ])
 
 
 @dataclass(frozen=True)

@@ -123,27 +123,6 @@ def _check_finite(ds: SequenceSet, what: str) -> None:
             f" (NaN or inf); {int(bad.sum())} samples affected, expected finite float32 input")
 
 
-def _check_config(config: TrainConfig) -> None:
-    checks = [
-        (config.epochs >= 1, "epochs", ">= 1"), (config.warm_epochs >= 0, "warm_epochs", ">= 0"),
-        (config.batch_size >= 2, "batch_size", ">= 2"),
-        (config.lr > 0, "lr", "> 0"), (config.weight_decay >= 0, "weight_decay", ">= 0"),
-        (config.patience >= 1, "patience", ">= 1"),
-        (0 <= config.holdout < 1, "holdout", "in [0, 1)"),
-        (config.supervised_epochs >= 0, "supervised_epochs", ">= 0"),
-        (config.contrastive_weight >= 0, "contrastive_weight", ">= 0"),
-        (config.pseudo_weight >= 0, "pseudo_weight", ">= 0"),
-        (config.pseudo_ratio >= 0, "pseudo_ratio", ">= 0"),
-        (config.temperature > 0, "temperature", "> 0"),
-        (config.num_threads >= 0, "num_threads", ">= 0"),
-    ]
-    checks.append((config.lr_schedule in ("cosine", "constant"), "lr_schedule",
-                   "'cosine' or 'constant'"))
-    for ok, name, expected in checks:
-        if not ok:
-            raise ConfigError(f"train.{name} must be {expected}, got {getattr(config, name)!r}")
-
-
 def _as_labels(arr, n: int, k: int, name: str) -> np.ndarray:
     a = np.asarray(arr)
     if a.shape != (n,) or a.dtype.kind not in "iu":
@@ -373,7 +352,6 @@ def fit(
     t_start = time.perf_counter()
     if not isinstance(ds, SequenceSet):
         raise DataFormatError(f"fit expects a SequenceSet, got {type(ds).__name__}")
-    _check_config(config)
     _check_finite(ds, "fit")
     n, k = ds.n, ds.num_classes
     if k < 1:

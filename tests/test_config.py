@@ -77,3 +77,28 @@ def test_load_errors_name_the_file(tmp_path):
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Config().train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("selection.strategy=foo", r"selection.strategy must be one of speler, random, entropy, "
+                               r"margin, lp-margin, coreset, got 'foo'"),
+    ("train.epochs=0", r"train.epochs must be >= 1, got 0"),
+    ("train.device=tpu", r"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    ("graph.index=annoy", r"graph.index must be one of auto, flat, ivf, hnsw, got 'annoy'"),
+    ("propagation.alpha=1", r"propagation.alpha must be in \(0, 1\), got 1.0"),
+    ("views.judge_folds=1", r"views.judge_folds must be >= 2, got 1"),
+])
+def test_overrides_are_range_checked_before_any_work(override, message):
+    """A bad value is refused where the config is built: `--set` fails at once, not after a
+    training run."""
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(Config(), [override])
+
+
+def test_config_lists_match_the_implementations():
+    from speler.config import MODEL_KINDS, STRATEGIES
+    from speler.models.net import MODEL_KINDS as BUILT
+    from speler.selection import STRATEGIES as RANKERS
+
+    assert tuple(RANKERS) == STRATEGIES
+    assert BUILT == MODEL_KINDS

@@ -178,7 +178,6 @@ def propagate(
     W = _validated_graph(W)
     n = W.shape[0]
     labels = _validated_labels(labels, n, num_classes)
-    _validate_config(config)
     C = int(num_classes)
     if prior is not None:
         prior = _validated_prior(prior, C)
@@ -449,7 +448,6 @@ def spectral_balance(
     docstring); for the spectrum plot and for inspection."""
     W = _validated_graph(W)
     labels = _validated_labels(labels, W.shape[0], num_classes)
-    _validate_config(config)
     C = int(num_classes)
     prior = None if prior is None else _validated_prior(prior, C)
     predictions = None if predictions is None else _validated_predictions(
@@ -760,15 +758,3 @@ def _validated_predictions(pred, n: int, C: int) -> np.ndarray:
         i = int(np.flatnonzero((q < -1) | (q >= C))[0])
         raise LabelError(f"propagate: prediction {int(q[i])} of sample {i} is not in -1..{C - 1}")
     return q
-
-
-def _validate_config(config: PropagationConfig) -> None:
-    if not 0.0 < config.alpha < 1.0:
-        raise ConfigError(f"propagation.alpha must be in (0, 1), got {config.alpha}")
-    if not config.tol > 0:
-        raise ConfigError(f"propagation.tol must be > 0, got {config.tol}")
-    if config.max_iter < 1:
-        raise ConfigError(f"propagation.max_iter must be >= 1, got {config.max_iter}")
-    if not config.tau_hat <= 0:
-        raise ConfigError(f"propagation.tau_hat must be <= 0 (energies are negative), got "
-                          f"{config.tau_hat}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from speler.config import TrainConfig
+from speler.config import MODEL_KINDS, TrainConfig
 from speler.data.layouts import Layout
 from speler.errors import ConfigError, DataFormatError
 from speler.models.fcn import FCN
@@ -23,8 +23,6 @@ from speler.models.fourier import FourierBranch
 from speler.models.fusion import CrossDomainFusion
 from speler.models.gcn import GraphConv, layout_partitions
 from speler.models.tcn import MultiScaleTCN
-
-MODEL_KINDS = ("small", "paper")
 
 
 @dataclass
