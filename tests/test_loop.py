@@ -61,6 +61,7 @@ def natops_round(tmp_path_factory):
     return project, res, stages
 
 
+@pytest.mark.slow
 def test_round_on_real_data_writes_everything(natops_round):
     project, res, stages = natops_round
     assert res.round == 0
@@ -86,6 +87,7 @@ def test_round_on_real_data_writes_everything(natops_round):
     assert len(set(s.index for s in res.suggestions)) == len(scores)
 
 
+@pytest.mark.slow
 def test_label_updates_propagation_without_retraining(natops_round):
     project, res, _ = natops_round
     state = load_state(project)
@@ -140,6 +142,7 @@ def test_round_needs_human_labels(tmp_path):
         suggest(project, load_state(project))
 
 
+@pytest.mark.slow
 def test_kill_during_round_loses_nothing(tmp_path):
     project = _project(tmp_path, "killme")
     project.store.add_label(project.store.ids[5], project.store.classes[0], annotator="a")
@@ -204,6 +207,7 @@ def test_judge_folds_hold_out_only_classes_with_two_labels():
     assert _judge_folds(human, ViewsConfig(judge_min_labels=20)) == []
 
 
+@pytest.mark.slow
 def test_network_judgement_never_reads_the_truth(tmp_path):
     """The same labels give the same round whatever y_true says: the judge and the training use
     human labels only."""
