@@ -280,7 +280,7 @@ def build_state(
         pl, pw = pseudo_labels(source, human)
         train_cfg, chosen = config.train, None
         if curves and vc.judge_epochs:
-            chosen, score = crossfit_epochs(curves, minimum=config.train.supervised_epochs + 1)
+            chosen, _ = crossfit_epochs(curves, minimum=config.train.supervised_epochs + 1)
             train_cfg = dataclasses.replace(train_cfg, epochs=chosen)
         fitted = fit(ds, human, config=train_cfg, pseudo_labels=pl, pseudo_weights=pw,
                      init=init, progress=train_progress, cancel=cancel)

@@ -51,3 +51,18 @@ def make_series_set(*, n: int = 30, classes: int = 3, channels: int = 3, frames:
         channels=tuple(f"acc_{a}" for a in "xyz")[:channels] if channels <= 3 else (),
         where="series-fixture",
     )
+
+
+def interrupt_rmtree(monkeypatch, marker: str) -> None:
+    """Make ``shutil.rmtree`` raise KeyboardInterrupt (Ctrl-C) on any path containing ``marker``;
+    undo with ``monkeypatch.undo()``."""
+    import shutil
+
+    real_rmtree = shutil.rmtree
+
+    def rmtree_cut_short(path, *args, **kwargs):
+        if marker in str(path):
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_cut_short)

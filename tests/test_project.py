@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from factories import interrupt_rmtree
 
 from speler.config import Config, PreprocessConfig
 from speler.data.schema import SequenceSet
@@ -174,14 +175,7 @@ def test_ctrl_c_while_deleting_the_replaced_project_keeps_its_labels(tmp_path, s
 
     with Project.create(tmp_path, "p", skeleton_set, preprocess=False) as p:
         p.store.add_label("skel_005", "action3", source="human", annotator="ann")
-    real_rmtree = shutil.rmtree
-
-    def rmtree_cut_short(path, *args, **kwargs):
-        if ".old-p-" in str(path):
-            raise KeyboardInterrupt
-        return real_rmtree(path, *args, **kwargs)
-
-    monkeypatch.setattr(shutil, "rmtree", rmtree_cut_short)
+    interrupt_rmtree(monkeypatch, ".old-p-")
     with pytest.raises(KeyboardInterrupt) as info:
         Project.create(tmp_path, "p", skeleton_set.subset(np.arange(5)), preprocess=False,
                        overwrite=True)
