@@ -130,8 +130,12 @@ def run_round(
     _recover(project)
     store = project.store
     ds = project.data
-    previous = load_state(project)
+    last = latest_complete_round(project)
+    previous = None if last is None else read_state(project, last)
     human = store.human_labels()
+    if previous is not None and not np.array_equal(previous.human, human):
+        # labels given since that round: its pseudo-labels come from the propagation of all of them
+        previous = update_state(previous, human, num_classes=ds.num_classes, config=cfg)
     if not (human >= 0).any():
         raise LabelError(f"project {project.name}: no human labels yet; label a few samples first")
     no = store.begin_round()
@@ -533,16 +537,9 @@ def latest_complete_round(project: Project) -> int | None:
     return None
 
 
-def load_state(project: Project) -> LoopState | None:
-    """The latest complete round's state, brought up to date with human labels given since."""
-    key = str(project.path)
-    no = latest_complete_round(project)
-    if no is None:
-        _STATE_CACHE.pop(key, None)
-        return None
-    cached = _STATE_CACHE.get(key)
-    if cached is not None and cached.round == no:
-        return _refresh(project, cached)
+def read_state(project: Project, no: int) -> LoopState | None:
+    """Round ``no``'s state as the round left it (its human labels, its propagation), read from
+    its folder; nothing is written. None for round files of an older version (no views)."""
     d = project.round_dir(no)
     cfg = Config.load(d / "config.json")
     with np.load(d / "embeddings.npz") as z:
@@ -560,19 +557,32 @@ def load_state(project: Project) -> LoopState | None:
     if not weights or any(v not in embeddings for v in weights):
         # written before rounds had views: nothing to re-propagate on; the next round starts over
         logger.warning("%s: round files of an older SpeLER version (no views); run a new round", d)
-        _STATE_CACHE.pop(key, None)
         return None
     W = combine_affinities([(affinity(graphs[v], gamma=cfg.graph.gamma), w)
                             for v, w in weights.items()])
     embeddings["combined"] = _combined_embedding(embeddings, weights)
     graphs["combined"] = strongest_neighbours(W, cfg.graph.k)
     metrics = json.loads((d / "metrics.json").read_text())
-    state = LoopState(
+    return LoopState(
         round=no, embeddings=embeddings, probs=probs, graphs=graphs, weights=weights, affinity=W,
         result=result, human=human, metrics=metrics,
     )
-    _STATE_CACHE[key] = state
-    return _refresh(project, state)
+
+
+def load_state(project: Project) -> LoopState | None:
+    """The latest complete round's state, brought up to date with human labels given since."""
+    key = str(project.path)
+    no = latest_complete_round(project)
+    if no is None:
+        _STATE_CACHE.pop(key, None)
+        return None
+    cached = _STATE_CACHE.get(key)
+    if cached is None or cached.round != no:
+        cached = read_state(project, no)
+        if cached is None:
+            return None
+        _STATE_CACHE[key] = cached
+    return _refresh(project, cached)
 
 
 def _refresh(project: Project, state: LoopState) -> LoopState:

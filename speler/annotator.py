@@ -1,0 +1,350 @@
+"""``Annotator``: the one object that owns a project's work; the CLI and the app call only it.
+
+It holds the project (folder, store, data), the live state of the latest complete round (kept in
+the object, never in a module global) and a lock, so several app sessions or threads that share
+one Annotator never interleave a label with a re-propagation. Reading never writes: ``state``
+brings the round's propagation up to date with the store's human labels in memory. Only the
+methods that say so write to the store: ``label`` and ``undo`` (a human event, then the
+propagated labels that changed), ``propagate`` (the propagated labels that differ from the
+store's) and ``run_round`` (a round). Everything a front end shows or exports comes from here, so
+the CLI and the app cannot drift apart: an export from either is the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from speler import loop
+from speler.config import Config
+from speler.data.schema import SequenceSet
+from speler.errors import ProjectError
+from speler.project import Project, check_name, default_root
+
+SIMULATION_FILE = "simulation.json"
+
+
+@dataclass
+class ImportResult:
+    """What ``import_project`` made: the annotator of the new project, notes about the label file
+    (agreeing repeats, empty labels; a person should see them) and classes it added."""
+
+    annotator: "Annotator"
+    notes: list[str] = field(default_factory=list)
+    new_classes: list[str] = field(default_factory=list)
+
+
+def import_project(
+    root: str | Path | None, name: str, *, path: str | Path | None = None,
+    sample: str | None = None, format: str | None = None, labels: str | Path | None = None,
+    allow_new_classes: bool = False, no_file_labels: bool = False,
+    protocol: tuple[float, float, int] | None = None, config: Config | None = None,
+    overwrite: bool = False, progress: Callable[[int, int], None] | None = None,
+) -> ImportResult:
+    """Read ``path`` (a file or folder, any known format; ``format`` forces a reader) or the
+    bundled ``sample`` into a new project ``name`` under ``root``, and open it.
+
+    labels: an ``id,label`` CSV of the user's own labels. no_file_labels: the files' labels become
+    hidden truth (evaluation only), so the project starts unlabeled. protocol: (imbalance π,
+    labeled share γ, seed): the paper's long-tailed partial-label split of a fully labeled set.
+    The project appears complete or not at all (``Project.create``). Raises ProjectError when it
+    exists and ``overwrite`` is False (before reading anything), DataFormatError for bad data.
+    """
+    from speler.data.transforms import check_preprocess_config
+
+    check_name(name)
+    if (path is None) == (sample is None):
+        raise ProjectError("import: give exactly one of a path or a bundled sample")
+    config = config or Config()
+    check_preprocess_config(config.preprocess)  # before the (possibly long) read
+    target = Path(root or default_root()) / name
+    if not overwrite and target.exists():
+        raise ProjectError(f"{target}: project {name!r} already exists (use --overwrite to "
+                           f"replace it)")
+    meta: dict[str, Any] = {}
+    if sample is not None:
+        from speler.data.samples import load_sample
+
+        ds = load_sample(sample)
+        meta["source"] = f"sample:{sample}"
+    else:
+        from speler.formats import read
+
+        ds = read(path, format=format, progress=progress)
+        meta["source"] = str(Path(path).resolve())
+        if format:
+            meta["format"] = format
+    if protocol is not None:
+        from speler.data.protocol import make_partial
+
+        imbalance, labeled, seed = protocol
+        ds = make_partial(ds, imbalance=imbalance, labeled_ratio=labeled, seed=seed)
+        meta["protocol"] = {"imbalance": imbalance, "labeled_ratio": labeled, "seed": seed}
+    if no_file_labels:  # the files' labels stay only as hidden truth for evaluation
+        truth = ds.y if ds.y_true is None else ds.y_true
+        ds = ds.replace(y=np.full(ds.n, -1, dtype=np.int64), y_true=truth)
+    notes: list[str] = []
+    new_classes: list[str] = []
+    if labels is not None:
+        ds, notes, new_classes = _apply_label_csv(ds, labels, allow_new_classes=allow_new_classes)
+        meta["labels_file"] = str(Path(labels).resolve())
+    project = Project.create(root, name, ds, config=config, overwrite=overwrite, meta=meta)
+    return ImportResult(annotator=Annotator(project), notes=notes, new_classes=new_classes)
+
+
+def _apply_label_csv(ds: SequenceSet, path: str | Path, *, allow_new_classes: bool):
+    """(ds with the CSV's labels in ``y``, notes, new classes). Rows that cannot be placed are
+    errors raised by the reader; a class the data does not name says how to allow it."""
+    from speler.errors import DataFormatError
+    from speler.formats import read_label_csv
+
+    try:
+        imp = read_label_csv(path, ds, allow_new_classes=allow_new_classes)
+    except DataFormatError as exc:
+        if allow_new_classes or "known classes" not in str(exc):
+            raise
+        what = ("the data name no classes, so every class comes from the CSV" if not ds.classes
+                else "if these are new classes")
+        raise DataFormatError(f"{exc}; {what}: add --allow-new-classes to let {path} add them"
+                              ) from None
+    classes = tuple(ds.classes) + tuple(imp.new_classes)
+    y = ds.y.copy()
+    y[np.asarray(imp.index, dtype=np.int64)] = np.asarray(imp.labels, dtype=np.int64)
+    return (ds.replace(classes=classes, y=y), [str(p) for p in imp.problems],
+            list(imp.new_classes))
+
+
+class Annotator:
+    """A project's work. Open with ``Annotator.open(root, name)`` or ``import_project``; close
+    (or use as a context manager) to release the store."""
+
+    def __init__(self, project: Project) -> None:
+        self.project = project
+        self._lock = threading.RLock()
+        self._state: loop.LoopState | None = None
+
+    @classmethod
+    def open(cls, root: str | Path | None, name: str) -> "Annotator":
+        return cls(Project.open(root, name))
+
+    def close(self) -> None:
+        self.project.close()
+
+    def __enter__(self) -> "Annotator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Annotator({self.project!r})"
+
+    @property
+    def name(self) -> str:
+        return self.project.name
+
+    @property
+    def data(self) -> SequenceSet:
+        return self.project.data
+
+    @property
+    def config(self) -> Config:
+        return self.project.config
+
+    # -- reading (never writes) ----------------------------------------------------------------
+    def latest_round(self) -> int | None:
+        """The latest finished round: done in the store and complete on disk."""
+        return loop.latest_complete_round(self.project)
+
+    def state(self) -> loop.LoopState | None:
+        """The latest finished round's state, re-propagated in memory for the store's current
+        human labels; None before the first round."""
+        with self._lock:
+            no = self.latest_round()
+            if no is None:
+                self._state = None
+                return None
+            if self._state is None or self._state.round != no:
+                self._state = loop.read_state(self.project, no)
+                if self._state is None:
+                    return None
+            human = self.project.store.human_labels()
+            if not np.array_equal(human, self._state.human):
+                self._state = loop.update_state(self._state, human,
+                                                num_classes=self.data.num_classes,
+                                                config=self.config)
+            return self._state
+
+    def require_state(self, what: str = "this") -> loop.LoopState:
+        state = self.state()
+        if state is None:
+            raise ProjectError(f"project {self.name}: run a round first; {what} needs the graph "
+                               f"and embeddings a round makes")
+        return state
+
+    def suggest(self, *, n: int | None = None, strategy: str | None = None, seed: int = 0,
+                exclude: tuple[str, ...] | list[str] = ()) -> list:
+        """Ranked samples to label next (``selection.batch`` / ``selection.strategy`` by default),
+        leaving out the ids in ``exclude`` (e.g. the ones a person skipped)."""
+        with self._lock:
+            state = self.require_state("suggesting")
+            cfg = self.config.selection
+            human = self.project.store.human_labels()
+            skip = set(exclude)
+            n = cfg.batch if n is None else n
+            picks = loop.suggest_for(state, human, self.data, n=n + len(skip),
+                                     strategy=strategy or cfg.strategy, seed=seed,
+                                     config=self.config)
+            return [s for s in picks if s.id not in skip][:n]
+
+    def neighbours(self, index: int, *, k: int = 3) -> list[int]:
+        """Up to ``k`` nearest human-labeled samples of sample ``index``."""
+        return loop.neighbours(self.require_state("showing neighbours"), index, k=k)
+
+    def doubts(self, *, top: int = 20) -> list:
+        """Human labels the graph strongly disagrees with, strongest first."""
+        with self._lock:
+            return loop.doubts(self.project, self.require_state("finding doubts"), top=top)
+
+    def label_table(self):
+        """The export table (pandas) from the live state: human labels, else propagated ones."""
+        from speler.export import label_table
+
+        with self._lock:
+            state = self.state()
+            return label_table(self.project, propagation=None if state is None else state.result)
+
+    def spectrum(self):
+        """(before, after): eigenvalue spectra of the live graph's normalised affinity without and
+        with the spectral balance of the live propagation."""
+        from speler.graph.spectrum import spectrum_before_after
+
+        state = self.require_state("the spectrum")
+        return spectrum_before_after(state.affinity, state.human, num_classes=self.data.num_classes,
+                                     config=self.config.propagation, prior=state.result.prior,
+                                     predictions=state.result.labels)
+
+    def quality_curve(self) -> dict[int, dict]:
+        """{human labels: quality of the propagated labels of the samples without one} after each
+        finished round and now (needs held-out truth in the data; {} without it)."""
+        from speler.metrics import label_quality
+
+        ds = self.data
+        if ds.y_true is None:
+            return {}
+        points: dict[int, dict] = {}
+        for r in self.project.store.rounds():
+            m = r.metrics or {}
+            q = (m.get("quality") or {}).get("propagated")
+            if r.status == "done" and q and m.get("human_labels") is not None:
+                points[int(m["human_labels"])] = q
+        state = self.state()
+        if state is not None:
+            points[int((state.human >= 0).sum())] = label_quality(
+                ds.y_true, state.result.labels, num_classes=ds.num_classes, mask=state.human < 0)
+        return dict(sorted(points.items()))
+
+    def saved_simulation(self) -> dict | None:
+        path = self.project.path / SIMULATION_FILE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    # -- writing -------------------------------------------------------------------------------
+    def label(self, sample_id: str, label_name: str, *, annotator: str = "") -> loop.LoopState | None:
+        """Writes a human label, then the propagated labels it changed (no retraining)."""
+        with self._lock:
+            before = self.state()
+            self.project.store.add_label(sample_id, label_name, source="human",
+                                         annotator=annotator)
+            return self._repropagate(before)
+
+    def undo(self, *, annotator: str | None = None):
+        """Writes an undo of the latest human label (of ``annotator`` when given), then the
+        propagated labels that changed; returns (the undone event or None, the new state)."""
+        with self._lock:
+            before = self.state()
+            undone = self.project.store.undo(annotator=annotator)
+            return undone, self._repropagate(before)
+
+    def propagate(self) -> loop.LoopState:
+        """Writes the live propagated labels that differ from the store's current ones."""
+        with self._lock:
+            state = self.require_state("propagation")
+            self._write_changes(state, self.project.store.current_labels().label)
+            return state
+
+    def run_round(self, *, config: Config | None = None,
+                  progress: loop.StageProgress | None = None,
+                  cancel: Callable[[], bool] | None = None) -> loop.RoundResult:
+        """Runs and writes one round (see ``speler.loop.run_round``); the live state follows it.
+        The lock is not held while the round trains, so labeling goes on meanwhile; labels given
+        during the round are picked up by the next ``state()``."""
+        res = loop.run_round(self.project, config=config, progress=progress, cancel=cancel)
+        with self._lock:
+            self._state = res.state
+        return res
+
+    def export(self, *, format: str, path: str | Path | None = None) -> Path:
+        """Writes the label table from the live state to ``path`` (default: the project's
+        exports folder) and returns the file."""
+        from speler.export import export_labels
+
+        with self._lock:
+            state = self.state()
+            return export_labels(self.project, format=format, path=path,
+                                 propagation=None if state is None else state.result)
+
+    def simulate(self, *, strategies=None, rounds: int = 5, budget: int = 10, seed: int = 0,
+                 retrain_every: int = 0, progress=None, config: Config | None = None):
+        """Simulated annotation on this project's data (needs held-out truth for every sample);
+        writes the curves to the project folder (``saved_simulation``) and returns them."""
+        from speler.selection import STRATEGIES
+        from speler.simulate import simulate
+
+        res = simulate(self.data, strategies=strategies or tuple(STRATEGIES), rounds=rounds,
+                       budget=budget, seed=seed, config=config or self.config,
+                       retrain_every=retrain_every, name=self.name, progress=progress)
+        write_simulation(self.project.path / SIMULATION_FILE, res, budget=budget)
+        return res
+
+    # -- internals -----------------------------------------------------------------------------
+    def _repropagate(self, before: loop.LoopState | None) -> loop.LoopState | None:
+        """Brings the live state to the store's human labels and writes the propagated labels
+        that changed against ``before``."""
+        if before is None:
+            return None
+        now = self.state()
+        self._write_changes(now, before.result.labels)
+        return now
+
+    def _write_changes(self, state: loop.LoopState, previous: np.ndarray) -> None:
+        res, human = state.result, state.human
+        changed = np.flatnonzero((res.labels != previous) & (human < 0))
+        if len(changed):
+            ids, classes = self.project.store.ids, self.project.store.classes
+            self.project.store.add_labels(
+                [(ids[i], classes[res.labels[i]]) for i in changed], source="propagated",
+                round=state.round, energies=res.energy[changed].tolist(),
+                margins=res.margin[changed].tolist(),
+            )
+
+
+def write_simulation(path: str | Path, res, *, budget: int) -> Path:
+    """The simulation's curves as JSON (the one writer the CLI and the app share)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"dataset": res.dataset, "budget": budget, "auc": res.auc,
+                               "curves": res.curves, "seconds": res.seconds}, indent=2,
+                              default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    tmp.replace(path)
+    return path

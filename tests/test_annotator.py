@@ -1,0 +1,95 @@
+"""The owner object: one Annotator per project; reading never writes, the writers say so."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from speler.annotator import Annotator, import_project
+from speler.config import Config, apply_overrides
+from speler.errors import ProjectError
+from speler.export import read_export
+
+FAST = ["train.epochs=4", "train.supervised_epochs=1", "views.rocket_features=500", "views.dim=16",
+        "views.judge_min_labels=4"]
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory):
+    """A small project imported through the library, with one finished round."""
+    root = tmp_path_factory.mktemp("projects")
+    res = import_project(root, "basic", sample="basicmotions",
+                         config=apply_overrides(Config(), FAST))
+    ann = res.annotator
+    ann.run_round()
+    return root, ann
+
+
+def test_reading_never_writes(annotated):
+    _, ann = annotated
+    events = len(ann.project.store.events())
+    state = ann.state()
+    assert state is not None and state.round == ann.latest_round() == 0
+    ann.suggest(n=3)
+    ann.label_table()
+    ann.doubts()
+    ann.spectrum()
+    assert len(ann.project.store.events()) == events
+
+
+def test_label_and_undo_write_the_human_event_then_the_propagation(annotated):
+    _, ann = annotated
+    state = ann.state()
+    pick = ann.suggest(n=1)[0]
+    truth = ann.data.y_true[pick.index]
+    cls = ann.data.classes[truth]
+    new = ann.label(pick.id, cls, annotator="tester")
+    assert new.human[pick.index] == truth and new.round == state.round
+    cur = ann.project.store.current_labels()
+    assert cur.label[pick.index] == truth and cur.source[pick.index] == "human"
+    # the store's propagated labels follow the live state
+    unl = new.human < 0
+    np.testing.assert_array_equal(cur.label[unl], new.result.labels[unl])
+    assert pick.id not in [s.id for s in ann.suggest(n=10)]
+    undone, after = ann.undo(annotator="tester")
+    assert undone.sample_id == pick.id and after.human[pick.index] == -1
+
+
+def test_a_second_annotator_sees_labels_given_through_the_first(annotated):
+    root, ann = annotated
+    other = Annotator.open(root, "basic")
+    try:
+        sid = ann.suggest(n=1)[0]
+        ann.label(sid.id, ann.data.classes[0])
+        assert other.state().human[sid.index] == 0  # re-propagated in memory on read
+        other.undo()
+        assert ann.state().human[sid.index] == -1
+    finally:
+        other.close()
+
+
+def test_export_comes_from_the_live_state(annotated, tmp_path):
+    _, ann = annotated
+    path = ann.export(format="csv", path=tmp_path / "labels.csv")
+    table = read_export(path)
+    state = ann.state()
+    unl = state.human < 0
+    np.testing.assert_allclose(table["energy"].to_numpy()[unl], state.result.energy[unl],
+                               rtol=1e-5)
+
+
+def test_suggest_leaves_out_skipped_samples(annotated):
+    _, ann = annotated
+    first = ann.suggest(n=3)
+    again = ann.suggest(n=3, exclude=[first[0].id])
+    assert first[0].id not in [s.id for s in again] and len(again) == 3
+
+
+def test_before_a_round_there_is_nothing_to_suggest(tmp_path):
+    ann = import_project(tmp_path, "fresh", sample="basicmotions").annotator
+    with ann:
+        assert ann.state() is None and ann.latest_round() is None
+        with pytest.raises(ProjectError, match="run a round first"):
+            ann.suggest()
+        with pytest.raises(ProjectError, match="already exists"):
+            import_project(tmp_path, "fresh", sample="basicmotions")
