@@ -221,7 +221,8 @@ def build_state(
 
     1. label-free views → kNN graph each → the floor: their normalised affinities summed with
        ``views.plain_weight`` / ``views.rocket_weight``, propagated from the human labels;
-    2. unless ``views.network`` is "never": the network is trained on the human labels plus the
+    2. unless ``views.network`` is "never", or "auto" with too few labels to judge it (then it
+       could never join, and is not trained): the network is trained on the human labels plus the
        reliable, energy-weighted pseudo-labels of the floor (of ``previous``'s result in later
        rounds: the paper's loop), warm-started from ``init``, and embedded;
     3. it joins the graph (weight ``views.network_weight``) when ``judge`` says it helps ("auto")
@@ -257,10 +258,13 @@ def build_state(
     judgement = Judgement(mode=vc.network, joined=False, reason="views.network is 'never'")
     weights = _normalised(wanted)
     W = floor_W
-    if vc.network != "never":
+    folds = _judge_folds(human, vc) if vc.network == "auto" else []
+    if vc.network == "auto" and not folds:
+        # it could not earn its place, so it is not trained: the round is the floor, in seconds
+        judgement = judge([], floor_W, human, num_classes=C, config=config)
+    elif vc.network != "never":
         t0 = time.perf_counter()
         epochs = config.train.epochs
-        folds = _judge_folds(human, vc) if vc.network == "auto" else []
         total = epochs * (len(folds) + 1)
         done = [0]
 

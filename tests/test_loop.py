@@ -222,3 +222,20 @@ def test_network_judgement_never_reads_the_truth(tmp_path):
     assert a.judgement.with_network == b.judgement.with_network
     np.testing.assert_array_equal(a.state.result.labels, b.state.result.labels)
     assert np.isfinite(a.fitted.best_metric) and a.fitted.best_epoch == a.judgement.epochs
+
+
+def test_a_network_that_cannot_be_judged_is_not_trained():
+    """One label per class: nothing can be held out, so the network could never join the graph;
+    the round is the floor and spends no time training."""
+    from speler.loop import build_state
+
+    ds = _small_sample(120)
+    y = np.full(ds.n, -1)
+    for c in range(ds.num_classes):
+        y[np.flatnonzero(ds.y_true == c)[0]] = c
+    cfg = apply_overrides(_config(), ["views.rocket_features=500"])
+    built = build_state(ds, y, no=0, config=cfg)
+    assert built.fitted is None and "train" not in built.stage_seconds
+    assert not built.judgement.joined and "too few human labels" in built.judgement.reason
+    assert set(built.state.weights) == {"plain", "rocket"}
+    np.testing.assert_array_equal(built.state.result.labels, built.floor.labels)
