@@ -79,7 +79,10 @@ def run_one(ds, cfg: Config, rounds: int) -> dict:
     out["round 0"] = quality(ds, built.state.result.labels)
     out["round 0"].update(seconds=sum(built.stage_seconds.values()),
                           joined=float(built.judgement.joined),
-                          judged=float(built.judgement.held_out > 0))
+                          judged=float(built.judgement.held_out > 0),
+                          held_out=float(built.judgement.held_out),
+                          judge_floor=built.judgement.floor,
+                          judge_network=built.judgement.with_network)
     views = {v: built.state.embeddings[v] for v in ("plain", "rocket")
              if v in built.state.embeddings}
     W = {v: affinity(build_knn(e, config=cfg.graph), gamma=cfg.graph.gamma) for v, e in views.items()}

@@ -100,7 +100,8 @@ class ViewsConfig:
     # "always", "never" (no training at all: rounds propagate on the floor only)
     network_weight: float = 0.5  # weight of the network's graph beside the floor's (sum 1)
     judge_folds: int = 2  # cross-fitting folds of the human labels for the network's judgement
-    judge_min_labels: int = 6  # fewer held-out human labels than this: the network stays out
+    judge_min_labels: int = 10  # fewer held-out human labels than this: the network stays out
+    # (and is not trained); below it one sample decides, and a wrong join cost 16 points once
     judge_epochs: bool = True  # the final network trains for the epoch count that did best on
     # the held-out labels across the folds (early stopping that works with a few labels)
     seed: int = 0  # random kernels and randomised PCA

@@ -396,8 +396,9 @@ def judge(fold_nets: list, floor_W: sp.csr_matrix, human: np.ndarray, *, num_cla
     indices, the fold's training labels, the floor's propagation of them, the view of a network
     trained without the held-out labels). Per fold, propagate the training labels on floor +
     network as well, and score both graphs by balanced accuracy (mean recall over classes) on the
-    held-out human labels, pooled over the folds: the network joins when it scores higher. With no
-    folds (too few labels to judge) it stays out."""
+    held-out human labels, pooled over the folds: the network joins when it scores higher and is
+    worse in no fold (a few held-out labels are noisy; a join that helps one fold and hurts another
+    is not evidence). With no folds (too few labels to judge) it stays out."""
     vc = config.views
     if not fold_nets:
         return Judgement(mode="auto", joined=False,
@@ -417,9 +418,11 @@ def judge(fold_nets: list, floor_W: sp.csr_matrix, human: np.ndarray, *, num_cla
     t = np.concatenate(truth)
     floor_score = _balanced_accuracy(t, np.concatenate(pred_floor))
     net_score = _balanced_accuracy(t, np.concatenate(pred_net))
-    joined = net_score > floor_score
+    lost = [i + 1 for i, f in enumerate(folds) if f["with_network"] < f["floor"]]
+    joined = net_score > floor_score and not lost
     reason = (f"{'joins' if joined else 'stays out'}: balanced accuracy on {len(t)} held-out human "
-              f"labels {net_score:.3f} with the network vs {floor_score:.3f} on the floor alone")
+              f"labels {net_score:.3f} with the network vs {floor_score:.3f} on the floor alone"
+              + (f"; worse in fold {', '.join(map(str, lost))}" if lost else ""))
     return Judgement(mode="auto", joined=joined, reason=reason, held_out=int(len(t)),
                      floor=floor_score, with_network=net_score, folds=folds)
 

@@ -21,7 +21,7 @@ from speler.project import Project
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-FAST = ["train.epochs=6", "train.patience=3", "train.supervised_epochs=2"]
+FAST = ["train.epochs=6", "train.patience=3", "train.supervised_epochs=2", "views.judge_min_labels=4"]
 
 
 def _config() -> Config:
