@@ -1,7 +1,9 @@
 """Session and caching glue between the Streamlit pages and ``speler`` (no logic the CLI would need).
 
 - Which project is open: ``st.session_state["project"]`` (a name under ``speler.project.default_root()``).
-- Cached opens and figures, keyed on project and round (``st.cache_resource`` / ``st.cache_data``).
+- Cached opens and figures, keyed on project and round (``st.cache_resource`` / ``st.cache_data``);
+  ``prefetch`` builds figures the Label page will show next in a worker thread.
+- Skipped samples, per project and annotator, kept by the server (``skipped``).
 - The round runner: a round trains in a worker thread so the page stays responsive and shows a
   progress bar per stage; Cancel sets an event that ``speler.loop.run_round``'s ``cancel`` reads.
   Jobs (rounds, simulations) live in a process-wide registry, one per project and kind, so a round
@@ -117,11 +119,12 @@ def current_project() -> Project:
 
 
 def select_project(name: str) -> None:
-    """Switch this session to project ``name`` and forget per-project session state."""
+    """Switch this session to project ``name`` and forget per-project session state (skipped
+    samples are kept per project by ``skipped``)."""
     if st.session_state.get("project") != name:
         st.session_state["project"] = name
         st.query_params["project"] = name
-        for key in ("skipped", "queue", "front", "reasons"):
+        for key in ("queue", "front", "reasons"):
             st.session_state.pop(key, None)
 
 
@@ -183,13 +186,27 @@ def loop_state(project: Project):
     return load_state(project)
 
 
-def suggestions(project: Project, state, *, n: int, strategy: str) -> list:
-    """Suggestion queue for this session, skipping the samples it skipped; recomputed only when the
-    state (round or labels) changes."""
+@st.cache_resource(show_spinner=False)
+def _skips() -> tuple[dict[tuple[str, str], set[str]], threading.Lock]:
+    return {}, threading.Lock()
+
+
+def skipped(project: Project, annotator: str) -> set[str]:
+    """Ids skipped on the Label page in ``project`` by ``annotator`` (a set to add to and discard
+    from). Kept by the server per project and annotator, not per session, so a reload of the page
+    or a switch to another project and back keeps them; a server restart forgets them."""
+    registry, lock = _skips()
+    with lock:
+        return registry.setdefault((str(project.path), annotator), set())
+
+
+def suggestions(project: Project, state, *, n: int, strategy: str, skipped: set[str]) -> list:
+    """Suggestion queue for this session without the ``skipped`` ids; recomputed only when the
+    state (round or labels) or the skips change."""
     from speler.loop import suggest
 
-    skipped: set[str] = st.session_state.setdefault("skipped", set())
-    key = (str(project.path), state.round, labels_hash(state.human), n, strategy, len(skipped))
+    key = (str(project.path), state.round, labels_hash(state.human), n, strategy,
+           hash(frozenset(skipped)))
     cached = st.session_state.get("queue")
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -234,6 +251,51 @@ def _sample_figure(key: tuple[str, int], index: int, title: str, color: str, hei
 def sample_figure(project: Project, index: int, *, title: str, color: str, height: int = 420):
     """Animated 3D skeleton (or series lines) of sample ``index``, cached per project and sample."""
     return _sample_figure(project_key(project), int(index), title, color, int(height))
+
+
+@st.cache_resource(max_entries=512, show_spinner=False)
+def _thumbnail(key: tuple[str, int], index: int, color: str) -> str:
+    from speler.viz import thumbnail_svg
+
+    project = _open(str(Path(key[0]).parent), Path(key[0]).name, key[1])
+    ds = project.data
+    return thumbnail_svg(ds.x[index], ds.layout, color=color, length=int(ds.lengths[index]),
+                         channels=list(ds.channels))
+
+
+def thumbnail(project: Project, index: int, *, color: str) -> str:
+    """A light static picture of sample ``index``: an inline SVG string for ``st.markdown(...,
+    unsafe_allow_html=True)`` (no Plotly, no WebGL, nothing for the browser to compute), cached."""
+    return _thumbnail(project_key(project), int(index), color)
+
+
+@st.cache_resource(show_spinner=False)
+def _prefetcher():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="speler-prefetch")
+
+
+def prefetch(*makers: Callable[[], Any]) -> None:
+    """Build figures the next run will probably show (the next suggestion's) in a worker thread,
+    so they come from the cache when the person gets there. A later call from the same session
+    drops what this one queued and has not started (the person has moved on). Failures are only
+    logged: the page builds what it needs anyway."""
+    latest = st.session_state.setdefault("_prefetch_generation", [0])
+    latest[0] += 1
+    mine = latest[0]
+
+    def run(make: Callable[[], Any]) -> None:
+        if latest[0] != mine:
+            return
+        try:
+            make()
+        except Exception:  # only a guess about what comes next
+            logger.debug("prefetch failed", exc_info=True)
+
+    pool = _prefetcher()
+    for make in makers:
+        pool.submit(run, make)
 
 
 def class_counts_figure(classes: tuple[str, ...], counts: dict[str, np.ndarray]):

@@ -90,6 +90,11 @@ def _open_project(args: argparse.Namespace, name: str):
     return Project.open(_root(args), name)
 
 
+def _fps(fps: float) -> str:
+    """A frame rate as people write it: 30, 4.8, 18.9 (three significant digits at most)."""
+    return f"{fps:.3g}" if fps < 1000 else f"{fps:.0f}"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     cells = [[str(h) for h in header]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -193,9 +198,18 @@ def _run_import(args: argparse.Namespace) -> int:
 def _apply_label_csv(ds, path: str, *, allow_new_classes: bool):
     """ds with the labels of CSV ``path`` set in ``y``. Rows that cannot be placed (unknown id or
     class) are errors raised by the reader; its notes (agreeing repeats, empty labels) are shown."""
+    from speler.errors import DataFormatError
     from speler.formats import read_label_csv
 
-    imp = read_label_csv(path, ds, allow_new_classes=allow_new_classes)
+    try:
+        imp = read_label_csv(path, ds, allow_new_classes=allow_new_classes)
+    except DataFormatError as exc:
+        if allow_new_classes or "known classes" not in str(exc):
+            raise
+        what = ("the data name no classes, so every class comes from the CSV" if not ds.classes
+                else "if these are new classes")
+        raise DataFormatError(f"{exc}; {what}: add --allow-new-classes to let {path} add them"
+                              ) from None
     notes = [str(p) for p in imp.problems]
     for note in notes[:5]:
         print(f"note: {path}: {note}", file=sys.stderr)
@@ -247,8 +261,9 @@ def _run_info(args: argparse.Namespace) -> int:
         _out(f"project   {project.name}  ({project.path})")
         if "source" in meta:
             _out(f"source    {meta['source']}")
-        _out(f"layout    {d.layout.name} ({d.layout.num_joints} joints)"
-             + (f", {d.fps:g} fps" if d.fps else ""),
+        what = (f"series, {len(d.channels)} channel{'s' if len(d.channels) != 1 else ''}"
+                if d.layout.is_series else f"{d.layout.name} ({d.layout.num_joints} joints)")
+        _out(f"layout    {what}" + (f", {_fps(d.fps)} fps" if d.fps else ""),
              f"shape     N={n} C={c} T={t} V={v} M={m}  (channels {', '.join(d.channels)})",
              f"samples   {n}: {int((src == 'human').sum())} human, "
              f"{int((src == 'imported').sum())} imported, {int((src == 'propagated').sum())} "
@@ -412,20 +427,22 @@ def _add_propagate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_propagate(args: argparse.Namespace) -> int:
-    from speler.loop import load_state, repropagate
+    from speler.loop import load_state
 
     with _open_project(args, args.project) as project:
+        # load_state re-propagates (warm-started from the round's solution) when the human labels
+        # changed since, and stores the propagated labels that changed; its result is the live one
         state = load_state(project)
         if state is None:
             raise ProjectError(f"project {args.project}: run a round first (propagation needs embeddings)")
-        state = repropagate(project, state)
         res, classes = state.result, project.data.classes
         pred = np.bincount(res.labels, minlength=len(classes))
         human = np.bincount(state.human[state.human >= 0], minlength=len(classes))
         rel = np.bincount(res.labels[res.reliable], minlength=len(classes))
         views = " + ".join(f"{v} {w:.2f}" for v, w in state.weights.items())
-        _out(f"propagation on round {state.round:03d}'s graph ({views}): {res.iterations} CG "
-             f"iterations{'' if res.converged else ' (NOT converged)'}",
+        _out(f"propagation on round {state.round:03d}'s graph ({views}), up to date with "
+             f"{int((state.human >= 0).sum())} human labels: the last solve took {res.iterations} "
+             f"conjugate-gradient iterations{'' if res.converged else ' (NOT converged)'}",
              *_table(["class", "human", "predicted", "reliable", "tau"],
                      [(c, human[i], pred[i], rel[i], f"{res.thresholds[i]:.2f}")
                       for i, c in enumerate(classes)]))
@@ -442,7 +459,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import time as _time
 
-    from speler.train import fit, save_checkpoint
+    from speler.train import MIN_HOLDOUT, fit, save_checkpoint
 
     with _open_project(args, args.project) as project:
         cfg = _project_config(args, project)
@@ -453,8 +470,14 @@ def _run_train(args: argparse.Namespace) -> int:
             project.path / "checkpoints" / f"train-{_time.strftime('%Y%m%d-%H%M%S')}.pt")
         out.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(out, res, config=cfg.train, ds=project.data)
+        if np.isfinite(res.best_metric):
+            how = (f"best epoch {res.best_epoch} of {len(res.history)} by balanced accuracy "
+                   f"{res.best_metric:.3f} on held-out human labels")
+        else:  # too few labels to hold some out (speler.train.MIN_HOLDOUT): no early stopping
+            how = (f"all {len(res.history)} epochs (no early stopping: it needs at least "
+                   f"{MIN_HOLDOUT} held-out human labels)")
         _out(f"trained on {int((human >= 0).sum())} human labels in {res.seconds:.1f} s on "
-             f"{res.device}; best epoch {res.best_epoch} (held-out metric {res.best_metric})",
+             f"{res.device}; {how}",
              f"checkpoint: {out}")
     return EXIT_OK
 
@@ -645,13 +668,24 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as exc:  # --help, --version
             return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_ERROR
         _setup_logging(args.verbose)
-        return int(args._run(args))
+        code = int(args._run(args))
+        sys.stdout.flush()  # here, so that a reader who stopped reading is handled below
+        return code
     except _UsageError as exc:
         _err(f"{exc} (see --help)")
         return EXIT_ERROR
     except SpelerError as exc:
         _err(str(exc))
         return EXIT_ERROR
+    except BrokenPipeError:
+        # the reader stopped reading (`info x | head`): not an error; keep the interpreter from
+        # complaining when it flushes stdout at exit
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (tests)
+            pass
+        return EXIT_OK
     except OSError as exc:
         _err(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc))
         return EXIT_ERROR

@@ -8,17 +8,20 @@ label                   current label (class name; '' = none): latest human/impo
 source                  'human' | 'imported' | 'propagated' | 'none'
 energy, margin          the propagation's view of the sample (NaN where there is none); lower
                         energy = better connected to the labeled set
-reliable                True where the propagation counts the sample's propagated label as reliable
-round                   round of the event that gave the current label (-1 where none)
+reliable                bool: True for human and imported labels (the ground truth people gave) and
+                        where the propagation counts a propagated label as reliable; False else
+round                   pandas nullable Int64: the round that propagated the current label; <NA>
+                        for human and imported labels and samples without a label (no round gave
+                        them). CSV: an empty cell; JSON: null; npz: int64 with -1 for <NA>
 annotator, time         who gave the current label and when (ISO 8601, UTC; '' where none)
 true_label_eval_only    only when the dataset carries held-out truth (``y_true``): for evaluation
                         and simulation only, never a label anyone gave
 ======================  =========================================================================
 
-``energy``, ``margin`` and ``reliable`` come from ``propagation`` when one is passed (the live view,
-e.g. after instant re-propagation); otherwise energy and margin come from the store (latest
-propagated event per sample) and ``reliable`` from the latest round folder's ``propagation.npz``
-(False where there is none).
+``energy``, ``margin`` and the reliability of propagated labels come from ``propagation`` when one
+is passed (the live view, e.g. after instant re-propagation); otherwise energy and margin come from
+the store (latest propagated event per sample) and reliability from the latest round folder's
+``propagation.npz`` (False where there is none).
 
 ``export_labels`` writes that table as CSV, JSON (with a header), npz (arrays) or a PYSKL pickle
 (through ``speler.formats.pyskl.write_pyskl``, loadable by ``speler.formats.read``), always to a
@@ -43,7 +46,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from speler.errors import ConfigError, DataFormatError
+from speler.errors import ConfigError, DataFormatError, SpelerError
 from speler.graph.propagate import PropagationResult
 from speler.project import Project
 
@@ -55,7 +58,7 @@ TRUE_COLUMN = "true_label_eval_only"
 COLUMNS = ("id", "index", "label", "source", "energy", "margin", "reliable", "round", "annotator",
            "time")
 _DTYPES = {"id": str, "index": np.int64, "label": str, "source": str, "energy": np.float64,
-           "margin": np.float64, "reliable": bool, "round": np.int64, "annotator": str, "time": str,
+           "margin": np.float64, "reliable": bool, "round": "Int64", "annotator": str, "time": str,
            TRUE_COLUMN: str}
 _ROUND_PROPAGATION = ("propagation.npz", "combined.reliable")  # written by speler.loop
 
@@ -82,15 +85,22 @@ def label_table(project: Project, *, propagation: PropagationResult | None = Non
         energy = np.asarray(cur.energy, dtype=np.float64)
         margin = np.asarray(cur.margin, dtype=np.float64)
         reliable = _saved_reliable(project, n)
+    source = np.asarray(cur.source).astype(str)
+    given = np.isin(source, ("human", "imported"))
+    reliable = given | (reliable & (source == "propagated"))
+    rounds = np.asarray(cur.round, dtype=np.int64)
+    from_round = (source == "propagated") & (rounds >= 0)
+    round_col = pd.array(rounds, dtype="Int64")
+    round_col[~from_round] = pd.NA  # human, imported, none: no round gave the label
     table = pd.DataFrame({
         "id": np.asarray(store.ids).astype(str),
         "index": np.arange(n, dtype=np.int64),
         "label": label,
-        "source": np.asarray(cur.source).astype(str),
+        "source": source,
         "energy": energy,
         "margin": margin,
         "reliable": reliable,
-        "round": np.asarray(cur.round, dtype=np.int64),
+        "round": round_col,
         "annotator": np.asarray(cur.annotator).astype(str),
         "time": np.asarray(cur.time).astype(str),
     })
@@ -133,11 +143,26 @@ def _saved_reliable(project: Project, n: int) -> np.ndarray:
 
 # -- exports ----------------------------------------------------------------------------------
 
+def check_export(project: Project, *, format: str, path: str | Path | None = None) -> None:
+    """ConfigError when ``project`` cannot be exported as ``format`` (unknown format, or PYSKL for
+    a project of sensor series: PYSKL pickles hold skeleton keypoints). ``path`` names the
+    target in the message."""
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
+    if format == "pyskl" and project.data.layout.is_series:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(
+            f"{where}PYSKL pickles hold skeleton keypoints and project {project.name} holds "
+            f"sensor series ({len(project.data.channels)} channels): export csv, json or npz "
+            "instead")
+
+
 def export_labels(project: Project, *, format: str, path: str | Path | None = None,
                   propagation: PropagationResult | None = None) -> Path:
     """Write the label table of ``project`` and return the file written.
 
-    format: 'csv' | 'json' | 'npz' | 'pyskl' (ConfigError listing them otherwise).
+    format: 'csv' | 'json' | 'npz' | 'pyskl' (ConfigError listing them otherwise; ConfigError
+        for 'pyskl' on a series project, see ``check_export``, before anything is written).
     path: target file; default ``project.exports_dir / f"{project.name}-labels{ext}"``.
     propagation: passed to ``label_table`` (live energy / margin / reliability).
     The file is written to a temporary name beside ``path`` and renamed into place.
@@ -146,6 +171,7 @@ def export_labels(project: Project, *, format: str, path: str | Path | None = No
         raise ConfigError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
     target = Path(path) if path is not None else \
         project.exports_dir / f"{project.name}-labels{EXTENSIONS[format]}"
+    check_export(project, format=format, path=target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -156,6 +182,9 @@ def export_labels(project: Project, *, format: str, path: str | Path | None = No
     try:
         writer(project, table, tmp)
         os.replace(tmp, target)
+    except SpelerError as exc:  # a writer names the file it wrote: the hidden temporary one
+        tmp.unlink(missing_ok=True)
+        raise type(exc)(str(exc).replace(str(tmp), str(target))) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -206,7 +235,9 @@ def _write_json(project: Project, table: pd.DataFrame, path: Path) -> None:
 
 def _write_npz(project: Project, table: pd.DataFrame, path: Path) -> None:
     classes = np.array(project.store.classes, dtype=str)
-    arrays = {col: table[col].to_numpy().astype(_DTYPES[col]) for col in table.columns}
+    arrays = {col: table[col].to_numpy().astype(_DTYPES[col]) for col in table.columns
+              if col != "round"}
+    arrays["round"] = table["round"].fillna(-1).to_numpy(dtype=np.int64)  # -1 = <NA>
     lookup = {c: i for i, c in enumerate(classes.tolist())}
     arrays["label_index"] = np.array([lookup.get(v, -1) for v in arrays["label"]], dtype=np.int64)
     arrays["classes"] = classes
@@ -232,7 +263,7 @@ def read_export(path: str | Path) -> pd.DataFrame:
         if suffix == ".csv":
             table = pd.read_csv(path, dtype={c: t for c, t in _DTYPES.items()
                                              if t is str}, keep_default_na=False,
-                                na_values={"energy": [""], "margin": [""]})
+                                na_values={"energy": [""], "margin": [""], "round": [""]})
         elif suffix == ".json":
             doc = json.loads(path.read_text(encoding="utf-8"))
             table = pd.DataFrame(doc["samples"], columns=doc["header"]["columns"])
@@ -240,6 +271,8 @@ def read_export(path: str | Path) -> pd.DataFrame:
             with np.load(path, allow_pickle=False) as z:
                 cols = [c for c in COLUMNS + (TRUE_COLUMN,) if c in z.files]
                 table = pd.DataFrame({c: z[c] for c in cols})
+            if "round" in table.columns:  # -1 stands for <NA> in npz
+                table["round"] = table["round"].astype("Int64").mask(table["round"] < 0)
         else:
             raise DataFormatError(f"{path}: cannot read back a {suffix or 'suffix-less'} export; "
                                   "expected .csv, .json or .npz")
@@ -251,6 +284,8 @@ def read_export(path: str | Path) -> pd.DataFrame:
                 table[col] = pd.to_numeric(table[col], errors="coerce").astype(np.float64)
             elif _DTYPES[col] is str:
                 table[col] = table[col].fillna("").astype(str)
+            elif _DTYPES[col] == "Int64":
+                table[col] = pd.to_numeric(table[col], errors="coerce").astype("Int64")
             else:
                 table[col] = table[col].astype(_DTYPES[col])
     return table

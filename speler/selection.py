@@ -266,11 +266,6 @@ def _connectivity(energy: np.ndarray) -> np.ndarray:
     return ell / ref if ref > 0 else np.zeros_like(ell)
 
 
-def _ordinal(k: int) -> str:
-    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
-    return f"{k}{suffix}"
-
-
 def _fmt(x: float) -> str:
     return f"{x:.3g}" if np.isfinite(x) else str(x)
 
@@ -337,32 +332,59 @@ def _speler(inputs: _Inputs, budget: int, rng: np.random.Generator) -> list[Sugg
     order = np.lexsort((cand, -score))  # positions into cand, best first, ties by index
     sel = _diverse(inputs, cand, order, budget)
     rows = cand[sel]
-    # energy percentile among the unlabeled samples (mean rank of ties), for the reasons only
+    # for the reasons only: where each energy ranks among the unlabeled samples (0 = lowest =
+    # best connected; mean rank of ties), and how many candidates share each chosen score
     energy = np.where(np.isfinite(energy), energy, np.inf)
     srt = np.sort(energy)
     below = np.searchsorted(srt, energy[sel], side="left")
     upto = np.searchsorted(srt, energy[sel], side="right")
     e_pct = ((below + upto - 1) / 2.0) / max(len(srt) - 1, 1)
-    info = {int(cand[p]): (float(margin[p]), float(e_pct[j]), bool(kappa[p] < cfg.outlier_ratio))
+    by_score = np.sort(score)
+    ties = (np.searchsorted(by_score, score[sel], side="right")
+            - np.searchsorted(by_score, score[sel], side="left"))
+    info = {int(cand[p]): (float(margin[p]), float(boundary[p]), float(e_pct[j]), float(kappa[p]),
+                           float(score[p]), int(ties[j]))
             for j, p in enumerate(sel.tolist())}
 
     def reason(i: int, pc: int, rc: int) -> str:
-        m, ep, outlier = info[i]
-        pct = int(round(100 * ep))
-        level = "low" if ep < 1 / 3 else ("medium" if ep < 2 / 3 else "high")
-        if outlier:
-            level = "high, outlier"
-        parts = [f"boundary between {inputs.name(pc)} and {inputs.name(rc)}" if rc >= 0
-                 else f"predicted {inputs.name(pc)}",
-                 f"margin {_fmt(m)}", f"energy {level} ({_ordinal(pct)} percentile)"]
+        m, b, ep, k, s, tied = info[i]
+        a = inputs.name(pc)
+        if rc < 0:
+            parts = [f"predicted {a}, no other class (margin {_fmt(m)})"]
+        elif b >= 0.5:
+            parts = [f"boundary between {a} and {inputs.name(rc)} (margin {_fmt(m)})"]
+        elif b > 0:
+            parts = [f"leans to {a} over {inputs.name(rc)} (margin {_fmt(m)}, not a close call)"]
+        else:
+            parts = [f"no boundary: only {a} reaches it (margin {_fmt(m)})"]
+        parts.append(_connection(ep, k, cfg.outlier_ratio))
         rare = [c for c in (pc, rc) if 0 <= c < C]
         if rare:
             c = max(rare, key=lambda c: (rarity_c[c], -c))
             parts.append(f"class {inputs.name(c)} has {int(h[c])} "
                          f"label{'s' if int(h[c]) != 1 else ''}")
+        if tied > 1:
+            parts.append(f"score {_fmt(s)} tied with {tied - 1:,} other sample"
+                         f"{'s' if tied > 2 else ''}, which come in data order")
         return ", ".join(parts)
 
     return _make(inputs, rows, score[sel], reason)
+
+
+def _connection(rank: float, kappa: float, outlier_ratio: float) -> str:
+    """How well a sample is connected to the labels, in words, from its energy's rank among the
+    unlabeled samples (0 = lowest energy = best connected, 1 = highest) and its κ."""
+    if not kappa > 0:
+        return "not reached by any label (energy 0)"
+    low = int(np.clip(np.ceil(100 * rank), 1, 100))
+    high = int(np.clip(np.ceil(100 * (1 - rank)), 1, 100))
+    if kappa < outlier_ratio:
+        return f"weakly connected, likely an outlier (energy in the highest {high} %)"
+    if rank <= 1 / 3:
+        return f"well connected (energy in the lowest {low} %)"
+    if rank < 2 / 3:
+        return "typically connected (energy in the middle third)"
+    return f"weakly connected (energy in the highest {high} %)"
 
 
 def _diverse(inputs: _Inputs, cand: np.ndarray, order: np.ndarray, budget: int) -> np.ndarray:

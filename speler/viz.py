@@ -32,6 +32,8 @@ _SERIES_COLORS = ("#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564
 _TEMPLATE = "plotly_white"
 _FONT = dict(size=13)
 _MAX_ANIMATION_FRAMES = 60
+_PLAY_LOOPS = 60  # times "play" runs through the frames before it stops by itself
+_THUMBNAIL_POSES = 4
 _SCORE_NAMES = ("score", "c", "conf", "confidence")
 _IMAGE_LAYOUTS = ("coco17", "openpose18", "openpose25")  # 2D keypoints in pixels, y down
 
@@ -200,10 +202,11 @@ def skeleton_animation(
     keys = ("x", "y", "z")
 
     def coordinates(f: int, p: int) -> tuple[dict, dict]:
-        """Bone-line and joint coordinates of person p in frame f (NaN where missing)."""
+        """Bone-line and joint coordinates of person p in frame f (NaN where missing); float32,
+        which is plenty on screen and halves what the browser receives."""
         pres = present_joint[f, :, p]
-        bones = {k: _line(a[f, :, p], pres, bone_index) for k, a in zip(keys, axes)}
-        joints = {k: np.where(pres, a[f, :, p], np.nan) for k, a in zip(keys, axes)}
+        bones = {k: _line(a[f, :, p], pres, bone_index).astype(np.float32) for k, a in zip(keys, axes)}
+        joints = {k: np.where(pres, a[f, :, p], np.nan).astype(np.float32) for k, a in zip(keys, axes)}
         return bones, joints
 
     first = int(frames[0])
@@ -226,17 +229,6 @@ def skeleton_animation(
             hovertemplate="%{text}<extra>" + label + "</extra>", showlegend=False))
 
     fig = go.Figure(data=traces)
-    if len(frames) > 1:
-        # Frames carry only coordinates; Plotly merges them into the traces above.
-        trace_type = "scatter" if flat else "scatter3d"
-        frame_list = []
-        for f in frames:
-            data = []
-            for p in persons:
-                bones, joints = coordinates(int(f), p)
-                data += [dict(type=trace_type, **bones), dict(type=trace_type, **joints)]
-            frame_list.append(dict(name=str(int(f)), data=data))
-        fig.frames = frame_list
     step_ms = 1000.0 * (length / max(len(frames), 1)) / (fps if fps and fps > 0 else 30.0)
     _base_layout(fig, title=title, height=height)
     fig.update_layout(margin=dict(l=10, r=10, t=40 if title else 10, b=10), showlegend=False)
@@ -265,6 +257,17 @@ def skeleton_animation(
         ))
     if len(frames) > 1:
         _add_player(fig, frames, step_ms, fps)
+        # Frames carry only coordinates; Plotly merges them into the traces above. Set last:
+        # every layout update after them would cost a copy of them (3x slower figures).
+        trace_type = "scatter" if flat else "scatter3d"
+        frame_list = []
+        for f in frames:
+            data = []
+            for p in persons:
+                bones, joints = coordinates(int(f), p)
+                data += [dict(type=trace_type, **bones), dict(type=trace_type, **joints)]
+            frame_list.append(dict(name=str(int(f)), data=data))
+        fig.frames = frame_list
     return fig
 
 
@@ -293,14 +296,17 @@ def _front_camera(coords: np.ndarray, present: np.ndarray, layout: Layout, perso
 
 
 def _add_player(fig: go.Figure, frames: np.ndarray, step_ms: float, fps: float) -> None:
-    play = dict(frame=dict(duration=step_ms, redraw=True), fromcurrent=True,
-                transition=dict(duration=0), mode="immediate")
+    # Plotly plays a list of frames once and has no loop option: "play" queues the frames
+    # _PLAY_LOOPS times over (a few minutes of motion), "pause" stops it.
+    loop = [str(int(f)) for f in frames] * _PLAY_LOOPS
+    play = dict(frame=dict(duration=step_ms, redraw=True), transition=dict(duration=0),
+                mode="immediate")
     pause = dict(frame=dict(duration=0, redraw=False), transition=dict(duration=0), mode="immediate")
     fig.update_layout(
         updatemenus=[dict(
             type="buttons", direction="left", showactive=False, x=0.0, y=0.0, xanchor="left",
             yanchor="top", pad=dict(t=4, r=6),
-            buttons=[dict(label="▶ play", method="animate", args=[None, play]),
+            buttons=[dict(label="▶ play", method="animate", args=[loop, play]),
                      dict(label="❚❚ pause", method="animate", args=[[None], pause])],
         )],
         sliders=[dict(
@@ -313,8 +319,115 @@ def _add_player(fig: go.Figure, frames: np.ndarray, step_ms: float, fps: float) 
                                                   transition=dict(duration=0), mode="immediate")])
                    for f in frames],
         )],
+        margin=dict(b=40),
     )
-    fig.update_layout(margin=dict(b=40))
+
+
+def thumbnail_svg(
+    x: np.ndarray,
+    layout: Layout,
+    *,
+    color: str | None = None,
+    length: int | None = None,
+    channels: Sequence[str] | None = None,
+    poses: int = _THUMBNAIL_POSES,
+    width: int = 400,
+    height: int = 150,
+) -> str:
+    """A light, static picture of one sample as an inline ``<svg>`` string (scales to its box).
+
+    Skeletons: ``poses`` moments of the motion side by side, seen from the front of the first
+    person, earlier poses lighter, the last in ``color``. Series (``layout.is_series``): one line
+    per channel over the valid frames, on one scale. For neighbours and lists, where a Plotly
+    figure per sample (a WebGL context and megabytes of frames for a 3D animation, a Plotly
+    render even in 2D) would hold up the page. x, layout, length, channels as in
+    :func:`skeleton_animation` (series: (C, T, 1, 1) or (C, T)).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if layout.is_series:
+        if x.ndim == 4:
+            x = x[:, :, 0, 0]
+        if x.ndim != 2:
+            raise DataFormatError(f"viz: series must have shape (C, T) or (C, T, 1, 1), got {x.shape}")
+        n = x.shape[1] if length is None else int(np.clip(length, 1, x.shape[1]))
+        vals = np.nan_to_num(x[:, :n])
+        lo, hi = float(vals.min()), float(vals.max())
+        span = hi - lo if hi > lo else 1.0
+        pad = 4.0
+        xs = pad + (width - 2 * pad) * np.arange(n) / max(n - 1, 1)
+        paths = []
+        for c in range(vals.shape[0]):
+            ys = pad + (height - 2 * pad) * (hi - vals[c]) / span
+            pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(xs, ys))
+            paths.append(f'<polyline points="{pts}" fill="none" stroke-width="1.5" '
+                         f'stroke="{_SERIES_COLORS[c % len(_SERIES_COLORS)]}"/>')
+        return _svg(paths, width, height)
+
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise DataFormatError(f"viz: skeleton must have shape (C, T, V, M), got {x.shape}")
+    c, t, v, m = x.shape
+    if v != layout.num_joints:
+        raise DataFormatError(f"viz: skeleton has {v} joints, layout {layout.name} needs {layout.num_joints}")
+    if c < 2:
+        raise DataFormatError(f"viz: skeleton needs at least 2 coordinate channels, got {c}")
+    names = [str(nm).lower() for nm in channels] if channels else []
+    flat = c == 2 or (c >= 3 and len(names) >= 3 and names[2] in _SCORE_NAMES) or (
+        c == 3 and not names and layout.name in _IMAGE_LAYOUTS)
+    length = _valid_length(x) if length is None else int(np.clip(length, 1, t))
+    x = np.nan_to_num(x[:, :length])
+    present = np.abs(x[:2] if flat else x[:3]).sum(axis=0) > 0  # (T, V, M)
+    if flat and c >= 3:
+        present &= x[2] > 0
+    persons = [p for p in range(m) if present[:, :, p].any()]
+    # screen coordinates: across (the person's right → left, drawn left → right) and up
+    if flat:
+        across, up = x[0], (-x[1] if layout.name in _IMAGE_LAYOUTS else x[1])
+    else:
+        h = np.array([1.0, 0.0])  # data (x, z) direction drawn left → right
+        if persons and layout.shoulders is not None:
+            lft, rgt = layout.shoulders
+            ok = np.flatnonzero(present[:, lft, persons[0]] & present[:, rgt, persons[0]])
+            if len(ok):
+                d = x[[0, 2], ok[0], lft, persons[0]] - x[[0, 2], ok[0], rgt, persons[0]]
+                if np.linalg.norm(d) > 1e-9:
+                    h = d / np.linalg.norm(d)
+        across, up = h[0] * x[0] + h[1] * x[2], x[1]
+    frames = _frame_index(length, max(1, int(poses)))
+    sel = present[frames][:, :, persons] if persons else np.zeros((1, v, 1), bool)
+    va = across[frames][:, :, persons][sel] if persons else np.zeros(1)
+    vu = up[frames][:, :, persons][sel] if persons else np.zeros(1)
+    va, vu = (va if va.size else np.zeros(1)), (vu if vu.size else np.zeros(1))
+    w_pose = max(float(va.max() - va.min()), 1e-6)
+    h_pose = max(float(vu.max() - vu.min()), 1e-6)
+    step = max(w_pose, 0.45 * h_pose) * 1.25  # pose k is shifted right by k steps
+    total_w = (len(frames) - 1) * step + w_pose
+    pad = 6.0
+    scale = min((width - 2 * pad) / total_w, (height - 2 * pad) / h_pose)
+    off_x = (width - scale * total_w) / 2 - scale * float(va.min())
+    off_y = (height + scale * h_pose) / 2 + scale * float(vu.min())
+    base = color or _PALETTE[0]
+    parts = []
+    for k, f in enumerate(frames):
+        fade = 0.6 * (1 - (k + 1) / len(frames))  # the last pose in full colour
+        for q, p in enumerate(persons):
+            col = _tint(base if q == 0 else _shade(base, 0.45), fade)
+            sx = off_x + scale * (across[f, :, p] + k * step)
+            sy = off_y - scale * up[f, :, p]
+            segs = [f"M{sx[a]:.1f} {sy[a]:.1f}L{sx[b]:.1f} {sy[b]:.1f}" for a, b in layout.bones
+                    if present[f, a, p] and present[f, b, p]]
+            if segs:
+                parts.append(f'<path d="{"".join(segs)}" fill="none" stroke="{col}" '
+                             'stroke-width="2.2" stroke-linecap="round"/>')
+    return _svg(parts, width, height)
+
+
+def _svg(parts: list[str], width: int, height: int) -> str:
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+            f'width="100%" preserveAspectRatio="xMidYMid meet" role="img" '
+            f'style="background:#F7F8FA;border-radius:4px;display:block">'
+            + "".join(parts) + "</svg>")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -268,6 +268,11 @@ def test_diagnostics_and_export_pages(trained):
             "download_checkpoint"} <= keys
     assert len(at.dataframe) == 1
     n = len(np.asarray(at.dataframe[0].value))
+    shown = at.dataframe[0].value
+    people = shown["source"].isin(["human", "imported"])
+    assert shown.loc[people, "reliable"].all()  # what people gave is the ground truth
+    assert (shown.loc[people, "round"] == "").all()  # no round gave it: an empty cell
+    assert not shown["round"].astype(str).isin(["None", "<NA>", "nan", "-1"]).any()
     with LabelStore.open(Path(os.environ["SPELER_HOME"]) / SAMPLE / "store.sqlite") as store:
         assert n == store.n
 
@@ -286,7 +291,14 @@ def test_cancel_round_keeps_the_previous_one(trained, home):
         assert project.store.last_done_round() == 0
         assert project.latest_round() == 0
         assert project.store.rounds()[-1].status == "failed"
+        assert project.store.rounds()[-1].reason.startswith("CancelledError")
     assert at.button(key="run_round").label == "Run round 1"
+    # the past rounds say "cancelled", not "failed", and have no None cells
+    table = at.dataframe[0].value
+    assert table["status"].tolist()[-1] == "cancelled"
+    assert "failed" not in table["status"].tolist()
+    cells = table.astype(str).to_numpy().ravel().tolist()
+    assert not any(c in ("None", "nan", "NaN", "<NA>") for c in cells), table
 
 
 def test_simulation_from_diagnostics(trained, home):
@@ -307,3 +319,133 @@ def test_simulation_from_diagnostics(trained, home):
     assert set(saved["curves"]) == set(STRATEGIES)
     assert all(rows[-1]["labels"] > rows[0]["labels"] for rows in saved["curves"].values())
     assert "Area under the curve" in _texts(at) and "samples nobody has labeled yet" in _texts(at)
+
+
+# -- issue 13: the labeling experience ------------------------------------------------------------
+BASICMOTIONS_TS = REPO / "sample_data" / "basicmotions" / "BasicMotions_TRAIN.ts"
+
+
+def test_upload_prefills_the_name_and_refuses_an_empty_one(home):
+    at = _page(_app(), "project")
+    before = list_projects(home)
+    at.file_uploader(key="upload").set_value(
+        ("BasicMotions_TRAIN.ts", BASICMOTIONS_TS.read_bytes(), "text/plain"))
+    at.run()
+    assert at.text_input(key="upload_name").value == "BasicMotions_TRAIN"
+    at.text_input(key="upload_name").input("")
+    at.button(key="upload_go").click().run()
+    assert not at.exception
+    assert at.error and "Give the project a name" in at.error[0].value, _texts(at)
+    assert "invalid project name" not in _texts(at)
+    assert list_projects(home) == before
+
+
+def test_import_can_hide_the_labels_of_a_labeled_dataset(home):
+    """A fully labeled file leaves nothing to suggest: the pages say so up front, and the import
+    can hide the labels (all, or the long-tailed split) like the CLI's options."""
+    at = _page(_app(), "project")
+    at.text_input(key="server_path").input(str(BASICMOTIONS_TS))
+    at.run()
+    assert at.text_input(key="path_name").value == "BasicMotions_TRAIN"  # prefilled
+    at.text_input(key="path_name").input("bm_all")
+    at.button(key="path_go").click().run()
+    assert not at.exception and not at.error, _texts(at)
+    assert at.session_state["project"] == "bm_all"
+    assert any("Every sample already has a human label" in w.value for w in at.warning), _texts(at)
+    _page(at, "round")
+    assert any("Every sample already has a human label" in w.value for w in at.warning), _texts(at)
+
+    _page(at, "project")
+    at.text_input(key="server_path").input(str(BASICMOTIONS_TS))
+    at.run()
+    at.text_input(key="path_name").input("bm_hidden")
+    at.selectbox(key="path_labels").select("hide").run()
+    at.button(key="path_go").click().run()
+    assert not at.exception and not at.error, _texts(at)
+    assert not any("Every sample already" in w.value for w in at.warning)
+    assert any("No human labels yet" in w.value for w in at.warning), _texts(at)
+    with Project.open(home, "bm_hidden") as p:
+        assert (p.store.human_labels() == -1).all()
+        assert p.data.y_true is not None and (p.data.y_true >= 0).all()
+
+    at.text_input(key="path_name").input("bm_protocol")
+    at.selectbox(key="path_labels").select("protocol").run()
+    at.number_input(key="path_pi").set_value(5.0)
+    at.number_input(key="path_gamma").set_value(0.2)
+    at.run()
+    at.button(key="path_go").click().run()
+    assert not at.exception and not at.error, _texts(at)
+    from speler.data.protocol import make_partial
+    from speler.formats import read
+
+    expected = make_partial(read(BASICMOTIONS_TS), imbalance=5.0, labeled_ratio=0.2, seed=0)
+    with Project.open(home, "bm_protocol") as p:
+        assert p.data.ids.tolist() == expected.ids.tolist()
+        np.testing.assert_array_equal(p.store.human_labels(), expected.y)
+        assert 0 < (p.store.human_labels() >= 0).sum() < p.store.n
+        assert p.store.meta.get("protocol")
+
+
+def test_export_page_refuses_pyskl_for_series_with_the_reason(home):
+    at = _app()
+    at.selectbox(key="pick_project").select("bm_hidden").run()
+    at = _page(at, "export")
+    pyskl = [b for b in at.get("download_button") if b.key == "download_pyskl"][0]
+    assert pyskl.proto.disabled
+    assert at.error and "PYSKL pickles hold skeleton keypoints" in at.error[0].value
+    assert "csv, json or npz" in at.error[0].value
+    _page(at, "project").selectbox(key="pick_project").select(SAMPLE).run()
+
+
+def test_round_page_says_what_training_did_without_nan(trained, home):
+    at = _page(trained, "round")
+    help_ = at.number_input(key="set_epochs").help
+    assert "cross-fitting" in help_ and "at least 20 held-out human labels" in help_
+    assert "stops early when held-out accuracy stalls" not in help_
+    assert "Round 0: The network trained" in _texts(at), _texts(at)
+    # rounds of a project with few labels: no network (too few to judge it), and a network forced
+    # in (views.network 'always') that had no labels to hold out, so best_metric is NaN
+    from factories import make_series_set
+
+    too_few = {"mode": "auto", "joined": False, "held_out": 0, "floor": float("nan"),
+               "with_network": float("nan"),
+               "reason": "too few human labels to judge the network (fewer than 6 could be held "
+                         "out from at least 2 classes)"}
+    forced = {"mode": "always", "joined": True, "reason": "views.network is 'always'",
+              "floor": float("nan"), "with_network": float("nan")}
+    with Project.create(home, "fewlabels", make_series_set(), preprocess=False) as p:
+        n = p.store.n
+        for train, judgement in ((None, too_few),
+                                 ({"best_epoch": 3, "best_metric": float("nan"), "epochs": 3},
+                                  forced)):
+            no = p.store.begin_round()
+            metrics = {"human_labels": 9, "reliable": 3, "seconds": 1.0, "train": train,
+                       "judgement": judgement}
+            p.store.write_round_propagation(no, np.zeros(n, dtype=np.int64), np.zeros(n),
+                                            np.zeros(n), metrics=metrics, config={})
+        assert np.isnan(p.store.rounds()[-1].metrics["train"]["best_metric"])
+    at = _page(_app(), "project")
+    at.selectbox(key="pick_project").select("fewlabels").run()
+    at = _page(at, "round")
+    text = _texts(at)
+    assert ("Round 1: The network trained all 3 epochs: early stopping needs at least 20 held-out "
+            "human labels. It joins the graph: views.network is 'always'.") in text, text
+    assert "nan" not in text.lower()
+    table = at.dataframe[0].value
+    assert table["network"].tolist() == ["not trained", "joined"]
+    cells = table.astype(str).to_numpy().ravel().tolist()
+    assert not any(c.lower() in ("none", "nan", "<na>") for c in cells)
+    _page(at, "project").selectbox(key="pick_project").select(SAMPLE).run()
+
+
+def test_skips_survive_a_reload_and_can_be_undone(trained):
+    at = _page(trained, "label")
+    sample = _current_id(at)
+    at.button(key="skip").click().run()
+    assert _current_id(at) != sample
+    fresh = _page(_app(), "label")  # a new session: a reload of the page
+    assert _current_id(fresh) != sample
+    assert "skipped" in _texts(fresh)
+    fresh.button(key="unskip").click().run()
+    assert not fresh.exception
+    assert _current_id(fresh) == sample

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from factories import interrupt_rmtree
 
 from speler.cli import main
 from speler.project import Project
@@ -315,14 +316,7 @@ def test_ctrl_c_while_overwrite_deletes_the_old_project_says_where_it_is(capsys,
 
     code, _, err = run(capsys, "--root", project, "label", "demo", "skel_005", "action3")
     assert code == 0, err
-    real_rmtree = shutil.rmtree
-
-    def rmtree_cut_short(path, *args, **kwargs):
-        if ".old-demo-" in str(path):
-            raise KeyboardInterrupt
-        return real_rmtree(path, *args, **kwargs)
-
-    monkeypatch.setattr(shutil, "rmtree", rmtree_cut_short)
+    interrupt_rmtree(monkeypatch, ".old-demo-")
     code, _, err = run(capsys, "--root", project, "import", "--sample", "basicmotions",
                        "--project", "demo", "--overwrite")
     monkeypatch.undo()
@@ -391,3 +385,72 @@ def test_info_shows_a_killed_round_as_interrupted(capsys, project):
     assert code == 0, err
     assert re.search(r"000  interrupted  started .* — process \d+ that ran it has ended", out), out
     assert "running" not in out
+
+
+# -- issue 13: what the commands print ------------------------------------------------------------
+def test_info_names_a_series_by_its_channels_and_rounds_the_frame_rate(capsys, tmp_path, series_set):
+    Project.create(tmp_path, "ser", series_set.replace(fps=18.947368), preprocess=False).close()
+    code, out, err = run(capsys, "--root", tmp_path, "info", "ser")
+    assert code == 0, err
+    assert "layout    series, 3 channels, 18.9 fps\n" in out
+    assert "joints" not in out
+
+
+def test_output_cut_off_by_the_reader_exits_quietly(project):
+    """`info demo | head -1`: the reader closes the pipe; no 'Broken pipe' error, exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "speler", "--root", str(project), "info", "demo"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    proc.stdout.close()  # before anything was written: every write fails with EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Broken pipe" not in err and "Traceback" not in err and err == ""
+
+
+def test_pyskl_export_of_a_series_project_names_the_target_and_why(capsys, tmp_path, series_set):
+    Project.create(tmp_path, "ser", series_set, preprocess=False).close()
+    out_file = tmp_path / "out" / "ser.pkl"
+    code, out, err = run(capsys, "--root", tmp_path, "export", "ser", "--format", "pyskl",
+                         "--out", out_file)
+    assert code == 2
+    line = one_error_line(err)
+    assert str(out_file) in line and ".tmp" not in line
+    assert "PYSKL pickles hold skeleton keypoints" in line and "csv, json or npz" in line
+    assert not out_file.exists() and not list(out_file.parent.glob(".*"))
+
+
+def test_label_csv_for_unlabeled_data_names_allow_new_classes(capsys, tmp_path):
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(12, 3, 20)).astype(np.float32))
+    csv = tmp_path / "mine" / "my_labels.csv"  # not beside x.npy, where the reader looks itself
+    csv.parent.mkdir()
+    csv.write_text("id,label\nx#0,walk\nx#1,run\n")
+    code, _, err = run(capsys, "--root", tmp_path, "import", data, "--project", "npy",
+                       "--labels", csv)
+    assert code == 2
+    line = one_error_line(err)
+    assert "unknown class 'walk'" in line and "--allow-new-classes" in line
+    code, _, err = run(capsys, "--root", tmp_path, "import", data, "--project", "npy",
+                       "--labels", csv, "--allow-new-classes")
+    assert code == 0, err
+
+
+def test_train_with_few_labels_says_there_was_no_early_stopping(capsys, project):
+    code, out, err = run(capsys, "--root", project, "train", "demo", "--set", "train.epochs=2",
+                         "--out", project / "ck.pt")
+    assert code == 0, err
+    assert "nan" not in out.lower()
+    assert "all 2 epochs (no early stopping: it needs at least 20 held-out human labels)" in out
+
+
+def test_propagate_reports_the_solve_that_made_the_live_labels(capsys, tmp_path, series_set):
+    Project.create(tmp_path, "ser", series_set, preprocess=False).close()
+    code, out, err = run(capsys, "--root", tmp_path, "round", "ser", "--set", "train.epochs=1")
+    assert code == 0, err
+    code, out, err = run(capsys, "--root", tmp_path, "propagate", "ser")
+    assert code == 0, err
+    first = out.splitlines()[0]
+    m = re.search(r"up to date with (\d+) human labels: the last solve took (\d+) "
+                  r"conjugate-gradient iterations", first)
+    assert m, first
+    assert int(m.group(1)) == int((series_set.y >= 0).sum()) and int(m.group(2)) > 0

@@ -51,7 +51,9 @@ def test_label_table_shows_provenance(project):
     assert t.loc[imported, "label"].tolist() == [ds.classes[c] for c in ds.y[imported]]
     assert (t.loc[imported, "annotator"] == "import").all()
     h = info["human"]
-    assert t.loc[h, ["label", "source", "annotator", "round"]].tolist() == ["jump", "human", "alice", -1]
+    assert t.loc[h, ["label", "source", "annotator"]].tolist() == ["jump", "human", "alice"]
+    assert t.loc[h, "round"] is pd.NA  # no round gave it
+    assert t["round"].dtype == "Int64"
     prop = info["propagated"]
     assert (t.loc[prop, "source"] == "propagated").all()
     assert (t.loc[prop, "round"] == 0).all()
@@ -60,9 +62,13 @@ def test_label_table_shows_provenance(project):
     np.testing.assert_allclose(t.loc[prop, "margin"], info["margin"][prop])
     assert (t.loc[prop, "time"] != "").all()
     nl = info["nolabel"]
-    assert t.loc[nl, ["label", "source", "round", "annotator"]].tolist() == ["", "none", -1, ""]
+    assert t.loc[nl, ["label", "source", "annotator"]].tolist() == ["", "none", ""]
+    assert t.loc[nl, "round"] is pd.NA
+    assert t.loc[imported, "round"].isna().all()
     assert np.isnan(t.loc[nl, "energy"]) and np.isnan(t.loc[nl, "margin"])
-    assert not t["reliable"].any()  # no round folder: nothing counted reliable
+    # no round folder: no propagated label counts as reliable; what people gave always does
+    assert not t.loc[prop, "reliable"].any() and not t.loc[nl, "reliable"]
+    assert t.loc[imported, "reliable"].all() and t.loc[h, "reliable"]
     assert t[TRUE_COLUMN].tolist() == [ds.classes[c] for c in ds.y_true]
     assert t.attrs["evaluation_only"] == [TRUE_COLUMN]
     # a human label later overrides the propagated one
@@ -76,7 +82,9 @@ def test_label_table_takes_a_live_propagation(project):
     n = ds.n
     res, _ = _propagation_for(p, np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32))
     t = label_table(p, propagation=res)
-    np.testing.assert_array_equal(t["reliable"].to_numpy(), res.reliable)
+    given = t["source"].isin(["human", "imported"]).to_numpy()
+    np.testing.assert_array_equal(t["reliable"].to_numpy(),
+                                  given | (res.reliable & (t["source"] == "propagated").to_numpy()))
     np.testing.assert_allclose(t["energy"], res.energy)
     np.testing.assert_allclose(t["margin"], res.margin)
 
@@ -89,6 +97,8 @@ def test_exports_round_trip(project, fmt):
     back = read_export(path)
     expected = label_table(p)
     pd.testing.assert_frame_equal(back, expected, check_like=False)
+    assert back["round"].dtype == "Int64" and back["round"].isna().any()
+    assert back.loc[back["source"] == "human", "reliable"].all()
     assert not list(p.exports_dir.glob(".*tmp*"))
 
 
@@ -219,3 +229,18 @@ def test_no_doubts_when_labels_agree_with_the_graph(tmp_path):
     with p:
         res, W = _propagation_for(p, emb)
         assert doubts(p, res, affinity=W) == []
+
+
+def test_pyskl_of_a_series_project_is_refused_up_front_naming_the_target(project, tmp_path):
+    from speler.export import check_export
+
+    p, ds, info = project
+    with pytest.raises(ConfigError, match="PYSKL pickles hold skeleton keypoints") as exc:
+        check_export(p, format="pyskl")
+    assert "csv, json or npz" in str(exc.value)
+    target = tmp_path / "mine.pkl"
+    with pytest.raises(ConfigError, match="PYSKL") as exc:
+        export_labels(p, format="pyskl", path=target)
+    assert str(exc.value).startswith(f"{target}: ") and ".tmp" not in str(exc.value)
+    assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob(".mine*"))
+    check_export(p, format="csv")  # the other formats are fine

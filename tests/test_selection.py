@@ -238,8 +238,11 @@ def test_speler_prefers_a_boundary_sample_over_an_outlier():
     assert order.index(boundary) < order.index(outlier)
     first = out[0].reason
     assert "boundary between" in first and "Wave" in first and "Clap" in first
-    assert "margin" in first and "percentile" in first and "labels" in first
-    assert "outlier" in out[order.index(outlier)].reason
+    # boundary samples are less connected than cluster cores (κ ≈ 0.5 here), not outliers
+    assert "margin" in first and "weakly connected (energy in the highest" in first
+    assert "outlier" not in first and "labels" in first
+    assert "percentile" not in first and "energy high" not in first
+    assert "likely an outlier (energy in the highest" in out[order.index(outlier)].reason
 
 
 def test_speler_batch_has_no_near_duplicates_or_graph_neighbours(problem):
@@ -281,6 +284,41 @@ def test_speler_puts_predicted_minority_classes_first():
     assert "boundary between Kick and Wave" in out[0].reason
     plain = suggest("speler", budget=10, config=SelectionConfig(minority_weight=0.0), **args)
     assert [s.index for s in plain] == list(range(40, 50))  # equal scores: ties by index
+    assert "tied with 19 other samples, which come in data order" in plain[0].reason
+
+
+def test_speler_reasons_match_the_scores_when_nothing_is_on_a_boundary():
+    """Every unlabeled sample reached by one class only (margin 1): all scores are 0, and the
+    reasons say so instead of 'boundary between ...'; the equal scores are named as a tie."""
+    n, rng = 50, np.random.default_rng(2)
+    labels = np.arange(n) % 2
+    scores = np.zeros((n, 2), dtype=np.float32)
+    scores[np.arange(n), labels] = 1.0
+    energy = -rng.uniform(1.0, 2.0, size=n).astype(np.float32)
+    res = _result(scores, labels=labels, energy=energy)
+    labeled = np.zeros(n, dtype=bool)
+    labeled[:4] = True
+    out = suggest("speler", propagation=res, embeddings=rng.normal(size=(n, 8)).astype(np.float32),
+                  labeled=labeled, budget=10, classes=("Wave", "Clap"))
+    assert all(s.score == 0.0 for s in out)
+    for s in out:
+        assert "boundary between" not in s.reason, s.reason
+        assert "no boundary: only" in s.reason and "(margin 1)" in s.reason, s.reason
+        assert "score 0 tied with 45 other samples, which come in data order" in s.reason, s.reason
+
+
+@pytest.mark.parametrize("rank, kappa, words", [
+    (0.0, 1.0, "well connected (energy in the lowest 1 %)"),
+    (0.18, 1.0, "well connected (energy in the lowest 18 %)"),
+    (0.5, 1.0, "typically connected (energy in the middle third)"),
+    (0.9, 1.0, "weakly connected (energy in the highest 10 %)"),
+    (1.0, 0.05, "weakly connected, likely an outlier (energy in the highest 1 %)"),
+    (1.0, 0.0, "not reached by any label (energy 0)"),
+])
+def test_connection_in_words(rank, kappa, words):
+    from speler.selection import _connection
+
+    assert _connection(rank, kappa, 0.1) == words
 
 
 @pytest.mark.parametrize("strategy", ALL)

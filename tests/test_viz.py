@@ -13,7 +13,7 @@ from speler.data.layouts import get_layout
 from speler.errors import DataFormatError
 from speler.viz import (
     UNLABELED_COLOR, class_colors, class_counts_figure, curves_figure, energy_histogram,
-    series_figure, skeleton_animation, spectrum_figure,
+    series_figure, skeleton_animation, spectrum_figure, thumbnail_svg,
 )
 
 NTU = get_layout("ntu25")
@@ -223,3 +223,57 @@ def test_curves_one_line_per_strategy():
     assert fig.layout.yaxis.title.text == "accuracy"
     with pytest.raises(DataFormatError, match="3 x values but 2 y values"):
         curves_figure({"x": ([1, 2, 3], [0.1, 0.2])})
+
+
+def test_play_loops_until_paused(wave):
+    """Plotly plays a frame list once; "play" queues the frames many times over, so the motion
+    loops (for minutes) until "pause"."""
+    x, length = wave
+    fig = skeleton_animation(x, NTU, length=length, fps=30)
+    names = [f.name for f in fig.frames]
+    play = next(b for b in fig.layout.updatemenus[0].buttons if "play" in b.label)
+    queued = play.args[0]
+    assert isinstance(queued, (list, tuple)) and len(queued) >= 20 * len(names)
+    assert list(queued[:len(names)]) == names and list(queued[len(names):2 * len(names)]) == names
+    assert set(queued) == set(names)
+    duration = play.args[1]["frame"]["duration"]
+    assert len(queued) * duration / 1000 > 60  # loops for more than a minute
+
+
+def test_animation_coordinates_travel_as_float32(wave):
+    x, length = wave
+    doc = json.loads(skeleton_animation(x, NTU, length=length, fps=30).to_json())
+    assert doc["frames"][3]["data"][1]["x"]["dtype"] == "f4"
+
+
+def test_thumbnail_is_a_small_svg_of_poses_side_by_side(wave):
+    import re
+    import xml.etree.ElementTree as ET
+
+    x, length = wave
+    svg = thumbnail_svg(x, NTU, color="#E15759", length=length, poses=4)
+    root = ET.fromstring(svg)  # well-formed, one <svg>, nothing for Plotly or WebGL to do
+    assert root.tag.endswith("svg") and root.get("viewBox") == "0 0 400 150"
+    paths = [e for e in root if e.tag.endswith("path")]
+    assert len(paths) == 4  # one per pose
+    assert paths[-1].get("stroke") == "#E15759" and paths[0].get("stroke") != "#E15759"
+    assert all(len(re.findall("M", p.get("d"))) == len(NTU.bones) for p in paths)
+    first_x = [float(re.match(r"M([\d.-]+)", p.get("d")).group(1)) for p in paths]
+    assert first_x == sorted(first_x)  # left to right in time
+    coords = [float(v) for p in paths for v in re.findall(r"[\d.]+", p.get("d"))]
+    assert min(coords) >= 0 and max(coords) <= 400  # inside the box
+    assert len(svg) < 20_000
+
+
+def test_thumbnail_of_a_series_is_one_line_per_channel():
+    import xml.etree.ElementTree as ET
+
+    x = np.sin(np.linspace(0, 6, 50))[None, :] * np.arange(1, 4)[:, None]
+    svg = thumbnail_svg(x[:, :, None, None], get_layout("series"), length=40)
+    lines = [e for e in ET.fromstring(svg) if e.tag.endswith("polyline")]
+    assert len(lines) == 3 and all(len(e.get("points").split()) == 40 for e in lines)
+
+
+def test_thumbnail_bad_input():
+    with pytest.raises(DataFormatError, match="joints"):
+        thumbnail_svg(np.zeros((3, 10, 5, 1)), NTU)

@@ -8,7 +8,8 @@ import logging
 import streamlit as st
 
 from app import state
-from speler.export import EXTENSIONS, FORMATS, export_labels, label_table
+from speler.errors import SpelerError
+from speler.export import EXTENSIONS, FORMATS, check_export, export_labels, label_table
 from speler.loop import load_state
 from speler.project import Project
 
@@ -53,12 +54,20 @@ for col, source in zip(cols, ("human", "imported", "propagated", "none")):
 left, right = st.columns([1, 3], gap="large")
 with left:
     st.subheader("Download")
+    refused = {}
     for fmt in FORMATS:
+        try:  # the files are made when clicked, outside this run: refuse what cannot work now
+            check_export(project, format=fmt)
+        except SpelerError as exc:
+            refused[fmt] = str(exc)
         st.download_button(
             f"{fmt.upper()}", data=_export_bytes(fmt), file_name=f"{NAME}-labels{EXTENSIONS[fmt]}",
             mime=MIME.get(fmt), key=f"download_{fmt}", on_click="ignore", width="stretch",
-            icon=":material/download:", help=WHAT.get(fmt),
+            icon=":material/download:", help=refused.get(fmt, WHAT.get(fmt)),
+            disabled=fmt in refused,
         )
+    for why in refused.values():
+        st.error(f"{why}.", icon=":material/block:")
     last = project.latest_round()
     ckpt = None if last is None else project.round_dir(last) / "checkpoint.pt"
     if ckpt is not None and ckpt.is_file():
@@ -73,9 +82,14 @@ with left:
 
 with right:
     st.subheader("Labels")
-    st.dataframe(table, hide_index=True, width="stretch", height=420,
+    # <NA> rounds (labels people gave) as empty cells, not "None"
+    shown = table.assign(round=table["round"].astype("string").fillna(""))
+    st.dataframe(shown, hide_index=True, width="stretch", height=420,
                  column_config={"energy": st.column_config.NumberColumn(format="%.2f"),
-                                "margin": st.column_config.NumberColumn(format="%.3f")})
+                                "margin": st.column_config.NumberColumn(format="%.3f"),
+                                "round": st.column_config.TextColumn(
+                                    help="the round that propagated the label; empty for "
+                                         "labels people gave")})
     if "true_label_eval_only" in table.columns:
         st.caption("`true_label_eval_only` is the held-out truth the dataset carries, for "
                    "evaluation only; no one gave these labels.")

@@ -1,6 +1,11 @@
-"""Label page: the suggestion queue. One suggested sample at a time, animated, beside its nearest
-labeled neighbours; label it with a click or a number key, skip it, or undo. Every label
-re-propagates at once (no retraining) and the next suggestion appears."""
+"""Label page: the suggestion queue. One suggested sample at a time, animated, beside static
+pictures of its nearest labeled neighbours; label it with a click or a number key, skip it, or
+undo. Every label re-propagates at once (no retraining) and the next suggestion appears.
+
+Speed: the panel is a fragment (a label reruns it, not the page), the id and buttons are sent
+before the plot, only the current sample is a 3D (WebGL) plot, and while the person looks at a
+sample the figures of what comes next (after a skip, and after labeling it as the guess) are
+built in a worker thread. tests/e2e/test_latency.py measures it."""
 
 from __future__ import annotations
 
@@ -47,11 +52,19 @@ def _do_other(sample_id: str) -> None:
         _do_label(sample_id, choice)
 
 
+def _skipped() -> set[str]:
+    return state.skipped(state.open_project(NAME), _annotator())
+
+
 def _do_skip(sample_id: str) -> None:
-    st.session_state.setdefault("skipped", set()).add(sample_id)
+    _skipped().add(sample_id)
     front = st.session_state.get("front", [])
     if sample_id in front:
         front.remove(sample_id)
+
+
+def _do_unskip() -> None:
+    _skipped().clear()
 
 
 def _do_undo() -> None:
@@ -69,7 +82,7 @@ def _do_undo() -> None:
     front = st.session_state.setdefault("front", [])
     if undone.sample_id not in front:
         front.insert(0, undone.sample_id)  # show it again first
-    st.session_state.get("skipped", set()).discard(undone.sample_id)
+    _skipped().discard(undone.sample_id)
 
 
 def _ink(color: str) -> str:
@@ -99,7 +112,8 @@ def _button_css(names: list[str], colors: dict[str, str]) -> str:
 def _queue(state_, classes: tuple[str, ...]) -> list:
     """Suggestions, with samples to show again (after an undo) in front."""
     cfg = project.config.selection
-    queue = state.suggestions(project, state_, n=cfg.batch, strategy=cfg.strategy)
+    queue = state.suggestions(project, state_, n=cfg.batch, strategy=cfg.strategy,
+                              skipped=_skipped())
     human = state_.human
     front = [i for i in st.session_state.get("front", [])
              if human[project.store.sample_index(i)] < 0]
@@ -119,93 +133,151 @@ def _queue(state_, classes: tuple[str, ...]) -> list:
     return extra + [s for s in queue if s.id not in set(front)]
 
 
-st.title("Label")
-state.show_flash()
-with state.user_error("Run a new round on the Round page if the project changed."):
+def _main_figure(index: int, pred: str | None, colors: dict[str, str]):
+    """The suggested sample's figure: animated 3D skeleton or series lines (cached per sample)."""
+    return state.sample_figure(project, index, title="", height=430,
+                               color=colors.get(pred, "#444444") if pred else "#444444")
+
+
+@st.fragment
+def _panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
+    """Everything a label changes. A fragment: a label, skip or undo reruns only this, not the
+    page; the sample's id and buttons are sent before its plot, and neighbours are light
+    static pictures, so the next sample shows at once and its animation follows."""
+    state.show_flash()
+    with state.user_error("Run a new round on the Round page if the project changed."):
+        live = state.loop_state(project)
+    with state.user_error("Check the suggestion settings on the Round page."):
+        queue = _queue(live, classes)
     ds = project.data
+    human_n = int((live.human >= 0).sum())
+    skipped = _skipped()
+    if not queue:
+        if skipped:
+            st.success(f"Nothing left to suggest but the {len(skipped)} samples you skipped. "
+                       "Show them again, export the labels, or run another round.")
+        else:
+            st.success(f"Nothing left to suggest: all {ds.n} samples have a human label. Export "
+                       "the labels, or run another round.")
+        a, b = st.columns(2)
+        a.button("Undo last label", key="undo", on_click=_do_undo, shortcut="U")
+        if skipped:
+            b.button(f"Show the {len(skipped)} skipped samples again", key="unskip",
+                     on_click=_do_unskip)
+        return
+
+    sug = queue[0]
+    i = int(sug.index)
+    st.session_state.setdefault("reasons", {})[sug.id] = sug.reason  # kept for a later undo
+    scores = np.asarray(live.result.scores[i], dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    pred = classes[sug.predicted] if sug.predicted >= 0 else None
+    runner = classes[sug.runner_up] if sug.runner_up >= 0 else None
+
+    st.caption(f"Project **{NAME}** · round {live.round} · {human_n:,} of {ds.n:,} samples labeled "
+               f"by people · {len(queue)} in the queue"
+               + (f" · {len(skipped)} skipped" if skipped else "")
+               + f" · keys 1–{min(TOP_KEYS, len(classes))} label, S skips, U undoes")
+    left, right = st.columns([3, 2], gap="medium")
+
+    with right:  # first: the id and the buttons reach the browser before the plot
+        with st.container(key="current_sample"):
+            st.markdown(f"#### {html.escape(sug.id)}")
+        if pred:
+            runner_txt = f" · runner-up {_chip(runner, colors[runner], small=True)}" if runner else ""
+            st.markdown(f"Propagated guess {_chip(pred, colors[pred])}{runner_txt}",
+                        unsafe_allow_html=True)
+        m1, m2 = st.columns(2)
+        m1.metric("Energy", f"{sug.energy:.2f}",
+                  help="how well the sample is connected to the labeled ones: lower (more "
+                       "negative) = better connected, 0 = reached by no label")
+        m2.metric("Margin", f"{sug.margin:.3f}", help="gap between the two best classes; small = boundary")
+        st.caption(f"Why: {sug.reason}")
+
+        top = [classes[k] for k in order[:TOP_KEYS]]
+        st.html(_button_css(top, colors))
+        grid = st.columns(3)
+        for k, name in enumerate(top):
+            grid[k % 3].button(
+                name, key=f"label_{k + 1}", shortcut=str(k + 1), width="stretch",
+                on_click=_do_label, args=(sug.id, name), help=f"label {sug.id} as {name}",
+            )
+        if len(classes) > TOP_KEYS:
+            rest = [classes[k] for k in order[TOP_KEYS:]]
+            st.selectbox("Another class", rest, index=None, key="other_class",
+                         placeholder=f"Search the other {len(rest)} classes…",
+                         on_change=_do_other, args=(sug.id,))
+        a, b = st.columns(2)
+        a.button("Skip", key="skip", shortcut="S", width="stretch", on_click=_do_skip,
+                 args=(sug.id,), icon=":material/skip_next:")
+        b.button("Undo", key="undo", shortcut="U", width="stretch", on_click=_do_undo,
+                 icon=":material/undo:")
+        if skipped:
+            st.button(f"Show the {len(skipped)} skipped samples again", key="unskip",
+                      on_click=_do_unskip, type="tertiary", icon=":material/replay:")
+        with st.expander("Annotator: " + (_annotator() or "not set")):
+            st.text_input("Your name", key="annotator_input", value=_annotator(),
+                          on_change=_set_annotator, help="saved with every label you give")
+
+    with left:
+        st.plotly_chart(_main_figure(i, pred, colors), key="main_plot",
+                        config={"displaylogo": False})
+
+    st.markdown("##### Nearest labeled neighbours")
+    nbrs = loop.neighbours(live, i, k=3)
+    if not nbrs:
+        st.caption("No labeled samples yet.")
+    elif not ds.layout.is_series:
+        st.caption("Each in four moments of its motion, left to right, seen from the front.")
+    cols = st.columns(3)
+    for col, j in zip(cols, nbrs):
+        lab = classes[int(live.human[j])]
+        with col:
+            st.markdown(f"{_chip(lab, colors[lab], small=True)} &nbsp; `{ds.ids[j]}`",
+                        unsafe_allow_html=True)
+            with st.container(key=f"nbr_{j}"):  # st.html drops <svg>; markdown keeps it
+                st.markdown(f"<div>{state.thumbnail(project, j, color=colors[lab])}</div>",
+                            unsafe_allow_html=True)
+
+    # Build now what the next key press will show, while the person looks at this sample: the
+    # sample after a skip (the queue's next), and the first suggestion after labeling this one as
+    # the guess (key 1), computed the way loop.label and the queue will compute it.
+    state.prefetch(lambda: _warm(live, queue[1:2], classes, colors),
+                   lambda: _warm_after_label(live, sug, skipped, classes, colors))
+
+
+def _warm(live, suggestions: list, classes: tuple[str, ...], colors: dict[str, str]) -> None:
+    """Build (into the caches) the figures of ``suggestions`` and of their labeled neighbours."""
+    for s in suggestions:
+        _main_figure(int(s.index), classes[s.predicted] if s.predicted >= 0 else None, colors)
+        for j in loop.neighbours(live, int(s.index), k=3):
+            state.thumbnail(project, j, color=colors[classes[int(live.human[j])]])
+
+
+def _warm_after_label(live, sug: Suggestion, skipped: set[str], classes: tuple[str, ...],
+                      colors: dict[str, str]) -> None:
+    if sug.predicted < 0:
+        return
+    human = live.human.copy()
+    human[int(sug.index)] = sug.predicted
+    guess = loop.update_state(live, human, num_classes=len(classes), config=project.config)
+    cfg = project.config.selection
+    after = loop.suggest_for(guess, human, project.data, n=cfg.batch + len(skipped),
+                             strategy=cfg.strategy, seed=0, config=project.config)
+    _warm(guess, [s for s in after if s.id not in skipped][:1], classes, colors)
+
+
+st.title("Label")
+with state.user_error("Run a new round on the Round page if the project changed."):
+    classes = project.data.classes
     live = state.loop_state(project)
-classes = ds.classes
-colors = state.class_colors(classes)
 job = state.round_job(project)
 if job is not None and job.running:
     st.info("A round is running; you can keep labeling. Its results replace these suggestions when "
             "it finishes.", icon=":material/hourglass_top:")
 if live is None:
+    state.show_flash()
     st.info(f"Project {NAME} has no suggestions yet: they come from a round. Run round 0 first.")
     st.page_link("views/round.py", label="Go to Round", icon=":material/model_training:")
     st.stop()
-
-with state.user_error("Check the suggestion settings on the Round page."):
-    queue = _queue(live, classes)
-human_n = int((live.human >= 0).sum())
-if not queue:
-    st.success(f"Nothing left to suggest: all {ds.n} samples have a human label, or you skipped "
-               "the rest. Export the labels, or run another round.")
-    st.button("Undo last label", key="undo", on_click=_do_undo, shortcut="U")
-    st.stop()
-
-sug = queue[0]
-i = int(sug.index)
-st.session_state.setdefault("reasons", {})[sug.id] = sug.reason  # kept for a later undo
-res = live.result
-scores = np.asarray(res.scores[i], dtype=np.float64)
-order = np.argsort(-scores, kind="stable")
-pred = classes[sug.predicted] if sug.predicted >= 0 else None
-runner = classes[sug.runner_up] if sug.runner_up >= 0 else None
-
-st.caption(f"Project **{NAME}** · round {live.round} · {human_n:,} of {ds.n:,} samples labeled by "
-           f"people · {len(queue)} in the queue · keys 1–{min(TOP_KEYS, len(classes))} label, "
-           "S skips, U undoes")
-left, right = st.columns([3, 2], gap="medium")
-
-with left:
-    fig = state.sample_figure(project, i, title="",
-                              color=colors.get(pred, "#444444") if pred else "#444444", height=430)
-    st.plotly_chart(fig, key="main_plot", config={"displaylogo": False})
-
-with right:
-    with st.container(key="current_sample"):
-        st.markdown(f"#### {html.escape(sug.id)}")
-    if pred:
-        runner_txt = f" · runner-up {_chip(runner, colors[runner], small=True)}" if runner else ""
-        st.markdown(f"Propagated guess {_chip(pred, colors[pred])}{runner_txt}",
-                    unsafe_allow_html=True)
-    m1, m2 = st.columns(2)
-    m1.metric("Energy", f"{sug.energy:.2f}", help="lower = better connected to the labeled samples")
-    m2.metric("Margin", f"{sug.margin:.3f}", help="gap between the two best classes; small = boundary")
-    st.caption(f"Why: {sug.reason}")
-
-    top = [classes[k] for k in order[:TOP_KEYS]]
-    st.html(_button_css(top, colors))
-    grid = st.columns(3)
-    for k, name in enumerate(top):
-        grid[k % 3].button(
-            name, key=f"label_{k + 1}", shortcut=str(k + 1), width="stretch",
-            on_click=_do_label, args=(sug.id, name), help=f"label {sug.id} as {name}",
-        )
-    if len(classes) > TOP_KEYS:
-        rest = [classes[k] for k in order[TOP_KEYS:]]
-        st.selectbox("Another class", rest, index=None, key="other_class",
-                     placeholder=f"Search the other {len(rest)} classes…",
-                     on_change=_do_other, args=(sug.id,))
-    a, b = st.columns(2)
-    a.button("Skip", key="skip", shortcut="S", width="stretch", on_click=_do_skip, args=(sug.id,),
-             icon=":material/skip_next:")
-    b.button("Undo", key="undo", shortcut="U", width="stretch", on_click=_do_undo,
-             icon=":material/undo:")
-    with st.expander("Annotator: " + (_annotator() or "not set")):
-        st.text_input("Your name", key="annotator_input", value=_annotator(),
-                      on_change=_set_annotator, help="saved with every label you give")
-
-st.markdown("##### Nearest labeled neighbours")
-nbrs = loop.neighbours(live, i, k=3)
-if not nbrs:
-    st.caption("No labeled samples yet.")
-cur_labels = live.human
-cols = st.columns(3)
-for col, j in zip(cols, nbrs):
-    lab = classes[int(cur_labels[j])]
-    with col:
-        st.markdown(f"{_chip(lab, colors[lab], small=True)} &nbsp; `{ds.ids[j]}`", unsafe_allow_html=True)
-        st.plotly_chart(state.sample_figure(project, j, title="", color=colors[lab], height=280),
-                        key=f"nbr_{j}", config={"displayModeBar": False})
+_panel(classes, state.class_colors(classes))

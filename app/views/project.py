@@ -6,6 +6,7 @@ import os
 import re
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +50,55 @@ def _suggest_name(filename: str) -> str:
     return stem or "imported"
 
 
-def _import(source: Path, *, name: str, fmt: str | None, where: str, overwrite: bool) -> None:
-    """Read ``source`` with speler's readers and create project ``name``; errors as st.error."""
+ALL_LABELED = ("Every sample already has a human label (imported with the data), so there is "
+               "nothing to suggest or propagate. To label this data yourself, or to try SpeLER on "
+               "it, import it again with **Labels in the data: Hide them** (or the long-tailed "
+               "split).")
+
+NO_LABELS = ("No human labels yet, and a round needs some (a few per class) before it can "
+             "suggest anything. The Label page works from a round, so give the first ones on the "
+             "command line (`python -m speler label {name} ID CLASS`, or `import --labels` with "
+             "a CSV), or import the data again with **Hide most** to keep a few of its labels.")
+
+# What to do with the labels the data carry (the CLI's --no-file-labels and --protocol-* options).
+LABELS = {
+    "keep": "Keep them (they count as human labels)",
+    "hide": "Hide them: start unlabeled",
+    "protocol": "Hide most: long-tailed split (experiments)",
+}
+
+
+@dataclass(frozen=True)
+class ImportForm:
+    """What the import form asked for; ``protocol`` = (imbalance π, labeled share γ, seed)."""
+
+    name: str
+    fmt: str | None
+    overwrite: bool
+    labels: str = "keep"
+    protocol: tuple[float, float, int] | None = None
+
+
+def _hide_labels(ds, form: ImportForm, meta: dict):
+    """The data with their labels hidden as the form asks, through the functions the CLI's
+    ``import --protocol-* / --no-file-labels`` use; the hidden labels stay as ``y_true``."""
+    if form.labels == "protocol" and form.protocol is not None:
+        from speler.data.protocol import make_partial
+
+        pi, gamma, seed = form.protocol
+        ds = make_partial(ds, imbalance=pi, labeled_ratio=gamma, seed=seed)
+        meta["protocol"] = {"imbalance": pi, "labeled_ratio": gamma, "seed": seed}
+    elif form.labels == "hide":
+        truth = ds.y if ds.y_true is None else ds.y_true
+        ds = ds.replace(y=np.full(ds.n, -1, dtype=np.int64), y_true=truth)
+    return ds
+
+
+def _import(source: Path, form: ImportForm, *, where: str) -> None:
+    """Read ``source`` with speler's readers and create the project; errors as st.error."""
     from speler.formats import read
 
-    check_name(name)
+    name, fmt, overwrite = form.name, form.fmt, form.overwrite
     r = state.root()
     if (r / name).exists() and not overwrite:
         raise ProjectError(f"a project named {name!r} exists already in {r}; pick another name "
@@ -64,30 +109,68 @@ def _import(source: Path, *, name: str, fmt: str | None, where: str, overwrite: 
         bar.progress(min(1.0, done / max(total, 1)), text=f"Reading {where}: {done}/{total}")
 
     ds = read(source, format=fmt, progress=progress)
-    bar.progress(1.0, text=f"Preprocessing {ds.n} samples and writing the project…")
     meta = {"source": where}
     if fmt:
         meta["format"] = fmt
+    ds = _hide_labels(ds, form, meta)
+    bar.progress(1.0, text=f"Preprocessing {ds.n} samples and writing the project…")
     Project.create(r, name, ds, config=Config(), overwrite=overwrite, meta=meta).close()
     bar.empty()
     state.select_project(name)
-    state.flash("success", f"Imported {ds.n} samples ({ds.num_classes} classes) into project {name}.")
+    n_lab = int((ds.y >= 0).sum())
+    state.flash("success", f"Imported {ds.n} samples ({ds.num_classes} classes, {n_lab} labeled) "
+                           f"into project {name}.")
     st.rerun()
 
 
-def _import_form(prefix: str, default_name: str) -> tuple[str, str | None, bool]:
+def _import_form(prefix: str, suggested: str) -> ImportForm:
+    """Name, format, replace, and what to do with the data's labels. The name is prefilled from
+    the file (``suggested``) whenever another file or path is picked; the person may change it."""
     from speler.formats import DESCRIPTIONS, FORMATS
 
+    ss = st.session_state
+    if ss.get(f"{prefix}_suggested") != suggested:  # a new file: prefill its name
+        ss[f"{prefix}_suggested"] = suggested
+        ss[f"{prefix}_name"] = suggested
     c1, c2 = st.columns(2)
-    name = c1.text_input("Project name", value=default_name, key=f"{prefix}_name",
+    name = c1.text_input("Project name", key=f"{prefix}_name",
                          help="letters, digits, '.', '_' or '-'")
     options = ["detect"] + sorted(FORMATS)
     fmt = c2.selectbox("Format", options, key=f"{prefix}_format",
                        format_func=lambda f: "detect from the file" if f == "detect"
                        else f"{f}: {DESCRIPTIONS.get(f, f)}",
                        help="pick the reader yourself if detection fails")
+    labels = st.selectbox("Labels in the data", list(LABELS), key=f"{prefix}_labels",
+                          format_func=LABELS.get,
+                          help="A fully labeled dataset leaves nothing to suggest: hide its "
+                               "labels to label it yourself or to try SpeLER on it. Hidden labels "
+                               "stay in the project as truth for evaluation only (the CLI's "
+                               "import --no-file-labels and --protocol-* options).")
+    protocol = None
+    if labels == "protocol":
+        p1, p2, p3 = st.columns(3)
+        pi = p1.number_input("Imbalance π", min_value=1.0, max_value=1000.0, value=10.0,
+                             key=f"{prefix}_pi",
+                             help="class sizes n₁·π^(−(c−1)/(C−1)): the largest class is π "
+                                  "times the smallest")
+        gamma = p2.number_input("Labeled share γ", min_value=0.01, max_value=1.0, value=0.1,
+                                step=0.05, key=f"{prefix}_gamma",
+                                help="share of the kept samples whose labels stay visible")
+        seed = p3.number_input("Seed", min_value=0, value=0, step=1, key=f"{prefix}_seed")
+        protocol = (float(pi), float(gamma), int(seed))
     overwrite = st.checkbox("Replace an existing project of that name", key=f"{prefix}_overwrite")
-    return name.strip(), None if fmt == "detect" else fmt, overwrite
+    return ImportForm(name=name.strip(), fmt=None if fmt == "detect" else fmt,
+                      overwrite=overwrite, labels=labels, protocol=protocol)
+
+
+def _name_ok(form: ImportForm) -> bool:
+    """st.error and False when the project name is empty or not allowed (before any reading)."""
+    if not form.name:
+        st.error("Give the project a name (letters, digits, '.', '_' or '-'); nothing was "
+                 "imported.", icon=":material/error:")
+        return False
+    check_name(form.name)  # ProjectError saying what is allowed, shown by _guarded
+    return True
 
 
 def _upload_tab() -> None:
@@ -95,8 +178,10 @@ def _upload_tab() -> None:
         f"Data file (at most {MAX_UPLOAD_MB:g} MB; a .zip for a folder of files)", key="upload",
         help="any format speler reads (see Format), or a zip of a folder of such files",
     )
-    name, fmt, overwrite = _import_form("upload", _suggest_name(up.name) if up else "")
+    form = _import_form("upload", _suggest_name(up.name) if up else "")
     if not st.button("Import upload", key="upload_go", disabled=up is None, type="primary"):
+        return
+    if not _name_ok(form):
         return
     size_mb = up.size / 2**20
     if size_mb > MAX_UPLOAD_MB:
@@ -118,7 +203,7 @@ def _upload_tab() -> None:
                 raise DataFormatError(f"{up.name}: not a readable zip ({exc})") from None
             entries = list(folder.iterdir())
             path = entries[0] if len(entries) == 1 and entries[0].is_dir() else folder
-        _import(path, name=name, fmt=fmt, where=f"upload:{up.name}", overwrite=overwrite)
+        _import(path, form, where=f"upload:{up.name}")
 
 
 def _path_tab() -> None:
@@ -128,13 +213,15 @@ def _path_tab() -> None:
                         help=f"inside one of the data folders set by {DATA_DIRS_ENV}")
     st.caption("Data folders: " + (", ".join(f"`{d}`" for d in allowed) if allowed else
                                    f"none (set {DATA_DIRS_ENV} where the app is started)"))
-    name, fmt, overwrite = _import_form("path", _suggest_name(raw) if raw.strip() else "")
+    form = _import_form("path", _suggest_name(raw.strip().rstrip("/")) if raw.strip() else "")
     if not st.button("Import path", key="path_go", disabled=not raw.strip(), type="primary"):
+        return
+    if not _name_ok(form):
         return
     path = check_data_path(raw)  # before anything about the path is looked at
     if not path.exists():
         raise DataFormatError(f"{raw.strip()}: no such file or folder on the server")
-    _import(path, name=name, fmt=fmt, where=str(path), overwrite=overwrite)
+    _import(path, form, where=str(path))
 
 
 def _guarded(tab) -> None:
@@ -174,6 +261,10 @@ def _overview(project: Project) -> None:
     cols[4].metric("Rounds done", 0 if last is None else last + 1)
     if n_none and last is not None:
         st.caption(f"{n_none:,} samples have no label at all.")
+    if human.all():
+        st.warning(ALL_LABELED, icon=":material/task_alt:")
+    elif not human.any():
+        st.warning(NO_LABELS.format(name=project.name), icon=":material/label_off:")
     shown = {k: v for k, v in counts.items() if v.any()} or {"human": counts["human"]}
     st.markdown("**Samples per class** (log scale)")
     st.plotly_chart(state.class_counts_figure(ds.classes, shown), key="class_counts")
@@ -205,7 +296,8 @@ with left:
         row[1].button("Open", key=f"sample_{info.name}", on_click=_open_sample, args=(info.name,))
 
     st.markdown("**Import your data**")
-    tab_up, tab_path = st.tabs(["Upload", "Server path"])
+    # keyed and stateful, so the tab in use stays open after an import reruns the page
+    tab_up, tab_path = st.tabs(["Upload", "Server path"], key="import_tab", on_change="rerun")
     with tab_up:
         _guarded(_upload_tab)
     with tab_path:

@@ -3,6 +3,7 @@ cancel it, and see the metrics of every past round."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import pandas as pd
@@ -12,9 +13,23 @@ from app import state
 from speler.config import apply_overrides
 from speler.errors import SpelerError
 from speler.selection import STRATEGIES
+from speler.train import MIN_HOLDOUT
 
 project = state.current_project()
 store = project.store
+
+_VC = project.config.views
+EPOCHS_HELP = (
+    "At most this many. The network is judged on human labels it never saw, by cross-fitting: "
+    f"the labels are split in {_VC.judge_folds} folds, networks trained without one fold are "
+    "scored on it after every epoch, the final network trains for the epoch count that scored "
+    "best and joins the graph only if it beats the label-free views on those labels. With fewer "
+    f"than {_VC.judge_min_labels} labels to hold out no network is trained: the round uses the "
+    f"label-free views alone. Plain early stopping (views.network 'always') needs at least "
+    f"{MIN_HOLDOUT} held-out human labels; with fewer, every epoch runs."
+    if _VC.network == "auto" else
+    f"At most this many. Training stops early only when at least {MIN_HOLDOUT} human labels can "
+    "be held out to watch; with fewer, every epoch runs.")
 
 
 def _settings() -> None:
@@ -26,7 +41,7 @@ def _settings() -> None:
         c1, c2, c3 = st.columns(3)
         epochs = c1.number_input("Training epochs", min_value=1, max_value=500,
                                  value=int(cfg.train.epochs), key="set_epochs", disabled=busy,
-                                 help="upper bound; training stops early when held-out accuracy stalls")
+                                 help=EPOCHS_HELP)
         batch = c2.number_input("Suggestions per batch", min_value=1, max_value=100,
                                 value=int(cfg.selection.batch), key="set_batch", disabled=busy)
         strategies = list(STRATEGIES)
@@ -95,7 +110,54 @@ def _outcome(job: state.Job) -> None:
         st.success(f"Round {res.round} done in {res.seconds:.0f} s: {m.get('human_labels', '?')} human "
                    f"labels, {m.get('reliable', '?')} reliable propagated labels, "
                    f"{len(res.suggestions)} suggestions.")
+        st.caption(_network_words(m))
         st.page_link("views/label.py", label="Label the suggestions", icon=":material/label:")
+
+
+def _network_words(m: dict) -> str:
+    """What happened to the round's network, in words (no NaN: a missing number is explained)."""
+    train, j = m.get("train"), m.get("judgement") or {}
+    why = str(j.get("reason") or "")
+    for head in ("joins: ", "stays out: "):
+        why = why[len(head):] if why.startswith(head) else why
+    if not train:
+        return (f"No network was trained ({why or 'none was asked for'}): the round used the "
+                "label-free views alone.")
+    best, epochs = train.get("best_metric"), train.get("epochs")
+    finite = isinstance(best, (int, float)) and math.isfinite(best)
+    if j.get("epochs") and finite:
+        fit = (f"The network trained {epochs} epochs, the count that did best on held-out human "
+               f"labels in cross-fitting (balanced accuracy {best:.3f}).")
+    elif finite:
+        fit = (f"The network trained {epochs} epochs and kept epoch {train.get('best_epoch')} "
+               f"(balanced accuracy {best:.3f} on held-out human labels).")
+    else:
+        fit = (f"The network trained all {epochs} epochs: early stopping needs at least "
+               f"{MIN_HOLDOUT} held-out human labels.")
+    if not j:
+        return fit
+    where = "joins the graph" if j.get("joined") else "stays out of the graph"
+    return f"{fit} It {where}" + (f": {why}." if why else ".")
+
+
+def _status(r) -> tuple[str, str]:
+    """(status, note) of a past round as a person reads it: a round stopped with Cancel is
+    'cancelled', one whose process died is 'interrupted', not 'failed'."""
+    reason = (r.reason or "").strip()
+    if r.status == "failed" and reason.startswith("CancelledError"):
+        return "cancelled", ""  # the status says it all: Cancel saves nothing
+    if r.status == "interrupted" or (r.status == "failed" and (
+            reason == "interrupted" or reason.startswith("KeyboardInterrupt"))):
+        return "interrupted", reason if reason not in ("", "interrupted") else \
+            "the process running it ended; nothing was saved"
+    return r.status, reason
+
+
+def _cell(value, fmt: str = "{}") -> str:
+    """A table cell: the formatted value, or empty when there is none (never 'None' or 'nan')."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return fmt.format(value)
 
 
 state.title("Round", project)
@@ -112,6 +174,17 @@ with left:
         st.button("Cancel round", key="cancel_round", on_click=_cancel, icon=":material/stop:",
                   disabled=job.cancel_event.is_set())
     else:
+        given = store.human_labels() >= 0
+        if not given.any():
+            st.warning("No human labels yet: a round needs a few per class. Give them on the "
+                       f"command line (`python -m speler label {project.name} ID CLASS`), or "
+                       "import the data again on the Project page with **Hide most** to keep a "
+                       "few of its labels.", icon=":material/label_off:")
+        elif bool(given.all()):
+            st.warning("Every sample already has a human label, so a round has nothing to "
+                       "propagate or suggest. To label this data yourself, or to try SpeLER on "
+                       "it, import it again on the Project page with **Labels in the data: Hide "
+                       "them** (or the long-tailed split).", icon=":material/task_alt:")
         st.button(f"Run round {nxt}", key="run_round", type="primary", on_click=_start,
                   icon=":material/play_arrow:")
         st.caption("Builds label-free views and their graph (the floor), trains the network on "
@@ -141,24 +214,29 @@ with right:
         for r in rounds:
             m = r.metrics or {}
             q = (m.get("quality") or {}).get("propagated") or {}
+            j = m.get("judgement")
+            status, note = _status(r)
             rows.append({
-                "round": r.no, "status": r.status,
-                "human labels": m.get("human_labels"), "reliable": m.get("reliable"),
-                "accuracy": q.get("accuracy"), "macro-F1": q.get("macro_f1"),
-                "tail recall": q.get("tail_recall"),
-                "network": ((m.get("judgement") or {}).get("joined") and "joined") or (
-                    "out" if m.get("judgement") else None),
-                "seconds": m.get("seconds"), "finished": (r.finished or "")[:19].replace("T", " "),
-                "note": r.reason or None,
+                "round": r.no, "status": status,
+                "human labels": _cell(m.get("human_labels"), "{:,}"),
+                "reliable": _cell(m.get("reliable"), "{:,}"),
+                "accuracy": _cell(q.get("accuracy"), "{:.3f}"),
+                "macro-F1": _cell(q.get("macro_f1"), "{:.3f}"),
+                "tail recall": _cell(q.get("tail_recall"), "{:.3f}"),
+                "network": "" if not j else "not trained" if not m.get("train") else (
+                    "joined" if j.get("joined") else "stayed out"),
+                "seconds": _cell(m.get("seconds"), "{:.0f}"),
+                "finished": (r.finished or "")[:19].replace("T", " "),
+                "note": note,
             })
+        # cells are text, empty where a round has no value (a cancelled round has no metrics);
+        # columns that are empty in every row are left out
         table = pd.DataFrame(rows)
-        st.dataframe(table.dropna(axis=1, how="all"), hide_index=True, width="stretch",
-                     column_config={
-                         "accuracy": st.column_config.NumberColumn(format="%.3f"),
-                         "macro-F1": st.column_config.NumberColumn(format="%.3f"),
-                         "tail recall": st.column_config.NumberColumn(format="%.3f"),
-                         "seconds": st.column_config.NumberColumn(format="%.0f"),
-                     })
+        table = table[[c for c in table.columns if (table[c].astype(str) != "").any()]]
+        st.dataframe(table, hide_index=True, width="stretch")
+        done = [r for r in rounds if r.status == "done" and r.metrics]
+        if done:
+            st.caption(f"Round {done[-1].no}: {_network_words(done[-1].metrics)}")
         if any((r.metrics or {}).get("quality") for r in rounds):
             st.caption("Accuracy, macro-F1 and tail recall of the propagated labels of unlabeled "
                        "samples, against held-out truth the dataset carries (evaluation only).")

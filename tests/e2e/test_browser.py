@@ -122,3 +122,40 @@ def test_round_label_undo_export(app_server, page):
     assert len(rest) == n - imported - 2
     assert (rest["source"] == "propagated").sum() > 0.9 * len(rest)
     assert (rest.loc[rest["source"] == "propagated", "label"] != "").all()
+
+
+def test_import_from_server_path_hides_labels_and_keeps_its_tab(app_server, page):
+    """Import the fully labeled BasicMotions file with its labels hidden, from the Server path
+    tab: the name is prefilled, the tab stays open after the import reruns the page, and the new
+    project starts unlabeled."""
+    from playwright.sync_api import expect
+
+    path = Path(__file__).resolve().parents[2] / "sample_data" / "basicmotions" / "BasicMotions_TRAIN.ts"
+    page.goto(app_server.url)
+    page.get_by_role("heading", name="Project", exact=True).wait_for(timeout=120_000)
+    _idle(page, timeout=120_000)
+    page.get_by_role("tab", name="Server path").click()
+    _idle(page)
+    field = page.locator(".st-key-server_path input")
+    field.fill(str(path))
+    field.press("Enter")
+    _idle(page)
+    name = page.locator(".st-key-path_name input")
+    expect(name).to_have_value("BasicMotions_TRAIN")
+    name.fill("bm_browser")
+    name.press("Enter")
+    _idle(page)
+    choice = page.locator(".st-key-path_labels input")  # a combobox: type to pick
+    choice.click()
+    choice.fill("Hide them")
+    page.get_by_role("option", name="Hide them: start unlabeled").wait_for(timeout=10_000)
+    choice.press("Enter")
+    _idle(page)
+    _shot(page, "project_import")
+    page.get_by_role("button", name="Import path").click()
+    expect(page.get_by_text("Imported 40 samples")).to_be_visible(timeout=120_000)
+    _idle(page)
+    expect(page.get_by_role("tab", name="Server path")).to_have_attribute("aria-selected", "true")
+    _shot(page, "project_imported")
+    with Project.open(app_server.home, "bm_browser") as project:
+        assert (project.store.human_labels() == -1).all()
