@@ -23,7 +23,7 @@ import numpy as np
 
 from speler import __version__
 from speler.config import Config, apply_overrides
-from speler.errors import ProjectError, SpelerError
+from speler.errors import SpelerError
 
 logger = logging.getLogger("speler")
 
@@ -85,9 +85,10 @@ def _root(args: argparse.Namespace) -> Path | None:
 
 
 def _open_project(args: argparse.Namespace, name: str):
-    from speler.project import Project
+    """The project's ``Annotator``: every sub-command works through it, as the app does."""
+    from speler.annotator import Annotator
 
-    return Project.open(_root(args), name)
+    return Annotator.open(_root(args), name)
 
 
 def _fps(fps: float) -> str:
@@ -130,9 +131,8 @@ def _add_import(p: argparse.ArgumentParser) -> None:
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    from speler.project import Project, check_name
+    from speler.annotator import import_project
 
-    check_name(args.project)
     if (args.path is None) == (args.sample is None):
         raise _UsageError("import: give exactly one of PATH or --sample NAME")
     if (args.protocol_imbalance is None) != (args.protocol_labeled is None):
@@ -141,86 +141,29 @@ def _run_import(args: argparse.Namespace) -> int:
     if args.frames is not None:
         overrides.append(f"preprocess.frames={args.frames}")
     config = apply_overrides(Config(), overrides)
-    from speler.data.transforms import check_preprocess_config
-
-    check_preprocess_config(config.preprocess)  # before the (possibly long) read
-    if not args.overwrite:
-        # Fail before the (possibly long) read when the project already exists.
-        from speler.project import default_root
-
-        target = (_root(args) or default_root()) / args.project
-        if target.exists():
-            raise ProjectError(
-                f"{target}: project {args.project!r} already exists (use --overwrite to replace it)"
-            )
-
-    meta: dict[str, Any] = {}
-    if args.sample is not None:
-        from speler.data.samples import load_sample
-
-        ds = load_sample(args.sample)
-        meta["source"] = f"sample:{args.sample}"
-    else:
-        from speler.formats import read
-
-        with _Progress(f"reading {Path(args.path).name}") as bar:
-            ds = read(args.path, format=args.format, progress=bar)
-        meta["source"] = str(Path(args.path).resolve())
-        if args.format:
-            meta["format"] = args.format
-
-    if args.protocol_imbalance is not None:
-        from speler.data.protocol import make_partial
-
-        ds = make_partial(ds, imbalance=args.protocol_imbalance,
-                          labeled_ratio=args.protocol_labeled, seed=args.protocol_seed)
-        meta["protocol"] = {"imbalance": args.protocol_imbalance,
-                            "labeled_ratio": args.protocol_labeled, "seed": args.protocol_seed}
-    if args.no_file_labels:  # the file's labels stay only as hidden truth for evaluation
-        truth = ds.y if ds.y_true is None else ds.y_true
-        ds = ds.replace(y=np.full(ds.n, -1, dtype=np.int64), y_true=truth)
-    if args.labels is not None:
-        ds = _apply_label_csv(ds, args.labels, allow_new_classes=args.allow_new_classes)
-        meta["labels_file"] = str(Path(args.labels).resolve())
-
-    project = Project.create(_root(args), args.project, ds, config=config,
-                             overwrite=args.overwrite, meta=meta)
-    with project:
-        cur = project.store.current_labels()
-        n_lab = int((cur.label >= 0).sum())
-        d = project.data
-        _out(f"created project {project.name} at {project.path}",
+    protocol = (None if args.protocol_imbalance is None else
+                (args.protocol_imbalance, args.protocol_labeled, args.protocol_seed))
+    what = args.sample or Path(args.path).name
+    with _Progress(f"reading {what}") as bar:
+        res = import_project(
+            _root(args), args.project, path=args.path, sample=args.sample, format=args.format,
+            labels=args.labels, allow_new_classes=args.allow_new_classes,
+            no_file_labels=args.no_file_labels, protocol=protocol, config=config,
+            overwrite=args.overwrite, progress=bar)
+    for note in res.notes[:5]:
+        print(f"note: {args.labels}: {note}", file=sys.stderr)
+    if len(res.notes) > 5:
+        print(f"note: {args.labels}: ... and {len(res.notes) - 5} more notes", file=sys.stderr)
+    if res.new_classes:
+        print(f"note: {args.labels}: new classes {', '.join(res.new_classes)}", file=sys.stderr)
+    with res.annotator as ann:
+        project = ann.project
+        n_lab = int((project.store.current_labels().label >= 0).sum())
+        d = ann.data
+        _out(f"created project {ann.name} at {project.path}",
              f"  {d.n} samples, {d.num_classes} classes, {n_lab} labeled, layout {d.layout.name},"
              f" x shape {tuple(d.x.shape)} (N, C, T, V, M)")
     return EXIT_OK
-
-
-def _apply_label_csv(ds, path: str, *, allow_new_classes: bool):
-    """ds with the labels of CSV ``path`` set in ``y``. Rows that cannot be placed (unknown id or
-    class) are errors raised by the reader; its notes (agreeing repeats, empty labels) are shown."""
-    from speler.errors import DataFormatError
-    from speler.formats import read_label_csv
-
-    try:
-        imp = read_label_csv(path, ds, allow_new_classes=allow_new_classes)
-    except DataFormatError as exc:
-        if allow_new_classes or "known classes" not in str(exc):
-            raise
-        what = ("the data name no classes, so every class comes from the CSV" if not ds.classes
-                else "if these are new classes")
-        raise DataFormatError(f"{exc}; {what}: add --allow-new-classes to let {path} add them"
-                              ) from None
-    notes = [str(p) for p in imp.problems]
-    for note in notes[:5]:
-        print(f"note: {path}: {note}", file=sys.stderr)
-    if len(notes) > 5:
-        print(f"note: {path}: ... and {len(notes) - 5} more notes", file=sys.stderr)
-    if imp.new_classes:
-        print(f"note: {path}: new classes {', '.join(imp.new_classes)}", file=sys.stderr)
-    classes = tuple(ds.classes) + tuple(imp.new_classes)
-    y = ds.y.copy()
-    y[np.asarray(imp.index, dtype=np.int64)] = np.asarray(imp.labels, dtype=np.int64)
-    return ds.replace(classes=classes, y=y)
 
 
 # -- info ----------------------------------------------------------------------------------------
@@ -229,7 +172,8 @@ def _add_info(p: argparse.ArgumentParser) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    with _open_project(args, args.project) as project:
+    with _open_project(args, args.project) as ann:
+        project = ann.project
         d = project.data
         store = project.store
         cur = store.current_labels()
@@ -294,11 +238,11 @@ def _add_label(p: argparse.ArgumentParser) -> None:
 
 
 def _run_label(args: argparse.Namespace) -> int:
-    with _open_project(args, args.project) as project:
-        store = project.store
+    with _open_project(args, args.project) as ann:
+        store = ann.project.store
         was, source = store.label_of(args.id)
         annotator = args.annotator if args.annotator is not None else _default_annotator()
-        store.add_label(args.id, args.label, source="human", annotator=annotator)
+        ann.label(args.id, args.label, annotator=annotator)
         old = f"{store.classes[was]} ({source})" if was >= 0 else "no label"
         _out(f"{args.id}: {args.label} (was {old})")
     return EXIT_OK
@@ -310,8 +254,8 @@ def _add_undo(p: argparse.ArgumentParser) -> None:
 
 
 def _run_undo(args: argparse.Namespace) -> int:
-    with _open_project(args, args.project) as project:
-        res = project.store.undo(annotator=args.annotator)
+    with _open_project(args, args.project) as ann:
+        res, _ = ann.undo(annotator=args.annotator)
         if res is None:
             _out("nothing to undo")
             return EXIT_OK
@@ -372,13 +316,12 @@ def _add_round(p: argparse.ArgumentParser) -> None:
 
 
 def _run_round(args: argparse.Namespace) -> int:
-    from speler.loop import run_round
-
-    with _open_project(args, args.project) as project:
+    with _open_project(args, args.project) as ann:
+        project = ann.project
         cfg = _project_config(args, project)
         bar = _StageProgress()
         try:
-            res = run_round(project, config=cfg, progress=bar)
+            res = ann.run_round(config=cfg, progress=bar)
         finally:
             bar.close()
         m = res.metrics
@@ -413,12 +356,9 @@ def _add_suggest(p: argparse.ArgumentParser) -> None:
 
 
 def _run_suggest(args: argparse.Namespace) -> int:
-    from speler.loop import load_state, suggest
-
-    with _open_project(args, args.project) as project:
-        state = load_state(project)
-        _print_suggestions(project, suggest(project, state, n=args.n, strategy=args.strategy,
-                                            seed=args.seed))
+    with _open_project(args, args.project) as ann:
+        _print_suggestions(ann.project, ann.suggest(n=args.n, strategy=args.strategy,
+                                                    seed=args.seed))
     return EXIT_OK
 
 
@@ -427,15 +367,11 @@ def _add_propagate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_propagate(args: argparse.Namespace) -> int:
-    from speler.loop import load_state
-
-    with _open_project(args, args.project) as project:
-        # load_state re-propagates (warm-started from the round's solution) when the human labels
-        # changed since, and stores the propagated labels that changed; its result is the live one
-        state = load_state(project)
-        if state is None:
-            raise ProjectError(f"project {args.project}: run a round first (propagation needs embeddings)")
-        res, classes = state.result, project.data.classes
+    with _open_project(args, args.project) as ann:
+        # the live state re-propagates (warm-started from the round's solution) when the human
+        # labels changed since; propagate() stores the propagated labels that differ from it
+        state = ann.propagate()
+        res, classes = state.result, ann.data.classes
         pred = np.bincount(res.labels, minlength=len(classes))
         human = np.bincount(state.human[state.human >= 0], minlength=len(classes))
         rel = np.bincount(res.labels[res.reliable], minlength=len(classes))
@@ -461,7 +397,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from speler.train import MIN_HOLDOUT, fit, save_checkpoint
 
-    with _open_project(args, args.project) as project:
+    with _open_project(args, args.project) as ann:
+        project = ann.project
         cfg = _project_config(args, project)
         human = project.store.human_labels()
         with _Progress("epochs") as bar:
@@ -490,12 +427,8 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from speler.export import export_labels
-    from speler.loop import load_state
-
-    with _open_project(args, args.project) as project:
-        load_state(project)  # brings propagated labels up to date with the latest human labels
-        path = export_labels(project, format=args.format, path=Path(args.out) if args.out else None)
+    with _open_project(args, args.project) as ann:
+        path = ann.export(format=args.format, path=Path(args.out) if args.out else None)
         _out(f"wrote {path}")
     return EXIT_OK
 
@@ -506,13 +439,8 @@ def _add_doubts(p: argparse.ArgumentParser) -> None:
 
 
 def _run_doubts(args: argparse.Namespace) -> int:
-    from speler.loop import doubts, load_state
-
-    with _open_project(args, args.project) as project:
-        state = load_state(project)
-        if state is None:
-            raise ProjectError(f"project {args.project}: run a round first (doubts need the graph)")
-        found = doubts(project, state, top=args.top)
+    with _open_project(args, args.project) as ann:
+        found = ann.doubts(top=args.top)
         if not found:
             _out("no doubts: the graph agrees with every human label")
             return EXIT_OK
@@ -541,8 +469,6 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    import json
-
     from speler.data.transforms import preprocess
     from speler.simulate import simulate
 
@@ -575,11 +501,10 @@ def _run_simulate(args: argparse.Namespace) -> int:
          *_table(["strategy", "AUC macro-F1", "start", "final macro-F1", "final acc", "tail recall",
                   "labels"], rows))
     if args.out:
+        from speler.annotator import write_simulation
         from speler.viz import curves_figure
 
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"dataset": name, "auc": res.auc, "curves": res.curves}, indent=2))
+        out = write_simulation(args.out, res, budget=args.budget)
         fig = curves_figure({s: ([c["labels"] for c in cv], [c["macro_f1"] for c in cv])
                              for s, cv in res.curves.items()}, y_title="macro-F1")
         fig.write_html(out.with_suffix(".html"), include_plotlyjs="cdn")
