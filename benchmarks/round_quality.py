@@ -224,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                 "floor_gain": mean(x["floor"]["macro_f1"] for x in sel) - base,
                 "round0_gain": mean(x["round 0"]["macro_f1"] for x in sel) - base,
                 "round0_minus_floor": float(d.mean()),
-                "rare_share_ratio": mean(x["round 0"]["rare_share"] for x in sel)
-                / max(1e-9, mean(x["round 0"]["rare_true_share"] for x in sel)),
+                # n/a where the rare classes kept no unlabeled sample (π = 50 on small sets)
+                "rare_share_ratio": (mean(x["round 0"]["rare_share"] for x in sel)
+                                     / mean(x["round 0"]["rare_true_share"] for x in sel))
+                if mean(x["round 0"]["rare_true_share"] for x in sel) > 0.01 else float("nan"),
             }
         targets[key] = per_set
         print(f"\n{key}: gain over max(LabelSpreading, plain), points (floor / round 0), "
