@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:  # `streamlit run app/main.py` puts only app/ on the path
+# `streamlit run app/main.py` puts only app/ on the path: without the repository root neither
+# `app` (never installed) nor, in a checkout set up as the README says (pip install -r
+# requirements.txt, no `pip install -e .`), `speler` could be imported.
+if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
 import streamlit as st  # noqa: E402

@@ -1,11 +1,15 @@
 """Session and caching glue between the Streamlit pages and ``speler`` (no logic the CLI would need).
 
 - Which project is open: ``st.session_state["project"]`` (a name under ``speler.project.default_root()``).
-- Cached opens and figures, keyed on project and round (``st.cache_resource`` / ``st.cache_data``);
-  ``prefetch`` builds figures the Label page will show next in a worker thread.
-- Skipped samples, per project and annotator, kept by the server (``skipped``).
+- One ``speler.annotator.Annotator`` per open project, shared by every session and worker thread
+  (``st.cache_resource``, keyed so that a replaced project folder gets a new one). Every workflow
+  (import, label, undo, suggest, round, simulate, diagnostics, export) is a call on it; the pages
+  read ``annotator.project`` only to display it.
+- Cached figures, keyed on project and round (``st.cache_resource``); ``prefetch`` builds figures
+  the Label page will show next in a worker thread.
+- Skipped samples, per project and person, kept by the server (``skipped``).
 - The round runner: a round trains in a worker thread so the page stays responsive and shows a
-  progress bar per stage; Cancel sets an event that ``speler.loop.run_round``'s ``cancel`` reads.
+  progress bar per stage; Cancel sets an event that ``Annotator.run_round``'s ``cancel`` reads.
   Jobs (rounds, simulations) live in a process-wide registry, one per project and kind, so a round
   keeps running when the person switches pages, and every session sees it.
 - ``user_error``: a ``SpelerError`` becomes ``st.error`` with what to do; nothing is lost.
@@ -26,9 +30,10 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
+from speler.annotator import Annotator, import_project
 from speler.config import Config
 from speler.errors import CancelledError, ProjectError, SpelerError
-from speler.project import DATA_FILE, Project, default_root, list_projects
+from speler.project import DATA_FILE, default_root, list_projects
 
 logger = logging.getLogger("speler.app")
 
@@ -55,14 +60,15 @@ def _stamp(root_dir: Path, name: str) -> int:
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
-def _open(root_dir: str, name: str, stamp: int) -> Project:
-    # The store's connection is thread-safe (check_same_thread=False plus a lock), so one open
-    # Project per (root, name, version) serves every session and the round worker.
-    return Project.open(Path(root_dir), name)
+def _open(root_dir: str, name: str, stamp: int) -> Annotator:
+    # One Annotator per (root, name, version) serves every session and the worker threads: it
+    # holds the live state and the lock that keeps a label and a re-propagation from interleaving
+    # (the store's connection is thread-safe: check_same_thread=False plus a lock).
+    return Annotator.open(Path(root_dir), name)
 
 
-def open_project(name: str) -> Project:
-    """The open project ``name`` (cached); ProjectError if it does not exist."""
+def open_annotator(name: str) -> Annotator:
+    """The shared Annotator of project ``name``; ProjectError if there is no such project."""
     r = root()
     stamp = _stamp(r, name)
     if stamp == 0:
@@ -76,19 +82,22 @@ def ensure_default_project() -> None:
     if st.session_state.get("_default_checked"):
         return
     st.session_state["_default_checked"] = True
-    r = root()
+    if DEFAULT_SAMPLE in list_projects(root()):
+        return
     try:
-        with _create_lock:
-            if DEFAULT_SAMPLE not in list_projects(r):
-                from speler.data.samples import load_sample
-
-                with st.spinner(f"Creating project {DEFAULT_SAMPLE} from the bundled sample…"):
-                    ds = load_sample(DEFAULT_SAMPLE)
-                    Project.create(r, DEFAULT_SAMPLE, ds, config=Config(),
-                                   meta={"source": f"sample:{DEFAULT_SAMPLE}"}).close()
+        with st.spinner(f"Creating project {DEFAULT_SAMPLE} from the bundled sample…"):
+            open_sample(DEFAULT_SAMPLE)
     except SpelerError as exc:
         show_error(exc, "The bundled sample could not be set up (check the installation); "
                         "you can still import your own data on the Project page.")
+
+
+def open_sample(name: str) -> None:
+    """Import the bundled sample ``name`` into a project of that name unless one exists."""
+    r = root()
+    with _create_lock:  # two sessions starting at once create it once
+        if name not in list_projects(r):
+            import_project(r, name, sample=name).annotator.close()
 
 
 def current_name() -> str | None:
@@ -106,15 +115,15 @@ def current_name() -> str | None:
     return name
 
 
-def current_project() -> Project:
-    """The session's project; stops the page with st.error when there is none."""
+def current_annotator() -> Annotator:
+    """The session's project's Annotator; stops the page with st.error when there is none."""
     name = current_name()
     if name is None:
         st.error(f"There are no projects in {root()}. Create one on the Project page "
                  "(open a bundled sample or import your data).")
         st.stop()
     with user_error("Pick another project on the Project page."):
-        return open_project(name)
+        return open_annotator(name)
     raise AssertionError("unreachable")  # user_error stops the page on failure
 
 
@@ -128,10 +137,11 @@ def select_project(name: str) -> None:
             st.session_state.pop(key, None)
 
 
-def title(text: str, project: Project | None = None) -> None:
+def title(text: str, annotator: Annotator | None = None) -> None:
     """The page title, with the open project and its last round underneath."""
     st.title(text)
-    if project is not None:
+    if annotator is not None:
+        project = annotator.project
         last = project.store.last_done_round()
         rounds = "no round yet" if last is None else f"last round {last}"
         st.caption(f"Project **{project.name}** · {project.store.n:,} samples · "
@@ -177,47 +187,38 @@ def show_flash() -> None:
             {"error": st.error, "warning": st.warning, "success": st.success}.get(kind, st.info)(message)
 
 
-# -- loop state and suggestions ---------------------------------------------------------------
-def loop_state(project: Project):
-    """Latest complete round's LoopState, up to date with the store's human labels (None before
-    round 0). speler.loop keeps it in memory per project and re-propagates only when labels changed."""
-    from speler.loop import load_state
-
-    return load_state(project)
-
-
+# -- suggestions ----------------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False)
 def _skips() -> tuple[dict[tuple[str, str], set[str]], threading.Lock]:
     return {}, threading.Lock()
 
 
-def skipped(project: Project, annotator: str) -> set[str]:
-    """Ids skipped on the Label page in ``project`` by ``annotator`` (a set to add to and discard
-    from). Kept by the server per project and annotator, not per session, so a reload of the page
+def skipped(annotator: Annotator, person: str) -> set[str]:
+    """Ids skipped on the Label page in the project by ``person`` (a set to add to and discard
+    from). Kept by the server per project and person, not per session, so a reload of the page
     or a switch to another project and back keeps them; a server restart forgets them."""
     registry, lock = _skips()
     with lock:
-        return registry.setdefault((str(project.path), annotator), set())
+        return registry.setdefault((str(annotator.project.path), person), set())
 
 
-def suggestions(project: Project, state, *, n: int, strategy: str, skipped: set[str]) -> list:
-    """Suggestion queue for this session without the ``skipped`` ids; recomputed only when the
-    state (round or labels) or the skips change."""
-    from speler.loop import suggest
-
-    key = (str(project.path), state.round, labels_hash(state.human), n, strategy,
+def suggestions(annotator: Annotator, state, *, n: int, strategy: str,
+                skipped: set[str]) -> list:
+    """``annotator.suggest`` without the ``skipped`` ids, kept for this session and asked again
+    only when the state (round or labels) or the skips change."""
+    key = (str(annotator.project.path), state.round, labels_hash(state.human), n, strategy,
            hash(frozenset(skipped)))
     cached = st.session_state.get("queue")
     if cached is not None and cached[0] == key:
         return cached[1]
-    queue = [s for s in suggest(project, state, n=n + len(skipped), strategy=strategy)
-             if s.id not in skipped][:n]
+    queue = annotator.suggest(n=n, strategy=strategy, exclude=tuple(skipped))
     st.session_state["queue"] = (key, queue)
     return queue
 
 
 # -- cached views -------------------------------------------------------------------------------
-def project_key(project: Project) -> tuple[str, int]:
+def project_key(annotator: Annotator) -> tuple[str, int]:
+    project = annotator.project
     return str(project.path), _stamp(project.path.parent, project.name)
 
 
@@ -236,8 +237,7 @@ def class_colors(classes: tuple[str, ...]) -> dict[str, str]:
 def _sample_figure(key: tuple[str, int], index: int, title: str, color: str, height: int):
     from speler.viz import series_figure, skeleton_animation
 
-    project = _open(str(Path(key[0]).parent), Path(key[0]).name, key[1])
-    ds = project.data
+    ds = _open(str(Path(key[0]).parent), Path(key[0]).name, key[1]).data
     x = ds.x[index]
     length = int(ds.lengths[index])
     if ds.layout.is_series:
@@ -248,25 +248,24 @@ def _sample_figure(key: tuple[str, int], index: int, title: str, color: str, hei
                               fps=ds.fps or 30.0, channels=list(ds.channels))
 
 
-def sample_figure(project: Project, index: int, *, title: str, color: str, height: int = 420):
+def sample_figure(annotator: Annotator, index: int, *, title: str, color: str, height: int = 420):
     """Animated 3D skeleton (or series lines) of sample ``index``, cached per project and sample."""
-    return _sample_figure(project_key(project), int(index), title, color, int(height))
+    return _sample_figure(project_key(annotator), int(index), title, color, int(height))
 
 
 @st.cache_resource(max_entries=512, show_spinner=False)
 def _thumbnail(key: tuple[str, int], index: int, color: str) -> str:
     from speler.viz import thumbnail_svg
 
-    project = _open(str(Path(key[0]).parent), Path(key[0]).name, key[1])
-    ds = project.data
+    ds = _open(str(Path(key[0]).parent), Path(key[0]).name, key[1]).data
     return thumbnail_svg(ds.x[index], ds.layout, color=color, length=int(ds.lengths[index]),
                          channels=list(ds.channels))
 
 
-def thumbnail(project: Project, index: int, *, color: str) -> str:
+def thumbnail(annotator: Annotator, index: int, *, color: str) -> str:
     """A light static picture of sample ``index``: an inline SVG string for ``st.markdown(...,
     unsafe_allow_html=True)`` (no Plotly, no WebGL, nothing for the browser to compute), cached."""
-    return _thumbnail(project_key(project), int(index), color)
+    return _thumbnail(project_key(annotator), int(index), color)
 
 
 @st.cache_resource(show_spinner=False)
@@ -317,21 +316,19 @@ def energy_figure(key: tuple[str, int], round_no: int, labels_key: str, _result,
 
 
 @st.cache_resource(max_entries=8, show_spinner="Computing the spectrum…")
-def _spectrum_figure(key: tuple[str, int], round_no: int, labels_key: str, _state, _config):
-    from speler.graph.spectrum import spectrum_before_after
+def _spectrum_figure(key: tuple[str, int], round_no: int, labels_key: str, _annotator: Annotator):
     from speler.viz import spectrum_figure
 
-    before, after = spectrum_before_after(
-        _state.affinity, _state.human, num_classes=_state.probs.shape[1], config=_config,
-        prior=_state.result.prior, predictions=_state.result.labels)
+    before, after = _annotator.spectrum()
     return spectrum_figure(before, after, title=""), before.extremes, after.extremes
 
 
-def spectrum_figure(project: Project, state_):
-    """(figure, extremes before, extremes after): eigenvalue density of S before/after balancing
-    on the graph the propagation ran on, cached per project, round and labels."""
-    return _spectrum_figure(project_key(project), state_.round, labels_hash(state_.human),
-                            state_, project.config.propagation)
+def spectrum_figure(annotator: Annotator, state_):
+    """(figure, extremes before, extremes after): ``annotator.spectrum()`` (eigenvalue density of
+    S before/after balancing on the graph the propagation ran on) drawn, cached per project, round
+    and labels of ``state_``, the live state the page shows."""
+    return _spectrum_figure(project_key(annotator), state_.round, labels_hash(state_.human),
+                            annotator)
 
 
 def curves_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], *,
@@ -385,38 +382,44 @@ def _jobs() -> tuple[dict[tuple[str, str, str], Job], threading.Lock]:
     return {}, threading.Lock()
 
 
-def job(project: Project, kind: str) -> Job | None:
-    """The latest job of ``kind`` for ``project`` started by this server (running or finished)."""
+def _job_key(annotator: Annotator, kind: str) -> tuple[str, str, str]:
+    return str(annotator.project.path.parent), annotator.name, kind
+
+
+def job(annotator: Annotator, kind: str) -> Job | None:
+    """The latest job of ``kind`` for the project started by this server (running or finished)."""
     jobs, _ = _jobs()
-    return jobs.get((str(project.path.parent), project.name, kind))
+    return jobs.get(_job_key(annotator, kind))
 
 
-def round_job(project: Project) -> Job | None:
-    return job(project, "round")
+def round_job(annotator: Annotator) -> Job | None:
+    return job(annotator, "round")
 
 
-def start_job(project: Project, kind: str, work: Callable[[Job], Any]) -> Job:
+def start_job(annotator: Annotator, kind: str, work: Callable[[Job], Any]) -> Job:
     """Run ``work(job)`` in a worker thread; ProjectError if a job of that kind is running already.
     ``work`` reports through ``job.update`` and should stop when ``job.cancel_event`` is set."""
     jobs, lock = _jobs()
-    key = (str(project.path.parent), project.name, kind)
+    key = _job_key(annotator, kind)
     with lock:
         old = jobs.get(key)
         if old is not None and old.running:
-            raise ProjectError(f"a {kind} of {project.name} is running already; wait or cancel it")
+            raise ProjectError(f"a {kind} of {annotator.name} is running already; wait or cancel it")
         new = Job(kind=kind, root=key[0], name=key[1])
         jobs[key] = new
-    threading.Thread(target=_work, args=(new, work), name=f"speler-{kind}-{project.name}",
+    threading.Thread(target=_work, args=(new, work), name=f"speler-{kind}-{annotator.name}",
                      daemon=True).start()
     return new
 
 
-def start_round(project: Project, *, config: Config) -> Job:
-    """``speler.loop.run_round`` in a worker thread, with progress per stage and a cancel flag."""
-    from speler.loop import run_round
-
-    return start_job(project, "round", lambda j: run_round(
-        project, config=config, progress=j.update, cancel=j.cancel_event.is_set))
+def start_round(annotator: Annotator, *, config: Config) -> Job:
+    """``annotator.run_round`` in a worker thread, with progress per stage and a cancel flag.
+    ``config`` (the settings of the Round page) is first saved as the project's settings, so the
+    Label page's suggestions and the next visit use them too."""
+    if config != annotator.config:
+        annotator.project.save_config(config)
+    return start_job(annotator, "round", lambda j: annotator.run_round(
+        config=config, progress=j.update, cancel=j.cancel_event.is_set))
 
 
 def _work(job: Job, work: Callable[[Job], Any]) -> None:
@@ -439,20 +442,9 @@ SIM_ROUNDS = 5  # rounds of simulated labeling per strategy
 SIM_BUDGET = 10  # labels per simulated round
 
 
-def simulation_path(project: Project) -> Path:
-    """Where the app keeps the project's simulation curves (the CLI's ``simulate --out`` format)."""
-    return project.exports_dir / f"{project.name}-simulation.json"
-
-
-def start_simulation(project: Project) -> Job:
-    """``speler.simulate.simulate`` on the project's data (every strategy, the same seeds) in a
-    worker thread; the curves are written to ``simulation_path``."""
-    import json
-    import os
-
-    from speler.simulate import simulate
-
-    ds, config, out = project.data, project.config, simulation_path(project)
+def start_simulation(annotator: Annotator) -> Job:
+    """``annotator.simulate`` (every strategy, the same seeds) in a worker thread; the curves are
+    written to the project folder and read back with ``annotator.saved_simulation()``."""
 
     def work(j: Job) -> Any:
         def progress(done: int, total: int) -> None:
@@ -461,34 +453,6 @@ def start_simulation(project: Project) -> Job:
                 raise CancelledError("simulation cancelled; the previous curves are kept")
 
         j.update("train", 0, 1)
-        res = simulate(ds, rounds=SIM_ROUNDS, budget=SIM_BUDGET, config=config, name=project.name,
-                       progress=progress)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps({"dataset": res.dataset, "auc": res.auc, "curves": res.curves},
-                                  indent=2))
-        os.replace(tmp, out)
-        return res
+        return annotator.simulate(rounds=SIM_ROUNDS, budget=SIM_BUDGET, progress=progress)
 
-    return start_job(project, "simulation", work)
-
-
-def simulation_curves(project: Project) -> dict | None:
-    """The saved simulation ({"dataset", "auc", "curves": {strategy: [rows]}}), None if none."""
-    path = simulation_path(project)
-    try:
-        stamp = path.stat().st_mtime_ns
-    except OSError:
-        return None
-    return _read_json(str(path), stamp)
-
-
-@st.cache_data(max_entries=8, show_spinner=False)
-def _read_json(path: str, stamp: int) -> dict | None:
-    import json
-
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        logger.warning("%s: unreadable simulation curves", path)
-        return None
+    return start_job(annotator, "simulation", work)

@@ -48,7 +48,7 @@ from speler.data.transforms import preprocess  # noqa: E402
 from speler.formats import read  # noqa: E402
 from speler.graph.knn import affinity, build_knn, combine_affinities  # noqa: E402
 from speler.graph.propagate import propagate  # noqa: E402
-from speler.loop import NETWORK, build_state  # noqa: E402
+from speler.loop import NETWORK, build_state, with_network  # noqa: E402
 from speler.metrics import label_quality  # noqa: E402
 from speler.selection import STRATEGIES  # noqa: E402
 from speler.simulate import simulate  # noqa: E402
@@ -97,11 +97,12 @@ def run_one(ds, cfg: Config, rounds: int) -> dict:
         out["LabelSpreading"] = quality(ds, label_spreading(views["plain"], y))
     if NETWORK in built.state.embeddings:
         vc = cfg.views
-        floor_W = combine_affinities([(W[v], w) for v, w in (("plain", vc.plain_weight),
-                                                              ("rocket", vc.rocket_weight)) if w > 0])
+        total = vc.plain_weight + vc.rocket_weight
+        parts = [(W[v], w / total) for v, w in (("plain", vc.plain_weight),
+                                                 ("rocket", vc.rocket_weight)) if w > 0]
         net_W = affinity(build_knn(built.state.embeddings[NETWORK], config=cfg.graph),
                          gamma=cfg.graph.gamma)
-        forced = combine_affinities([(floor_W, 1 - vc.network_weight), (net_W, vc.network_weight)])
+        forced = with_network(parts, net_W, vc.network_weight)
         out["network forced"] = quality(ds, propagate(forced, y, num_classes=C,
                                                       config=cfg.propagation).labels)
     state, fitted = built.state, built.fitted

@@ -45,6 +45,7 @@ def import_project(
     allow_new_classes: bool = False, no_file_labels: bool = False,
     protocol: tuple[float, float, int] | None = None, config: Config | None = None,
     overwrite: bool = False, progress: Callable[[int, int], None] | None = None,
+    source: str | None = None,
 ) -> ImportResult:
     """Read ``path`` (a file or folder, any known format; ``format`` forces a reader) or the
     bundled ``sample`` into a new project ``name`` under ``root``, and open it.
@@ -52,6 +53,8 @@ def import_project(
     labels: an ``id,label`` CSV of the user's own labels. no_file_labels: the files' labels become
     hidden truth (evaluation only), so the project starts unlabeled. protocol: (imbalance π,
     labeled share γ, seed): the paper's long-tailed partial-label split of a fully labeled set.
+    source: where the project says its data came from (default: the resolved path; the app names
+    an upload ``upload:FILE``, since its temporary path means nothing later).
     The project appears complete or not at all (``Project.create``). Raises ProjectError when it
     exists and ``overwrite`` is False (before reading anything), DataFormatError for bad data.
     """
@@ -76,7 +79,7 @@ def import_project(
         from speler.formats import read
 
         ds = read(path, format=format, progress=progress)
-        meta["source"] = str(Path(path).resolve())
+        meta["source"] = source or str(Path(path).resolve())
         if format:
             meta["format"] = format
     if protocol is not None:
@@ -126,7 +129,8 @@ class Annotator:
     def __init__(self, project: Project) -> None:
         self.project = project
         self._lock = threading.RLock()
-        self._state: loop.LoopState | None = None
+        self._base: loop.LoopState | None = None  # the latest round as it ended
+        self._state: loop.LoopState | None = None  # the base brought to the store's labels
 
     @classmethod
     def open(cls, root: str | Path | None, name: str) -> "Annotator":
@@ -163,22 +167,30 @@ class Annotator:
 
     def state(self) -> loop.LoopState | None:
         """The latest finished round's state, re-propagated in memory for the store's current
-        human labels; None before the first round."""
+        human labels; None before the first round. Always propagated from the round's own
+        solution (warm start), never from an earlier live state, so it depends only on the round
+        and the labels, not on the order they came in: a long-lived Annotator (the app's) and a
+        fresh one (the CLI's) give the same numbers."""
         with self._lock:
             no = self.latest_round()
             if no is None:
-                self._state = None
+                self._base = self._state = None
                 return None
-            if self._state is None or self._state.round != no:
-                self._state = loop.read_state(self.project, no)
-                if self._state is None:
+            if self._base is None or self._base.round != no:
+                self._base = loop.read_state(self.project, no)
+                self._state = self._base
+                if self._base is None:
                     return None
             human = self.project.store.human_labels()
             if not np.array_equal(human, self._state.human):
-                self._state = loop.update_state(self._state, human,
-                                                num_classes=self.data.num_classes,
-                                                config=self.config)
+                self._state = self._live(human)
             return self._state
+
+    def _live(self, human: np.ndarray) -> loop.LoopState:
+        if np.array_equal(human, self._base.human):
+            return self._base
+        return loop.update_state(self._base, human, num_classes=self.data.num_classes,
+                                 config=self.config)
 
     def require_state(self, what: str = "this") -> loop.LoopState:
         state = self.state()
@@ -201,6 +213,24 @@ class Annotator:
                                      strategy=strategy or cfg.strategy, seed=seed,
                                      config=self.config)
             return [s for s in picks if s.id not in skip][:n]
+
+    def suggest_after(self, sample_id: str, label_name: str, *, n: int | None = None,
+                      strategy: str | None = None, seed: int = 0,
+                      exclude: tuple[str, ...] | list[str] = ()) -> list:
+        """What ``suggest`` would answer once ``label(sample_id, label_name)`` is given, computed
+        in memory and written nowhere, so a front end can prepare the next sample while a person
+        still looks at this one."""
+        with self._lock:
+            state = self.require_state("suggesting")
+            store, cfg = self.project.store, self.config.selection
+            human = state.human.copy()
+            human[store.sample_index(sample_id)] = store.class_index(label_name)
+            guess = self._live(human)
+        skip = set(exclude)
+        n = cfg.batch if n is None else n
+        picks = loop.suggest_for(guess, human, self.data, n=n + len(skip),
+                                 strategy=strategy or cfg.strategy, seed=seed, config=self.config)
+        return [s for s in picks if s.id not in skip][:n]
 
     def neighbours(self, index: int, *, k: int = 3) -> list[int]:
         """Up to ``k`` nearest human-labeled samples of sample ``index``."""
@@ -249,6 +279,13 @@ class Annotator:
                 ds.y_true, state.result.labels, num_classes=ds.num_classes, mask=state.human < 0)
         return dict(sorted(points.items()))
 
+    def check_export(self, *, format: str) -> None:
+        """ConfigError when this project cannot be exported as ``format`` (an unknown format, or
+        PYSKL for sensor series), so a front end can refuse it before anyone asks; writes nothing."""
+        from speler.export import check_export
+
+        check_export(self.project, format=format)
+
     def saved_simulation(self) -> dict | None:
         path = self.project.path / SIMULATION_FILE
         if not path.is_file():
@@ -290,7 +327,9 @@ class Annotator:
         during the round are picked up by the next ``state()``."""
         res = loop.run_round(self.project, config=config, progress=progress, cancel=cancel)
         with self._lock:
-            self._state = res.state
+            # read back from its folder on the next state(), as a fresh Annotator would: the
+            # in-memory result carries solver bookkeeping the saved one does not
+            self._base = self._state = None
         return res
 
     def export(self, *, format: str, path: str | Path | None = None) -> Path:

@@ -12,13 +12,14 @@ on the final graph → write propagated labels (with energy and margin) to the s
 Crash safety: everything a round produces is written to ``rounds/.tmp-NNN`` first, renamed to
 ``rounds/NNN`` when complete, and only then are the round's propagated labels committed to the
 store in one transaction that also marks the round done. A round is complete when both hold;
-``_recover`` (run before every round and when state is loaded) deletes the leftovers of a round
-that died half-way, so the store and the previous round stay exactly as they were. Human labels
-are written by their own transactions and never touched by a round.
+``_recover`` (run before every round) deletes the leftovers of a round that died half-way, so
+the store and the previous round stay exactly as they were. Human labels are written by their own
+transactions and never touched by a round.
 
-Between rounds, ``label``/``undo`` write the human event and re-run propagation only (warm-started
-conjugate gradient on the kept graphs, no retraining); propagated labels that changed are appended
-to the store so exports always show the live state.
+Between rounds, ``read_state`` reads a finished round back and ``update_state`` re-runs only the
+propagation for new human labels (warm-started conjugate gradient on the kept graph, no
+retraining). Nothing here keeps state between calls or writes outside a round: the live state and
+the writes that follow a label belong to ``speler.annotator.Annotator``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import scipy.sparse as sp
 
 from speler import selection
 from speler.config import Config
-from speler.errors import CancelledError, LabelError, ProjectError
+from speler.errors import CancelledError, LabelError
 from speler.features import label_free_views
 from speler.graph.knn import (
     KnnGraph, affinity, build_knn, combine_affinities, strongest_neighbours,
@@ -193,7 +194,6 @@ def run_round(
         except Exception:  # the store may itself be the failure; recovery happens next time
             logger.exception("could not mark round %d failed", no)
         raise
-    _STATE_CACHE.pop(str(project.path), None)
     return RoundResult(
         round=no, metrics=metrics, suggestions=suggestions,
         seconds=time.perf_counter() - started, stage_seconds=built.stage_seconds, state=state,
@@ -246,7 +246,8 @@ def build_state(
     t0 = time.perf_counter()
     graphs = {v: build_knn(views[v], config=config.graph) for v in wanted}
     view_w = {v: affinity(graphs[v], gamma=config.graph.gamma) for v in wanted}
-    floor_W = combine_affinities([(view_w[v], w) for v, w in wanted.items()])
+    floor_parts = [(view_w[v], w) for v, w in _normalised(wanted).items()]
+    floor_W = combine_affinities(floor_parts)
     knn_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     floor = propagate(floor_W, human, num_classes=C, config=config.propagation)
@@ -261,7 +262,7 @@ def build_state(
     folds = _judge_folds(human, vc) if vc.network == "auto" else []
     if vc.network == "auto" and not folds:
         # it could not earn its place, so it is not trained: the round is the floor, in seconds
-        judgement = judge([], floor_W, human, num_classes=C, config=config)
+        judgement = judge([], floor_parts, human, num_classes=C, config=config)
     elif vc.network != "never":
         t0 = time.perf_counter()
         epochs = config.train.epochs
@@ -308,12 +309,12 @@ def build_state(
 
         t0 = time.perf_counter()
         report("knn", 0, 1)
-        judgement = judge(fold_nets, floor_W, human, num_classes=C, config=config) if vc.network == "auto" \
+        judgement = judge(fold_nets, floor_parts, human, num_classes=C, config=config) if vc.network == "auto" \
             else Judgement(mode="always", joined=True, reason="views.network is 'always'")
         if judgement.joined:
             graphs[NETWORK] = build_knn(embeddings[NETWORK], config=config.graph)
             net_W = affinity(graphs[NETWORK], gamma=config.graph.gamma)
-            W = combine_affinities([(floor_W, 1 - vc.network_weight), (net_W, vc.network_weight)])
+            W = with_network(floor_parts, net_W, vc.network_weight)
             weights = {v: w * (1 - vc.network_weight) for v, w in weights.items()}
             weights[NETWORK] = vc.network_weight
         judgement.seconds = time.perf_counter() - t0
@@ -390,7 +391,14 @@ def _judge_folds(human: np.ndarray, vc) -> list[np.ndarray]:
     return [np.flatnonzero(assign == f) for f in range(k) if (assign == f).any()]
 
 
-def judge(fold_nets: list, floor_W: sp.csr_matrix, human: np.ndarray, *, num_classes: int,
+def with_network(floor_parts: list, net_W: sp.csr_matrix, weight: float) -> sp.csr_matrix:
+    """The graph with the network: every view's normalised affinity once, the floor's views at
+    (1 - weight) times their floor weights, the network's at ``weight`` (the same combination
+    ``read_state`` rebuilds from the saved weights)."""
+    return combine_affinities([(W, w * (1 - weight)) for W, w in floor_parts] + [(net_W, weight)])
+
+
+def judge(fold_nets: list, floor_parts: list, human: np.ndarray, *, num_classes: int,
           config: Config) -> Judgement:
     """Does adding the network's graph to the floor help? ``fold_nets``: per fold (held-out
     indices, the fold's training labels, the floor's propagation of them, the view of a network
@@ -407,7 +415,7 @@ def judge(fold_nets: list, floor_W: sp.csr_matrix, human: np.ndarray, *, num_cla
     folds, truth, pred_floor, pred_net = [], [], [], []
     for held, human_a, floor_a, view in fold_nets:
         W_net = affinity(build_knn(view, config=config.graph), gamma=config.graph.gamma)
-        W = combine_affinities([(floor_W, 1 - vc.network_weight), (W_net, vc.network_weight)])
+        W = with_network(floor_parts, W_net, vc.network_weight)
         with_net = propagate(W, human_a, num_classes=num_classes, config=config.propagation)
         t, f, g = human[held], floor_a.labels[held], with_net.labels[held]
         folds.append({"held_out": int(len(held)), "floor": _balanced_accuracy(t, f),
@@ -511,9 +519,6 @@ def _load_result(z, name: str) -> PropagationResult:
 
 # --- state between rounds ------------------------------------------------------------------------
 
-_STATE_CACHE: dict[str, LoopState] = {}
-
-
 def _round_done(project: Project, no: int) -> bool:
     return any(r.no == no and r.status == "done" for r in project.store.rounds())
 
@@ -576,79 +581,12 @@ def read_state(project: Project, no: int) -> LoopState | None:
     )
 
 
-def load_state(project: Project) -> LoopState | None:
-    """The latest complete round's state, brought up to date with human labels given since."""
-    key = str(project.path)
-    no = latest_complete_round(project)
-    if no is None:
-        _STATE_CACHE.pop(key, None)
-        return None
-    cached = _STATE_CACHE.get(key)
-    if cached is None or cached.round != no:
-        cached = read_state(project, no)
-        if cached is None:
-            return None
-        _STATE_CACHE[key] = cached
-    return _refresh(project, cached)
-
-
-def _refresh(project: Project, state: LoopState) -> LoopState:
-    """Re-propagate (warm start) if the store's human labels differ from the state's."""
-    human = project.store.human_labels()
-    if np.array_equal(human, state.human):
-        return state
-    return repropagate(project, state, human)
-
-
-def repropagate(project: Project, state: LoopState, human: np.ndarray | None = None) -> LoopState:
-    """Propagation only, warm-started from the state's scores, on the kept graphs; no retraining.
-
-    Propagated labels that changed are appended to the store (source ``propagated``, the state's
-    round) so that the store, the exports and the app all show the live result.
-    """
-    human = project.store.human_labels() if human is None else human
-    new = update_state(state, human, num_classes=project.data.num_classes, config=project.config)
-    changed = np.flatnonzero((new.result.labels != state.result.labels) & (human < 0))
-    if len(changed):
-        ids, classes, res = project.store.ids, project.store.classes, new.result
-        project.store.add_labels(
-            [(ids[i], classes[res.labels[i]]) for i in changed], source="propagated",
-            round=state.round, energies=res.energy[changed].tolist(),
-            margins=res.margin[changed].tolist(),
-        )
-    _STATE_CACHE[str(project.path)] = new
-    return new
-
-
 def update_state(state: LoopState, human: np.ndarray, *, num_classes: int, config: Config) -> LoopState:
     """A new state with propagation re-run for ``human`` labels on the state's graph, warm-started
     from its result (its prior and balance weights kept, so unchanged classes need no work)."""
     result = propagate(state.affinity, human, num_classes=num_classes, config=config.propagation,
                        warm_start=state.result)
     return dataclasses.replace(state, result=result, human=human.copy())
-
-
-def label(project: Project, state: LoopState | None, sample_id: str, label_name: str, *,
-          annotator: str = "") -> LoopState | None:
-    """Record a human label and update the propagation at once (no retraining)."""
-    project.store.add_label(sample_id, label_name, source="human", annotator=annotator)
-    return repropagate(project, state) if state is not None else None
-
-
-def undo(project: Project, state: LoopState | None, *, annotator: str | None = None):
-    """Undo the latest human label (appends an undo event) and update the propagation."""
-    undone = project.store.undo(annotator=annotator)
-    new = repropagate(project, state) if state is not None else None
-    return undone, new
-
-
-def suggest(project: Project, state: LoopState, *, n: int = 10, strategy: str = "speler",
-            seed: int = 0) -> list:
-    """Ranked samples for a person to label next (see speler.selection)."""
-    if state is None:
-        raise ProjectError(f"project {project.name}: run a round first; suggestions need a model")
-    return suggest_for(state, project.store.human_labels(), project.data, n=n, strategy=strategy,
-                       seed=seed, config=project.config)
 
 
 def suggest_for(state: LoopState, human: np.ndarray, ds, *, n: int, strategy: str, seed: int,

@@ -93,3 +93,39 @@ def test_before_a_round_there_is_nothing_to_suggest(tmp_path):
             ann.suggest()
         with pytest.raises(ProjectError, match="already exists"):
             import_project(tmp_path, "fresh", sample="basicmotions")
+
+
+def test_suggest_after_is_what_suggest_answers_after_that_label(annotated):
+    _, ann = annotated
+    pick = ann.suggest(n=1)[0]
+    cls = ann.data.classes[ann.data.y_true[pick.index]]
+    events = len(ann.project.store.events())
+    ahead = ann.suggest_after(pick.id, cls, n=3)
+    assert len(ann.project.store.events()) == events  # nothing written
+    ann.label(pick.id, cls)
+    try:
+        assert [s.id for s in ahead] == [s.id for s in ann.suggest(n=3)]
+    finally:
+        ann.undo()
+
+
+def test_check_export_refuses_pyskl_for_series(annotated):
+    from speler.errors import ConfigError
+
+    _, ann = annotated
+    ann.check_export(format="csv")
+    with pytest.raises(ConfigError, match="PYSKL pickles hold skeleton keypoints"):
+        ann.check_export(format="pyskl")
+    with pytest.raises(ConfigError, match="unknown export format"):
+        ann.check_export(format="xlsx")
+
+
+def test_live_state_does_not_depend_on_the_label_order(annotated):
+    root, ann = annotated
+    for _ in range(3):
+        pick = ann.suggest(n=1)[0]
+        ann.label(pick.id, ann.data.classes[ann.data.y_true[pick.index]])
+    ann.undo()
+    with Annotator.open(root, "basic") as fresh:
+        np.testing.assert_array_equal(fresh.state().human, ann.state().human)
+        np.testing.assert_array_equal(fresh.state().result.energy, ann.state().result.energy)

@@ -277,6 +277,38 @@ def test_diagnostics_and_export_pages(trained):
         assert n == store.n
 
 
+def test_export_page_writes_what_the_annotator_writes(trained, home, tmp_path, monkeypatch):
+    """The Export page's CSV (made when its button is clicked) is, byte for byte, the file
+    ``Annotator.export`` writes for the CLI (the CSV has no timestamp of its own: its ``time``
+    column holds the label events' times, the same in both)."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    from app import state
+    from speler.annotator import Annotator
+
+    made = {}  # file name -> the callable the download button runs when clicked
+    add = MediaFileManager.add_deferred
+
+    def record(self, data, mimetype, coordinates, file_name=None, element_id=""):
+        made[file_name] = data
+        return add(self, data, mimetype, coordinates, file_name=file_name,
+                   element_id=element_id)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", record)
+    at = _page(trained, "label")  # a label first, so the live state differs from the round's
+    at.button(key="label_1").click().run()
+    at = _page(at, "export")
+    assert not at.error, _texts(at)
+    page_csv = made[f"{SAMPLE}-labels.csv"]()  # what a click on CSV sends to the browser
+    assert (home / SAMPLE / "exports" / f"{SAMPLE}-labels.csv").read_bytes() == page_csv
+    with Annotator.open(home, SAMPLE) as ann:
+        cli_csv = ann.export(format="csv", path=tmp_path / "cli.csv").read_bytes()
+    assert page_csv == cli_csv
+    assert page_csv.startswith(b"id,index,label,source,energy,margin,reliable,round,")
+    _page(at, "label").button(key="undo").click().run()  # leave no extra label behind
+    assert not at.exception
+
+
 def test_cancel_round_keeps_the_previous_one(trained, home):
     at = _page(trained, "round")
     at.button(key="run_round").click().run()
@@ -313,8 +345,12 @@ def test_simulation_from_diagnostics(trained, home):
     assert not at.exception and not at.error, _texts(at)
     import json
 
-    saved = json.loads((home / SAMPLE / "exports" / f"{SAMPLE}-simulation.json").read_text())
+    saved = json.loads((home / SAMPLE / "simulation.json").read_text())  # Annotator.simulate's
+    from speler.annotator import Annotator
     from speler.selection import STRATEGIES
+
+    with Annotator.open(home, SAMPLE) as ann:
+        assert ann.saved_simulation() == saved
 
     assert set(saved["curves"]) == set(STRATEGIES)
     assert all(rows[-1]["labels"] > rows[0]["labels"] for rows in saved["curves"].values())

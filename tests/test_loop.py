@@ -16,7 +16,8 @@ from speler.config import Config, apply_overrides
 from speler.data.protocol import make_partial
 from speler.data.samples import load_sample
 from speler.errors import CancelledError, LabelError, ProjectError
-from speler.loop import label, latest_complete_round, load_state, run_round, suggest, undo
+from speler.annotator import Annotator
+from speler.loop import latest_complete_round, run_round
 from speler.project import Project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,25 +86,27 @@ def test_round_on_real_data_writes_everything(natops_round):
     assert all(human[s.index] < 0 and s.reason for s in res.suggestions)
     scores = [s.score for s in res.suggestions]
     assert len(set(s.index for s in res.suggestions)) == len(scores)
+    assert scores == sorted(scores, reverse=True), scores  # best first
 
 
 @pytest.mark.slow
 def test_label_updates_propagation_without_retraining(natops_round):
     project, res, _ = natops_round
-    state = load_state(project)
+    ann = Annotator(project)
+    state = ann.state()
     s = res.suggestions[0]
     truth = project.data.y_true[s.index]
     cls = project.data.classes[truth]
     before = _events(project)
-    new = label(project, state, s.id, cls, annotator="tester")
+    new = ann.label(s.id, cls, annotator="tester")
     assert new.human[s.index] == truth
     assert new.round == state.round and new.probs is state.probs  # no retraining
     assert new.result.labels[s.index] == truth
     assert _events(project) >= before + 1
     # the next suggestions never include the labeled sample
-    assert s.index not in [x.index for x in suggest(project, new, n=10)]
+    assert s.index not in [x.index for x in ann.suggest(n=10)]
     # undo appends an event and brings the sample back to its propagated label
-    undone, after = undo(project, new)
+    undone, after = ann.undo(annotator="tester")
     assert undone.sample_id == s.id
     assert after.human[s.index] == -1
     assert project.store.human_labels()[s.index] == -1
@@ -124,8 +127,8 @@ def test_failed_round_leaves_store_and_folders_as_they_were(tmp_path):
     assert _events(project) == before
     np.testing.assert_array_equal(project.store.human_labels(), human)
     assert latest_complete_round(project) is None
-    assert not any(p.name.startswith((".tmp", "0")) for p in project.rounds_dir.iterdir()) \
-        if project.rounds_dir.exists() else True
+    leftovers = list(project.rounds_dir.iterdir()) if project.rounds_dir.exists() else []
+    assert not [p.name for p in leftovers if p.name.startswith((".tmp", "0"))]
     assert [r.status for r in project.store.rounds()] == ["failed"]
     # the next round starts cleanly
     res = run_round(project)
@@ -139,7 +142,7 @@ def test_round_needs_human_labels(tmp_path):
     with pytest.raises(LabelError, match="no human labels"):
         run_round(project)
     with pytest.raises(ProjectError, match="run a round first"):
-        suggest(project, load_state(project))
+        Annotator(project).suggest()
 
 
 @pytest.mark.slow
@@ -167,7 +170,7 @@ def test_kill_during_round_loses_nothing(tmp_path):
     assert _events(project) == before_events
     np.testing.assert_array_equal(project.store.human_labels(), human)
     assert latest_complete_round(project) is None
-    assert load_state(project) is None
+    assert Annotator(project).state() is None
     res = run_round(project)  # starts again cleanly, leftovers removed
     assert res.round == 0 and not tmp_dir.exists()
     assert [r.status for r in project.store.rounds()] == ["done"]

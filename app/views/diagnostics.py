@@ -11,33 +11,31 @@ import pandas as pd
 import streamlit as st
 
 from app import state
-from speler import loop
 from speler.errors import SpelerError
-from speler.metrics import label_quality
 
-project = state.current_project()
+annotator = state.current_annotator()
 
-state.title("Diagnostics", project)
+state.title("Diagnostics", annotator)
 state.show_flash()
 with state.user_error("Run a new round on the Round page if the project changed."):
-    ds = project.data
-    live = state.loop_state(project)
+    ds = annotator.data
+    live = annotator.state()
 if live is None:
-    st.info(f"Diagnostics need a round of project {project.name}: run round 0 first.")
+    st.info(f"Diagnostics need a round of project {annotator.name}: run round 0 first.")
     st.page_link("views/round.py", label="Go to Round", icon=":material/model_training:")
     st.stop()
 
 classes = ds.classes
 colors = state.class_colors(classes)
 res = live.result
-key = state.project_key(project)
+key = state.project_key(annotator)
 h = state.labels_hash(live.human)
 
 top_left, top_right = st.columns(2, gap="large")
 with top_left:
     st.subheader("Spectrum of the affinity")
     with state.user_error("The spectrum could not be computed for this graph.", stop=False):
-        fig, before, after = state.spectrum_figure(project, live)
+        fig, before, after = state.spectrum_figure(annotator, live)
         st.plotly_chart(fig, key="spectrum")
         st.caption(
             "Eigenvalue density of the normalised affinity S of the graph the propagation ran "
@@ -57,9 +55,9 @@ bottom_left, bottom_right = st.columns(2, gap="large")
 def _simulation() -> None:
     """Curves of simulated annotation per strategy (run here in the background, or saved)."""
     has_truth = ds.y_true is not None and bool((ds.y_true >= 0).all())
-    job = state.job(project, "simulation")
+    job = state.job(annotator, "simulation")
     running = job is not None and job.running
-    saved = state.simulation_curves(project)
+    saved = annotator.saved_simulation()
     if saved and saved.get("curves"):
         curves = {s: ([r["labels"] for r in rows], [r["macro_f1"] for r in rows])
                   for s, rows in saved["curves"].items()}
@@ -87,7 +85,7 @@ def _simulation() -> None:
 
     @st.fragment(run_every=1.0 if running else None)
     def _sim_progress() -> None:
-        j = state.job(project, "simulation")
+        j = state.job(annotator, "simulation")
         if j is None:
             return
         if running and not j.running:
@@ -116,20 +114,23 @@ def _views_section() -> None:
         return
     st.markdown(f"Network ({j['mode']}): {j['reason']}.")
     if j.get("folds"):
-        st.dataframe(pd.DataFrame([{
-            "fold": i + 1, "held-out human labels": f["held_out"],
-            "floor": f["floor"], "floor + network": f["with_network"],
-        } for i, f in enumerate(j["folds"])]), hide_index=True,
-            column_config={c: st.column_config.NumberColumn(format="%.3f")
-                           for c in ("floor", "floor + network")})
+        rows = [{"fold": str(i + 1), "held-out human labels": f["held_out"],
+                 "floor": f["floor"], "floor + network": f["with_network"]}
+                for i, f in enumerate(j["folds"])]
+        rows.append({"fold": "all, pooled", "held-out human labels": j.get("held_out"),
+                     "floor": j.get("floor"), "floor + network": j.get("with_network")})
+        st.dataframe(pd.DataFrame(rows), hide_index=True,
+                     column_config={c: st.column_config.NumberColumn(format="%.3f")
+                                    for c in ("floor", "floor + network")})
         st.caption("Balanced accuracy on human labels held out of the network's training and of "
-                   "the propagation's seeds (cross-fitting): the network joins the label-free "
-                   "floor only when it predicts labels it never saw better.")
+                   "the propagation's seeds (cross-fitting), per fold and over all of them pooled "
+                   "(the figures in the sentence above): the network joins the label-free floor "
+                   "only when it predicts labels it never saw better overall and worse in no fold.")
 
 
 def _start_simulation() -> None:
     try:
-        state.start_simulation(project)
+        state.start_simulation(annotator)
     except SpelerError as exc:
         state.flash("error", f"{exc}")
 
@@ -138,15 +139,7 @@ with bottom_left:
     st.subheader("Label quality vs human labels")
     tab_rounds, tab_sim = st.tabs(["This project", "Simulated strategies"])
     with tab_rounds:
-        points = {}  # human labels -> quality; the live state last, so it wins a tie
-        for r in project.store.rounds():
-            m = r.metrics or {}
-            q = (m.get("quality") or {}).get("propagated")
-            if r.status == "done" and q and m.get("human_labels") is not None:
-                points[int(m["human_labels"])] = q
-        if ds.y_true is not None:
-            points[int((live.human >= 0).sum())] = label_quality(
-                ds.y_true, res.labels, num_classes=ds.num_classes, mask=live.human < 0)
+        points = annotator.quality_curve()  # human labels -> quality, after each round and now
         if points:
             xs = sorted(points)
             curves = {name: (xs, [points[x][metric] for x in xs])
@@ -164,14 +157,15 @@ with bottom_left:
 with bottom_right:
     st.subheader("Label doubts")
     with state.user_error("Doubts could not be computed.", stop=False):
-        found = loop.doubts(project, live, top=20)
+        found = annotator.doubts(top=20)
         if not found:
             st.success("The graph agrees with every human label.")
         else:
             st.dataframe(pd.DataFrame([{
                 "id": d.id, "label": d.label_name, "graph says": d.suggested_name,
                 "score": d.score, "source": d.source, "annotator": d.annotator, "reason": d.reason,
-            } for d in found]), hide_index=True, width="stretch", height=320,
+            } for d in found]), hide_index=True, width="stretch",
+                height=320 if len(found) > 8 else "auto",  # no empty rows under a short list
                 column_config={"score": st.column_config.NumberColumn(format="%.2f")})
             st.caption("Human labels whose graph neighbours point strongly elsewhere: worth a second "
                        "look (relabel them from the Label page's search box after a round).")

@@ -1,5 +1,6 @@
 """Export page: the label table with provenance, downloads as CSV / JSON / npz / PYSKL pickle, and
-the latest model checkpoint. Files are generated when a button is clicked, from the live state."""
+the latest model checkpoint. Files are made by ``Annotator.export`` when a button is clicked, from
+the live state, so they are the CLI's ``export`` byte for byte."""
 
 from __future__ import annotations
 
@@ -8,43 +9,38 @@ import logging
 import streamlit as st
 
 from app import state
+from speler.annotator import Annotator
 from speler.errors import SpelerError
-from speler.export import EXTENSIONS, FORMATS, check_export, export_labels, label_table
-from speler.loop import load_state
-from speler.project import Project
+from speler.export import EXTENSIONS, FORMATS
 
 logger = logging.getLogger("speler.app")
 
-project = state.current_project()
-NAME = project.name
+annotator = state.current_annotator()
+project = annotator.project  # display only: rounds, checkpoint, exports folder
+NAME = annotator.name
 MIME = {"csv": "text/csv", "json": "application/json", "npz": "application/octet-stream",
         "pyskl": "application/octet-stream"}
 WHAT = {"csv": "one row per sample", "json": "rows plus a header with counts",
         "npz": "arrays, for numpy", "pyskl": "PYSKL annotation pickle with the data"}
 
 
-def _export_bytes(fmt: str):
-    """A callable for st.download_button: writes the export when clicked, from the live labels."""
+def _export_bytes(ann: Annotator, fmt: str):
+    """A callable for st.download_button: ``ann.export`` when clicked (to the project's exports
+    folder, where the file is kept), from the live labels; the file's bytes go to the browser."""
 
-    root = state.root()
-
-    def make() -> bytes:  # runs outside the script run: plain speler calls only
+    def make() -> bytes:  # runs outside the script run: no Streamlit calls
         try:
-            with Project.open(root, NAME) as p:
-                live = load_state(p)
-                path = export_labels(p, format=fmt, propagation=None if live is None else live.result)
-                return path.read_bytes()
+            return ann.export(format=fmt).read_bytes()
         except Exception:
-            logger.exception("export of %s as %s failed", NAME, fmt)
+            logger.exception("export of %s as %s failed", ann.name, fmt)
             raise
 
     return make
 
 
-state.title("Export", project)
+state.title("Export", annotator)
 with state.user_error("Run a new round on the Round page if the project changed."):
-    live = state.loop_state(project)
-    table = label_table(project, propagation=None if live is None else live.result)
+    table = annotator.label_table()
 
 counts = table["source"].value_counts()
 cols = st.columns(4)
@@ -57,11 +53,11 @@ with left:
     refused = {}
     for fmt in FORMATS:
         try:  # the files are made when clicked, outside this run: refuse what cannot work now
-            check_export(project, format=fmt)
+            annotator.check_export(format=fmt)
         except SpelerError as exc:
             refused[fmt] = str(exc)
         st.download_button(
-            f"{fmt.upper()}", data=_export_bytes(fmt), file_name=f"{NAME}-labels{EXTENSIONS[fmt]}",
+            f"{fmt.upper()}", data=_export_bytes(annotator, fmt), file_name=f"{NAME}-labels{EXTENSIONS[fmt]}",
             mime=MIME.get(fmt), key=f"download_{fmt}", on_click="ignore", width="stretch",
             icon=":material/download:", help=refused.get(fmt, WHAT.get(fmt)),
             disabled=fmt in refused,

@@ -16,29 +16,29 @@ import numpy as np
 import streamlit as st
 
 from app import state
-from speler import loop
 from speler.errors import SpelerError
 from speler.selection import Suggestion
 
-project = state.current_project()
-NAME = project.name
+annotator = state.current_annotator()
+project = annotator.project  # display only: data and store lookups
+NAME = annotator.name
 TOP_KEYS = 9  # number keys 1-9 label the nine most likely classes; a search box has the rest
 
 
-def _annotator() -> str:
+def _person() -> str:
+    """Who labels in this session (saved with every label)."""
     if "annotator" not in st.session_state:  # kept outside the widget, so it survives page changes
         st.session_state["annotator"] = os.environ.get("SPELER_ANNOTATOR", "")
     return st.session_state["annotator"]
 
 
-def _set_annotator() -> None:
+def _set_person() -> None:
     st.session_state["annotator"] = st.session_state.get("annotator_input", "").strip()
 
 
 def _do_label(sample_id: str, class_name: str) -> None:
-    p = state.open_project(NAME)
     try:
-        loop.label(p, state.loop_state(p), sample_id, class_name, annotator=_annotator())
+        state.open_annotator(NAME).label(sample_id, class_name, annotator=_person())
     except SpelerError as exc:
         state.flash("error", f"{exc}\n\nPick a class from the buttons or the search box.")
         return
@@ -53,7 +53,7 @@ def _do_other(sample_id: str) -> None:
 
 
 def _skipped() -> set[str]:
-    return state.skipped(state.open_project(NAME), _annotator())
+    return state.skipped(state.open_annotator(NAME), _person())
 
 
 def _do_skip(sample_id: str) -> None:
@@ -68,9 +68,8 @@ def _do_unskip() -> None:
 
 
 def _do_undo() -> None:
-    p = state.open_project(NAME)
     try:
-        undone, _ = loop.undo(p, state.loop_state(p), annotator=_annotator())
+        undone, _ = state.open_annotator(NAME).undo(annotator=_person())
     except SpelerError as exc:
         state.flash("error", f"{exc}")
         return
@@ -111,8 +110,8 @@ def _button_css(names: list[str], colors: dict[str, str]) -> str:
 
 def _queue(state_, classes: tuple[str, ...]) -> list:
     """Suggestions, with samples to show again (after an undo) in front."""
-    cfg = project.config.selection
-    queue = state.suggestions(project, state_, n=cfg.batch, strategy=cfg.strategy,
+    cfg = annotator.config.selection
+    queue = state.suggestions(annotator, state_, n=cfg.batch, strategy=cfg.strategy,
                               skipped=_skipped())
     human = state_.human
     front = [i for i in st.session_state.get("front", [])
@@ -135,7 +134,7 @@ def _queue(state_, classes: tuple[str, ...]) -> list:
 
 def _main_figure(index: int, pred: str | None, colors: dict[str, str]):
     """The suggested sample's figure: animated 3D skeleton or series lines (cached per sample)."""
-    return state.sample_figure(project, index, title="", height=430,
+    return state.sample_figure(annotator, index, title="", height=430,
                                color=colors.get(pred, "#444444") if pred else "#444444")
 
 
@@ -146,7 +145,7 @@ def _panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
     static pictures, so the next sample shows at once and its animation follows."""
     state.show_flash()
     with state.user_error("Run a new round on the Round page if the project changed."):
-        live = state.loop_state(project)
+        live = annotator.state()
     with state.user_error("Check the suggestion settings on the Round page."):
         queue = _queue(live, classes)
     ds = project.data
@@ -215,16 +214,16 @@ def _panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
         if skipped:
             st.button(f"Show the {len(skipped)} skipped samples again", key="unskip",
                       on_click=_do_unskip, type="tertiary", icon=":material/replay:")
-        with st.expander("Annotator: " + (_annotator() or "not set")):
-            st.text_input("Your name", key="annotator_input", value=_annotator(),
-                          on_change=_set_annotator, help="saved with every label you give")
+        with st.expander("Annotator: " + (_person() or "not set")):
+            st.text_input("Your name", key="annotator_input", value=_person(),
+                          on_change=_set_person, help="saved with every label you give")
 
     with left:
         st.plotly_chart(_main_figure(i, pred, colors), key="main_plot",
                         config={"displaylogo": False})
 
     st.markdown("##### Nearest labeled neighbours")
-    nbrs = loop.neighbours(live, i, k=3)
+    nbrs = annotator.neighbours(i, k=3)
     if not nbrs:
         st.caption("No labeled samples yet.")
     elif not ds.layout.is_series:
@@ -236,12 +235,12 @@ def _panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
             st.markdown(f"{_chip(lab, colors[lab], small=True)} &nbsp; `{ds.ids[j]}`",
                         unsafe_allow_html=True)
             with st.container(key=f"nbr_{j}"):  # st.html drops <svg>; markdown keeps it
-                st.markdown(f"<div>{state.thumbnail(project, j, color=colors[lab])}</div>",
+                st.markdown(f"<div>{state.thumbnail(annotator, j, color=colors[lab])}</div>",
                             unsafe_allow_html=True)
 
     # Build now what the next key press will show, while the person looks at this sample: the
     # sample after a skip (the queue's next), and the first suggestion after labeling this one as
-    # the guess (key 1), computed the way loop.label and the queue will compute it.
+    # the guess (key 1), which the Annotator works out in memory without writing it.
     state.prefetch(lambda: _warm(live, queue[1:2], classes, colors),
                    lambda: _warm_after_label(live, sug, skipped, classes, colors))
 
@@ -250,28 +249,28 @@ def _warm(live, suggestions: list, classes: tuple[str, ...], colors: dict[str, s
     """Build (into the caches) the figures of ``suggestions`` and of their labeled neighbours."""
     for s in suggestions:
         _main_figure(int(s.index), classes[s.predicted] if s.predicted >= 0 else None, colors)
-        for j in loop.neighbours(live, int(s.index), k=3):
-            state.thumbnail(project, j, color=colors[classes[int(live.human[j])]])
+        for j in annotator.neighbours(int(s.index), k=3):
+            state.thumbnail(annotator, j, color=colors[classes[int(live.human[j])]])
 
 
 def _warm_after_label(live, sug: Suggestion, skipped: set[str], classes: tuple[str, ...],
                       colors: dict[str, str]) -> None:
     if sug.predicted < 0:
         return
-    human = live.human.copy()
-    human[int(sug.index)] = sug.predicted
-    guess = loop.update_state(live, human, num_classes=len(classes), config=project.config)
-    cfg = project.config.selection
-    after = loop.suggest_for(guess, human, project.data, n=cfg.batch + len(skipped),
-                             strategy=cfg.strategy, seed=0, config=project.config)
-    _warm(guess, [s for s in after if s.id not in skipped][:1], classes, colors)
+    guess = classes[sug.predicted]
+    cfg = annotator.config.selection
+    after = annotator.suggest_after(sug.id, guess, n=cfg.batch, strategy=cfg.strategy,
+                                    exclude=tuple(skipped))[:1]  # the queue's first, as it will be
+    # once labeled, this sample is a neighbour candidate too: its picture, in the guess's colour
+    state.thumbnail(annotator, int(sug.index), color=colors[guess])
+    _warm(live, after, classes, colors)
 
 
 st.title("Label")
 with state.user_error("Run a new round on the Round page if the project changed."):
-    classes = project.data.classes
-    live = state.loop_state(project)
-job = state.round_job(project)
+    classes = annotator.data.classes
+    live = annotator.state()
+job = state.round_job(annotator)
 if job is not None and job.running:
     st.info("A round is running; you can keep labeling. Its results replace these suggestions when "
             "it finishes.", icon=":material/hourglass_top:")

@@ -14,9 +14,9 @@ import pandas as pd
 import streamlit as st
 
 from app import state
-from speler.config import Config
+from speler.annotator import Annotator, import_project
 from speler.errors import AccessError, DataFormatError, ProjectError, SpelerError
-from speler.project import Project, check_name, list_projects
+from speler.project import check_name, list_projects
 from speler.server_paths import ENV as DATA_DIRS_ENV
 from speler.server_paths import check_data_path, data_dirs
 
@@ -26,13 +26,8 @@ MAX_UPLOAD_MB = float(os.environ.get("SPELER_MAX_UPLOAD_MB", "200"))
 
 
 def _open_sample(name: str) -> None:
-    from speler.data.samples import load_sample
-
-    r = state.root()
     try:
-        if name not in list_projects(r):
-            Project.create(r, name, load_sample(name), config=Config(),
-                           meta={"source": f"sample:{name}"}).close()
+        state.open_sample(name)
         state.select_project(name)
     except SpelerError as exc:
         state.flash("error", f"{exc}\n\nThe bundled sample could not be opened; check the installation.")
@@ -79,26 +74,10 @@ class ImportForm:
     protocol: tuple[float, float, int] | None = None
 
 
-def _hide_labels(ds, form: ImportForm, meta: dict):
-    """The data with their labels hidden as the form asks, through the functions the CLI's
-    ``import --protocol-* / --no-file-labels`` use; the hidden labels stay as ``y_true``."""
-    if form.labels == "protocol" and form.protocol is not None:
-        from speler.data.protocol import make_partial
-
-        pi, gamma, seed = form.protocol
-        ds = make_partial(ds, imbalance=pi, labeled_ratio=gamma, seed=seed)
-        meta["protocol"] = {"imbalance": pi, "labeled_ratio": gamma, "seed": seed}
-    elif form.labels == "hide":
-        truth = ds.y if ds.y_true is None else ds.y_true
-        ds = ds.replace(y=np.full(ds.n, -1, dtype=np.int64), y_true=truth)
-    return ds
-
-
 def _import(source: Path, form: ImportForm, *, where: str) -> None:
-    """Read ``source`` with speler's readers and create the project; errors as st.error."""
-    from speler.formats import read
-
-    name, fmt, overwrite = form.name, form.fmt, form.overwrite
+    """``import_project`` of ``source`` with the form's options (the CLI's ``import --format /
+    --no-file-labels / --protocol-* / --overwrite``); errors as st.error."""
+    name, overwrite = form.name, form.overwrite
     r = state.root()
     if (r / name).exists() and not overwrite:
         raise ProjectError(f"a project named {name!r} exists already in {r}; pick another name "
@@ -106,19 +85,21 @@ def _import(source: Path, form: ImportForm, *, where: str) -> None:
     bar = st.progress(0.0, text=f"Reading {where}…")
 
     def progress(done: int, total: int) -> None:
-        bar.progress(min(1.0, done / max(total, 1)), text=f"Reading {where}: {done}/{total}")
+        if done >= total:  # read: what is left is preprocessing and writing
+            bar.progress(1.0, text="Preprocessing the samples and writing the project…")
+        else:
+            bar.progress(done / max(total, 1), text=f"Reading {where}: {done}/{total}")
 
-    ds = read(source, format=fmt, progress=progress)
-    meta = {"source": where}
-    if fmt:
-        meta["format"] = fmt
-    ds = _hide_labels(ds, form, meta)
-    bar.progress(1.0, text=f"Preprocessing {ds.n} samples and writing the project…")
-    Project.create(r, name, ds, config=Config(), overwrite=overwrite, meta=meta).close()
+    res = import_project(
+        r, name, path=source, format=form.fmt, source=where, overwrite=overwrite,
+        no_file_labels=form.labels == "hide",
+        protocol=form.protocol if form.labels == "protocol" else None, progress=progress)
+    with res.annotator as ann:  # the pages open it again through state's shared cache
+        store = ann.project.store
+        n, classes, n_lab = store.n, len(store.classes), int((store.human_labels() >= 0).sum())
     bar.empty()
     state.select_project(name)
-    n_lab = int((ds.y >= 0).sum())
-    state.flash("success", f"Imported {ds.n} samples ({ds.num_classes} classes, {n_lab} labeled) "
+    state.flash("success", f"Imported {n} samples ({classes} classes, {n_lab} labeled) "
                            f"into project {name}.")
     st.rerun()
 
@@ -237,7 +218,8 @@ def _guarded(tab) -> None:
                               "Check it, or pick its format explicitly.")
 
 
-def _overview(project: Project) -> None:
+def _overview(annotator: Annotator) -> None:
+    project = annotator.project
     ds = project.data
     store = project.store
     cur = store.current_labels()
@@ -305,6 +287,6 @@ with left:
 
 with right:
     if current is not None:
-        project = state.current_project()
+        annotator = state.current_annotator()
         with state.user_error("The project folder looks damaged; import the data again."):
-            _overview(project)
+            _overview(annotator)

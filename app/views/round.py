@@ -15,10 +15,11 @@ from speler.errors import SpelerError
 from speler.selection import STRATEGIES
 from speler.train import MIN_HOLDOUT
 
-project = state.current_project()
+annotator = state.current_annotator()
+project = annotator.project  # display only: settings, counts, past rounds
 store = project.store
 
-_VC = project.config.views
+_VC = annotator.config.views
 EPOCHS_HELP = (
     "At most this many. The network is judged on human labels it never saw, by cross-fitting: "
     f"the labels are split in {_VC.judge_folds} folds, networks trained without one fold are "
@@ -34,40 +35,38 @@ EPOCHS_HELP = (
 
 def _settings() -> None:
     """The settings expander; its values are read by ``_start`` (saved with the project when run)."""
-    cfg = project.config
-    job = state.round_job(project)
+    cfg = annotator.config
+    job = state.round_job(annotator)
     busy = job is not None and job.running
     with st.expander("Settings for the next round", expanded=False):
         c1, c2, c3 = st.columns(3)
-        epochs = c1.number_input("Training epochs", min_value=1, max_value=500,
-                                 value=int(cfg.train.epochs), key="set_epochs", disabled=busy,
-                                 help=EPOCHS_HELP)
-        batch = c2.number_input("Suggestions per batch", min_value=1, max_value=100,
-                                value=int(cfg.selection.batch), key="set_batch", disabled=busy)
+        # the values are read back by key in _start
+        c1.number_input("Training epochs", min_value=1, max_value=500,
+                        value=int(cfg.train.epochs), key="set_epochs", disabled=busy,
+                        help=EPOCHS_HELP)
+        c2.number_input("Suggestions per batch", min_value=1, max_value=100,
+                        value=int(cfg.selection.batch), key="set_batch", disabled=busy)
         strategies = list(STRATEGIES)
-        strategy = c3.selectbox("Suggestion strategy", strategies,
-                                index=strategies.index(cfg.selection.strategy)
-                                if cfg.selection.strategy in strategies else 0,
-                                key="set_strategy", disabled=busy)
+        c3.selectbox("Suggestion strategy", strategies,
+                     index=strategies.index(cfg.selection.strategy)
+                     if cfg.selection.strategy in strategies else 0,
+                     key="set_strategy", disabled=busy)
 
 
 def _start() -> None:
     ss = st.session_state
-    cfg = project.config
+    cfg = annotator.config
     overrides = [f"train.epochs={int(ss.get('set_epochs', cfg.train.epochs))}",
                  f"selection.batch={int(ss.get('set_batch', cfg.selection.batch))}",
                  f"selection.strategy={ss.get('set_strategy', cfg.selection.strategy)}"]
     try:
-        config = apply_overrides(cfg, overrides)
-        if config != project.config:
-            project.save_config(config)
-        state.start_round(project, config=config)
+        state.start_round(annotator, config=apply_overrides(cfg, overrides))
     except SpelerError as exc:
         state.flash("error", f"{exc}")
 
 
 def _cancel() -> None:
-    job = state.round_job(project)
+    job = state.round_job(annotator)
     if job is not None and job.running:
         job.cancel_event.set()
 
@@ -110,7 +109,6 @@ def _outcome(job: state.Job) -> None:
         st.success(f"Round {res.round} done in {res.seconds:.0f} s: {m.get('human_labels', '?')} human "
                    f"labels, {m.get('reliable', '?')} reliable propagated labels, "
                    f"{len(res.suggestions)} suggestions.")
-        st.caption(_network_words(m))
         st.page_link("views/label.py", label="Label the suggestions", icon=":material/label:")
 
 
@@ -160,12 +158,12 @@ def _cell(value, fmt: str = "{}") -> str:
     return fmt.format(value)
 
 
-state.title("Round", project)
+state.title("Round", annotator)
 state.show_flash()
 left, right = st.columns([2, 3], gap="large")
 
 with left:
-    job = state.round_job(project)
+    job = state.round_job(annotator)
     running_at_draw = job is not None and job.running
     last = store.last_done_round()
     nxt = 0 if last is None else last + 1
@@ -194,7 +192,7 @@ with left:
 
     @st.fragment(run_every=1.0 if running_at_draw else None)
     def _progress() -> None:
-        j = state.round_job(project)
+        j = state.round_job(annotator)
         if j is None:
             return
         if running_at_draw and not j.running:
@@ -235,7 +233,7 @@ with right:
         table = table[[c for c in table.columns if (table[c].astype(str) != "").any()]]
         st.dataframe(table, hide_index=True, width="stretch")
         done = [r for r in rounds if r.status == "done" and r.metrics]
-        if done:
+        if done:  # what the network did, said once: here, beside the table
             st.caption(f"Round {done[-1].no}: {_network_words(done[-1].metrics)}")
         if any((r.metrics or {}).get("quality") for r in rounds):
             st.caption("Accuracy, macro-F1 and tail recall of the propagated labels of unlabeled "
