@@ -124,6 +124,27 @@ def _line(values: np.ndarray, present: np.ndarray, index: np.ndarray) -> np.ndar
     return out
 
 
+def _checked_skeleton(x, layout: Layout, channels, length: int | None) -> tuple[np.ndarray, bool]:
+    """(float64 (C, T', V, M) cut to the valid frames with NaN as 0, whether the coordinates are
+    2D image ones (x, y[, score])) for a skeleton (C, T, V[, M]); DataFormatError for a shape
+    that does not fit ``layout``."""
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise DataFormatError(f"viz: skeleton must have shape (C, T, V, M), got {x.shape}")
+    c, t, v, m = x.shape
+    if v != layout.num_joints:
+        raise DataFormatError(f"viz: skeleton has {v} joints, layout {layout.name} needs {layout.num_joints}")
+    if c < 2:
+        raise DataFormatError(f"viz: skeleton needs at least 2 coordinate channels, got {c}")
+    names = [str(n).lower() for n in channels] if channels else []
+    flat = c == 2 or (c >= 3 and len(names) >= 3 and names[2] in _SCORE_NAMES) or (
+        c == 3 and not names and layout.name in _IMAGE_LAYOUTS)
+    length = _valid_length(x) if length is None else int(np.clip(length, 1, t))
+    return np.nan_to_num(x[:, :length].astype(np.float64)), flat
+
+
 def skeleton_animation(
     x: np.ndarray,
     layout: Layout,
@@ -150,21 +171,8 @@ def skeleton_animation(
     exactly at the origin are treated as missing. Axes have equal scale and fixed ranges over the
     whole motion, and the camera looks at the person's front, upright.
     """
-    x = np.asarray(x)
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4:
-        raise DataFormatError(f"viz: skeleton must have shape (C, T, V, M), got {x.shape}")
-    c, t, v, m = x.shape
-    if v != layout.num_joints:
-        raise DataFormatError(f"viz: skeleton has {v} joints, layout {layout.name} needs {layout.num_joints}")
-    if c < 2:
-        raise DataFormatError(f"viz: skeleton needs at least 2 coordinate channels, got {c}")
-    names = [str(n).lower() for n in channels] if channels else []
-    flat = c == 2 or (c >= 3 and len(names) >= 3 and names[2] in _SCORE_NAMES) or (
-        c == 3 and not names and layout.name in _IMAGE_LAYOUTS)
-    length = _valid_length(x) if length is None else int(np.clip(length, 1, t))
-    x = np.nan_to_num(x[:, :length].astype(np.float64))
+    x, flat = _checked_skeleton(x, layout, channels, length)
+    c, length, v, m = x.shape
     coords = x[:2] if flat else x[:3]
     score = x[2] if flat and c >= 3 else None  # (T, V, M)
     present_joint = np.abs(coords).sum(axis=0) > 0  # (T, V, M)
@@ -363,20 +371,8 @@ def thumbnail_svg(
                          f'stroke="{_SERIES_COLORS[c % len(_SERIES_COLORS)]}"/>')
         return _svg(paths, width, height)
 
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4:
-        raise DataFormatError(f"viz: skeleton must have shape (C, T, V, M), got {x.shape}")
-    c, t, v, m = x.shape
-    if v != layout.num_joints:
-        raise DataFormatError(f"viz: skeleton has {v} joints, layout {layout.name} needs {layout.num_joints}")
-    if c < 2:
-        raise DataFormatError(f"viz: skeleton needs at least 2 coordinate channels, got {c}")
-    names = [str(nm).lower() for nm in channels] if channels else []
-    flat = c == 2 or (c >= 3 and len(names) >= 3 and names[2] in _SCORE_NAMES) or (
-        c == 3 and not names and layout.name in _IMAGE_LAYOUTS)
-    length = _valid_length(x) if length is None else int(np.clip(length, 1, t))
-    x = np.nan_to_num(x[:, :length])
+    x, flat = _checked_skeleton(x, layout, channels, length)
+    c, _, v, m = x.shape
     present = np.abs(x[:2] if flat else x[:3]).sum(axis=0) > 0  # (T, V, M)
     if flat and c >= 3:
         present &= x[2] > 0
