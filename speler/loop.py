@@ -540,13 +540,8 @@ def _recover(project: Project) -> None:
 
 
 def latest_complete_round(project: Project) -> int | None:
-    """Number of the latest round that is both committed in the store and complete on disk."""
-    done = sorted((r.no for r in project.store.rounds() if r.status == "done"), reverse=True)
-    for no in done:
-        d = project.round_dir(no)
-        if all((d / f).exists() for f in ("embeddings.npz", "propagation.npz", "metrics.json")):
-            return no
-    return None
+    """The latest finished round (``Project.latest_round``: done in the store, complete on disk)."""
+    return project.latest_round()
 
 
 def read_state(project: Project, no: int) -> LoopState | None:

@@ -45,6 +45,7 @@ DATA_FILE = "data.npz"
 STORE_FILE = "store.sqlite"
 CONFIG_FILE = "config.json"
 ROUNDS_DIR = "rounds"
+ROUND_FILES = ("embeddings.npz", "propagation.npz", "metrics.json")  # a finished round has these
 EXPORTS_DIR = "exports"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -326,11 +327,15 @@ class Project:
         return self.round_dir(no)
 
     def latest_round(self) -> int | None:
-        """Number of the last complete round folder, None if there is none."""
-        if not self.rounds_dir.is_dir():
-            return None
-        nos = [int(p.name) for p in self.rounds_dir.iterdir() if p.is_dir() and _ROUND.match(p.name)]
-        return max(nos) if nos else None
+        """The latest finished round: marked done in the store and complete on disk (its folder
+        holds the embeddings, the propagation and the metrics); None before the first. The one
+        definition everything uses (a round folder alone may be a leftover of a crash)."""
+        done = sorted((r.no for r in self.store.rounds() if r.status == "done"), reverse=True)
+        for no in done:
+            d = self.round_dir(no)
+            if all((d / f).is_file() for f in ROUND_FILES):
+                return no
+        return None
 
 
 def _load_config(path: Path) -> Config:

@@ -126,23 +126,27 @@ def test_data_must_match_the_store(tmp_path, skeleton_set, series_set):
 
 
 def test_round_folders_appear_only_when_finished(tmp_path, skeleton_set):
+    from speler.project import ROUND_FILES
+
     with Project.create(tmp_path, "p", skeleton_set, preprocess=False) as p:
         assert p.latest_round() is None
         tmp = p.begin_round_dir(0)
-        (tmp / "metrics.json").write_text("{}")
-        assert tmp.name == ".tmp-000" and p.latest_round() is None
+        for f in ROUND_FILES:
+            (tmp / f).write_text("{}")
+        assert tmp.name == ".tmp-000" and not p.round_dir(0).exists()
         assert p.finish_round_dir(0) == p.round_dir(0) == p.rounds_dir / "000"
         assert (p.round_dir(0) / "metrics.json").is_file() and not tmp.exists()
+        # a complete folder is not a finished round until the store says the round is done
+        assert p.latest_round() is None
         tmp = p.begin_round_dir(1)
         (tmp / "partial").write_text("x")
-        assert p.latest_round() == 0
         tmp = p.begin_round_dir(1)  # a stale attempt is cleared
         assert list(tmp.iterdir()) == []
         p.finish_round_dir(1)
-        assert p.latest_round() == 1
+        assert p.round_dir(1).is_dir()
         p.begin_round_dir(1)
         p.finish_round_dir(1)  # redoing a round replaces its folder
-        assert p.latest_round() == 1 and list(p.round_dir(1).iterdir()) == []
+        assert list(p.round_dir(1).iterdir()) == []
         with pytest.raises(ProjectError, match="no round folder in progress"):
             p.finish_round_dir(5)
 

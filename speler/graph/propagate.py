@@ -175,7 +175,7 @@ def propagate(
     """
     start = time.perf_counter()
     original = W
-    W = _validated_graph(W)
+    W = validated_graph(W)
     n = W.shape[0]
     labels = _validated_labels(labels, n, num_classes)
     C = int(num_classes)
@@ -446,7 +446,7 @@ def spectral_balance(
     """The node weights ``p_c(i)^-1/2`` (float64 (n,)) and class proportions p (float64 (C,)) that
     ``propagate`` would use for the balance with the same arguments (steps 2-3 of the module
     docstring); for the spectrum plot and for inspection."""
-    W = _validated_graph(W)
+    W = validated_graph(W)
     labels = _validated_labels(labels, W.shape[0], num_classes)
     C = int(num_classes)
     prior = None if prior is None else _validated_prior(prior, C)
@@ -683,7 +683,7 @@ def _loss_weights(energy: np.ndarray, reliable: np.ndarray) -> np.ndarray:
     return w
 
 
-def _validated_graph(W) -> sp.csr_matrix:
+def validated_graph(W) -> sp.csr_matrix:
     if not sp.issparse(W):
         raise DataFormatError(
             f"propagate: W must be a scipy sparse matrix (n, n), got {type(W).__name__}"

@@ -29,7 +29,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 from speler.config import PropagationConfig
 from speler.errors import ConfigError
-from speler.graph.propagate import _validated_graph, normalized_operator, spectral_balance
+from speler.graph.propagate import normalized_operator, spectral_balance, validated_graph
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def spectrum(
             f"{n_probe}, {steps}, {bins}, {bandwidth}"
         )
     start = time.perf_counter()
-    W = _validated_graph(W)
+    W = validated_graph(W)
     n = W.shape[0]
     S = normalized_operator(W, node_weights).astype(np.float64)
     grid = np.linspace(-1.0, 1.0, bins)
