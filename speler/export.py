@@ -28,7 +28,8 @@ the store (latest propagated event per sample) and reliability from the latest r
 temporary file in the target folder renamed into place, so a failure leaves no partial file and an
 older export of the same name intact. ``read_export`` reads CSV / JSON / npz back into the table.
 
-``doubts`` lists human labels that the graph strongly disagrees with.
+``doubts`` lists human labels that the graph strongly disagrees with (the arithmetic is in
+``speler.graph.doubts``; this names the samples and classes).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from speler.errors import ConfigError, DataFormatError, SpelerError
+from speler.graph.doubts import disagreement
 from speler.graph.propagate import PropagationResult
 from speler.project import Project
 
@@ -330,89 +332,43 @@ def doubts(
 ) -> list[Doubt]:
     """Human labels the graph strongly disagrees with, strongest first (at most ``top``).
 
-    A sample's own seed must not vote on its own label, so the graph's opinion of sample i is read
-    from its neighbours: with ``affinity`` (the kNN affinity W, CSR (n, n) with zero diagonal, or a
-    list of them, e.g. one per branch, averaged), the opinion is the W-weighted average of the
-    neighbours' propagated distributions, ``(D^-1 W) P`` row i, where P is ``propagation.scores``
-    corrected by the class prior the same way as the propagation's labels and normalised per row.
-    Without ``affinity``, P's own row is used, where the sample's own seed weighs heavily
-    ((1 - α) · [(I - αS)^-1]_ii of it): on a 40-sample two-cluster set a wrong label read 0.52 / 0.48
-    from its own row and 0.81 / 0.19 from its neighbours. Pass W wherever there is one.
-
-    A doubt is a labeled sample whose opinion puts more mass on another class than on its label by
-    more than ``min_score``; score = mass(best other class) - mass(label).
+    The graph's opinion of a labeled sample comes from its neighbours in ``affinity`` (the graph
+    W, or a list of graphs, averaged; see ``speler.graph.doubts``); without it, from the sample's
+    own propagated row, where its own seed weighs heavily: pass W wherever there is one. A doubt
+    is a labeled sample whose opinion puts more mass on another class than on its label by more
+    than ``min_score``; score = mass(best other class) - mass(label).
     """
     store = project.store
     n, C = store.n, len(store.classes)
     _check_propagation(propagation, n, C)
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 0:
         raise ConfigError(f"doubts: top must be an integer >= 0, got {top!r}")
-    mats = [] if affinity is None else ([affinity] if sp.issparse(affinity) else list(affinity))
-    for W in mats:
-        if not sp.issparse(W) or W.shape != (n, n):
-            raise DataFormatError(
-                f"doubts: affinity must be a sparse ({n}, {n}) matrix, got {getattr(W, 'shape', W)!r}")
     human = store.human_labels()
-    rows = np.flatnonzero(human >= 0)
-    if top == 0 or len(rows) == 0 or C < 2:
+    if top == 0 or not (human >= 0).any() or C < 2:
+        if affinity is not None:  # still refuse a malformed graph
+            disagreement(propagation, np.full(n, -1), affinity=affinity)
         return []
-    P = _distribution(propagation)
-    if mats:
-        opinion = np.zeros((len(rows), C))
-        for W in mats:
-            W = sp.csr_matrix(W, dtype=np.float64)
-            W = W - sp.diags(W.diagonal())  # the sample itself never votes
-            sub = W[rows]
-            deg = np.asarray(sub.sum(axis=1)).ravel()
-            view = np.asarray(sub @ P)
-            opinion += np.where(deg[:, None] > 0, view / np.maximum(deg, 1e-300)[:, None], P[rows])
-        opinion /= len(mats)
-    else:
-        opinion = P[rows]
-    lab = human[rows]
-    label_mass = opinion[np.arange(len(rows)), lab]
-    other = opinion.copy()
-    other[np.arange(len(rows)), lab] = -np.inf
-    best = np.argmax(other, axis=1)
-    best_mass = other[np.arange(len(rows)), best]
-    score = best_mass - label_mass
+    d = disagreement(propagation, human, affinity=affinity)
+    score = d.score
     keep = np.flatnonzero(score > min_score)
-    keep = keep[np.lexsort((rows[keep], -score[keep]))][:int(top)]
+    keep = keep[np.lexsort((d.rows[keep], -score[keep]))][:int(top)]
     if len(keep) == 0:
         return []
     cur = store.current_labels()
     ids, classes = store.ids, store.classes
     out = []
+    where = "its graph neighbours say" if d.from_neighbours else "the propagation says"
     for k in keep.tolist():
-        i = int(rows[k])
-        h, b = int(lab[k]), int(best[k])
+        i = int(d.rows[k])
+        h, b = int(d.label[k]), int(d.best[k])
         who = str(cur.annotator[i])
         by = f" by {who}" if who else ""
-        where = "its graph neighbours say" if mats else "the propagation says"
         out.append(Doubt(
             index=i, id=str(ids[i]), label=h, label_name=classes[h], suggested=b,
-            suggested_name=classes[b], label_mass=float(label_mass[k]),
-            suggested_mass=float(best_mass[k]), score=float(score[k]), source=str(cur.source[i]),
-            annotator=who,
+            suggested_name=classes[b], label_mass=float(d.label_mass[k]),
+            suggested_mass=float(d.best_mass[k]), score=float(score[k]),
+            source=str(cur.source[i]), annotator=who,
             reason=(f"labeled {classes[h]}{by}; {where} {classes[b]} "
-                    f"({best_mass[k]:.2f}) rather than {classes[h]} ({label_mass[k]:.2f})"),
+                    f"({d.best_mass[k]:.2f}) rather than {classes[h]} ({d.label_mass[k]:.2f})"),
         ))
     return out
-
-
-def _distribution(propagation: PropagationResult) -> np.ndarray:
-    """Row-normalised class distribution from the propagation scores (float64 (n, C)).
-
-    If the propagation's labels follow ``scores / prior`` (class-prior correction) better than the
-    raw scores, the distribution is taken from the corrected scores, so doubts agree with labels.
-    """
-    M = np.clip(np.asarray(propagation.scores, dtype=np.float64), 0.0, None)
-    prior = np.asarray([] if propagation.prior is None else propagation.prior, dtype=np.float64)
-    labels = np.asarray(propagation.labels)
-    if prior.shape == (M.shape[1],) and np.all(prior > 0):
-        corrected = M / prior[None, :]
-        if np.mean(np.argmax(corrected, axis=1) == labels) > np.mean(np.argmax(M, axis=1) == labels):
-            M = corrected
-    total = M.sum(axis=1, keepdims=True)
-    uniform = np.full_like(M, 1.0 / M.shape[1])
-    return np.where(total > 0, M / np.maximum(total, 1e-300), uniform)
