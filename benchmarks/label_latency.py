@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 
-from conftest import CHROMIUM, LAUNCH_ARGS, _free_port  # noqa: E402
+from conftest import CHROMIUM, LAUNCH_ARGS, start_app, stop_app  # noqa: E402
 from latency import load_average, measure, prepare_project  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "label_latency.json"
@@ -40,30 +36,6 @@ BASELINE = {  # the page before issue 13, same machine, load average 2.8 (see th
     "synthetic_actions": {"id_ms": 1758.1, "plot_ms": 682.2, "idle_ms": 3505.9},
     "basicmotions": {"id_ms": 386.3, "plot_ms": 386.3, "idle_ms": 648.8},
 }
-
-
-def _serve(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "SPELER_HOME": str(home), "PYTHONUNBUFFERED": "1",
-           "SPELER_ANNOTATOR": "benchmark"}
-    cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "app" / "main.py"),
-           "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",
-           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"streamlit exited with {proc.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.3)
-    proc.terminate()
-    raise SystemExit(f"streamlit did not answer on {url} in 90 s; see {log}")
 
 
 def main() -> int:
@@ -83,7 +55,10 @@ def main() -> int:
         home.mkdir()
         for sample in args.samples:
             prepare_project(home, sample, epochs=args.epochs)
-        proc, url = _serve(home, Path(tmp) / "server.log")
+        try:
+            proc, url = start_app(home, Path(tmp) / "server.log", annotator="benchmark")
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from None
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
@@ -97,8 +72,7 @@ def main() -> int:
                     context.close()
                 browser.close()
         finally:
-            proc.terminate()
-            proc.wait(timeout=15)
+            stop_app(proc)
 
     rows, checks = [], {}
     for sample, r in results.items():

@@ -41,42 +41,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_server(tmp_path_factory):
-    """The app served by a real `streamlit run`, killed after the module."""
-    home = tmp_path_factory.mktemp("speler_home")
-    log = tmp_path_factory.mktemp("streamlit_log") / "server.log"
+def start_app(home: Path, log: Path, *, annotator: str) -> tuple[subprocess.Popen, str]:
+    """`streamlit run app/main.py` on a free localhost port with projects in ``home``, its output
+    in ``log``; returns (process, url) once /_stcore/health answers. RuntimeError (naming the log)
+    if it exits or stays silent for 90 s; the process is stopped then."""
     port = _free_port()
     env = {**os.environ, "SPELER_HOME": str(home), "PYTHONUNBUFFERED": "1",
-           "SPELER_ANNOTATOR": "browser-test"}
+           "SPELER_ANNOTATOR": annotator}
     cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "app" / "main.py"),
            "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",
            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(url=f"http://127.0.0.1:{port}", home=home, log=log, proc=proc)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        if time.time() > deadline:
+            stop_app(proc)
+            raise RuntimeError(f"streamlit did not answer on {url} in 90 s; see {log}")
+        time.sleep(0.3)
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        deadline = time.time() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"streamlit exited with {proc.returncode}:\n{server.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{server.url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"streamlit did not answer on {server.url} in 90 s:\n{server.log_tail()}")
-            time.sleep(0.3)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory):
+    """The app served by a real `streamlit run`, killed after the module."""
+    home = tmp_path_factory.mktemp("speler_home")
+    log = tmp_path_factory.mktemp("streamlit_log") / "server.log"
+    try:
+        proc, url = start_app(home, log, annotator="browser-test")
+    except RuntimeError as exc:
+        pytest.fail(f"{exc}:\n{log.read_text(errors='replace')[-3000:] if log.exists() else ''}")
+    server = Server(url=url, home=home, log=log, proc=proc)
+    try:
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+        stop_app(proc)
 
 
 @pytest.fixture(scope="module")
