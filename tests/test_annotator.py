@@ -129,3 +129,20 @@ def test_live_state_does_not_depend_on_the_label_order(annotated):
     with Annotator.open(root, "basic") as fresh:
         np.testing.assert_array_equal(fresh.state().human, ann.state().human)
         np.testing.assert_array_equal(fresh.state().result.energy, ann.state().result.energy)
+
+
+def test_a_round_written_by_an_older_version_does_not_block_the_next(tmp_path):
+    """Round files without views (an older SpeLER) are not re-propagated; the next round runs."""
+    fast = apply_overrides(Config(), FAST + ["views.network=never"])
+    ann = import_project(tmp_path, "old", sample="basicmotions", config=fast).annotator
+    with ann:
+        ann.run_round()
+        path = ann.project.round_dir(0) / "propagation.npz"
+        with np.load(path) as z:
+            kept = {k: z[k] for k in z.files if not k.endswith((".weight", ".knn_indices",
+                                                                ".knn_sims"))}
+        np.savez(path, **kept)
+        fresh = Annotator(ann.project)
+        assert fresh.latest_round() == 0 and fresh.state() is None
+        res = fresh.run_round()
+        assert res.round == 1 and fresh.state().round == 1
