@@ -97,9 +97,7 @@ def run_one(ds, cfg: Config, rounds: int) -> dict:
         out["LabelSpreading"] = quality(ds, label_spreading(views["plain"], y))
     if NETWORK in built.state.embeddings:
         vc = cfg.views
-        total = vc.plain_weight + vc.rocket_weight
-        parts = [(W[v], w / total) for v, w in (("plain", vc.plain_weight),
-                                                 ("rocket", vc.rocket_weight)) if w > 0]
+        parts = [(W[v], w) for v, w in vc.floor_weights.items()]
         net_W = affinity(build_knn(built.state.embeddings[NETWORK], config=cfg.graph),
                          gamma=cfg.graph.gamma)
         forced = with_network(parts, net_W, vc.network_weight)

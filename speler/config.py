@@ -106,6 +106,13 @@ class ViewsConfig:
     # the held-out labels across the folds (early stopping that works with a few labels)
     seed: int = 0  # random kernels and randomised PCA
 
+    @property
+    def floor_weights(self) -> dict[str, float]:
+        """{label-free view: its share of the floor} for the views with a weight > 0 (sums to 1)."""
+        wanted = {"plain": self.plain_weight, "rocket": self.rocket_weight}
+        total = sum(w for w in wanted.values() if w > 0)
+        return {v: w / total for v, w in wanted.items() if w > 0}
+
     def __post_init__(self) -> None:
         _check(self, "views", [
             ("plain_weight", self.plain_weight >= 0, ">= 0"),

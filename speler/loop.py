@@ -235,18 +235,15 @@ def build_state(
     C = ds.num_classes
 
     t0 = time.perf_counter()
-    wanted = {"plain": vc.plain_weight, "rocket": vc.rocket_weight}
-    wanted = {k: w for k, w in wanted.items() if w > 0}
+    wanted = vc.floor_weights
     if views is None:
-        views = label_free_views(ds.x, views=tuple(wanted), dim=vc.dim,
-                                 rocket_features=vc.rocket_features, seed=vc.seed,
-                                 progress=lambda d, t: report("views", d, t))
+        views = floor_views(ds, config, progress=lambda d, t: report("views", d, t))
     stage_seconds["views"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     graphs = {v: build_knn(views[v], config=config.graph) for v in wanted}
     view_w = {v: affinity(graphs[v], gamma=config.graph.gamma) for v in wanted}
-    floor_parts = [(view_w[v], w) for v, w in _normalised(wanted).items()]
+    floor_parts = [(view_w[v], w) for v, w in wanted.items()]
     floor_W = combine_affinities(floor_parts)
     knn_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -257,7 +254,7 @@ def build_state(
     embeddings = dict(views)
     probs = floor.normalized
     judgement = Judgement(mode=vc.network, joined=False, reason="views.network is 'never'")
-    weights = _normalised(wanted)
+    weights = dict(wanted)
     W = floor_W
     folds = _judge_folds(human, vc) if vc.network == "auto" else []
     if vc.network == "auto" and not folds:
@@ -340,6 +337,15 @@ def build_state(
                       stage_seconds=stage_seconds)
 
 
+def floor_views(ds, config: Config, *,
+                progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """The label-free views the floor uses (``views.floor_weights``) of ``ds``; label-free, so a
+    simulation or a benchmark computes them once for many label sets."""
+    vc = config.views
+    return label_free_views(ds.x, views=tuple(vc.floor_weights), dim=vc.dim,
+                            rocket_features=vc.rocket_features, seed=vc.seed, progress=progress)
+
+
 def crossfit_epochs(curves: list[list[float]], *, minimum: int = 1) -> tuple[int, float]:
     """(epochs, score): the epoch count whose held-out balanced accuracy, averaged over the folds'
     learning curves and smoothed over 3 epochs, is highest (the latest of equals: training longer
@@ -349,11 +355,6 @@ def crossfit_epochs(curves: list[list[float]], *, minimum: int = 1) -> tuple[int
     lo = min(max(1, minimum), len(smooth)) - 1
     best = lo + int(np.flatnonzero(smooth[lo:] >= smooth[lo:].max() - 1e-12)[-1])
     return best + 1, float(smooth[best])
-
-
-def _normalised(weights: dict[str, float]) -> dict[str, float]:
-    total = sum(weights.values())
-    return {k: float(w / total) for k, w in weights.items()}
 
 
 def _network_view(emb) -> np.ndarray:

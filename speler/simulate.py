@@ -5,9 +5,9 @@ train the backbone once on the initial labels (round 0, shared by every strategy
 the same model and graph), then for each strategy and each of ``rounds`` rounds propagate, record
 the quality of the propagated labels on the samples that have no human label yet (a human label
 is the annotator's merit, not the graph's; counting it as correct would inflate every curve), and
-label ``budget`` more samples from the strategy's suggestions. With ``retrain_every`` > 0 the model is retrained (with
-energy-weighted pseudo-labels) every that many rounds, as a real project does; 0 keeps the
-round-0 model, which isolates what the query strategy itself contributes.
+label ``budget`` more samples from the strategy's suggestions. With ``retrain_every`` > 0 the
+model is retrained (with energy-weighted pseudo-labels) every that many rounds, as a real project
+does; 0 keeps the round-0 model, which isolates what the query strategy itself contributes.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import numpy as np
 from speler.config import Config
 from speler.data.schema import SequenceSet
 from speler.errors import DataFormatError
-from speler.features import label_free_views
-from speler.loop import build_state, suggest_for, update_state
+from speler.loop import build_state, floor_views, suggest_for, update_state
 from speler.metrics import label_quality, tail_classes
 from speler.selection import STRATEGIES
 
@@ -64,10 +63,7 @@ def simulate(
     started = time.perf_counter()
     tail = tail_classes(np.bincount(ds.y_true, minlength=ds.num_classes))
     t0 = time.perf_counter()
-    vc = config.views
-    views = label_free_views(ds.x, views=tuple(v for v, w in (("plain", vc.plain_weight),
-                                                             ("rocket", vc.rocket_weight)) if w > 0),
-                             dim=vc.dim, rocket_features=vc.rocket_features, seed=vc.seed)
+    views = floor_views(ds, config)
     base_state = _train_state(ds, ds.y.copy(), config=config, pseudo=None, views=views)
     result = SimulationResult(dataset=name or ds.where, train_seconds=time.perf_counter() - t0)
     total = len(strategies) * (rounds + 1)

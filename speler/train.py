@@ -462,12 +462,11 @@ def fit(
                                      batch_size=max(config.batch_size, 64), amp=amp)
                 row.update(holdout_acc=acc, holdout_loss=nll)
                 key = (acc, -nll)
-                if holdout is not None:
-                    pass  # a curve for the caller: train on, keep the last epoch
-                elif best_key is None or key > best_key:
+                # with the caller's holdout the curve is theirs: train on, keep the last epoch
+                if holdout is None and (best_key is None or key > best_key):
                     best_key, best_epoch, stale = key, epoch + 1, 0
                     best_state = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
-                else:
+                elif holdout is None:
                     stale += 1
                     # Early stopping only once pseudo-labels have had a chance to join.
                     stop = stale >= config.patience and epoch + 1 > warmup

@@ -119,6 +119,8 @@ def test_views_config_is_checked_when_built():
     with pytest.raises(ConfigError, match="views.rocket_weight"):
         ViewsConfig(plain_weight=0.0, rocket_weight=0.0)
     assert apply_overrides(Config(), ["views.network=never"]).views.network == "never"
+    assert ViewsConfig().floor_weights == pytest.approx({"plain": 0.2, "rocket": 0.8})
+    assert ViewsConfig(plain_weight=0.0).floor_weights == {"rocket": 1.0}
 
 
 def _ring(n: int, seed: int) -> sp.csr_matrix:
