@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
+from speler import loop
 from speler.annotator import Annotator, import_project
 from speler.config import Config
 from speler.errors import CancelledError, ProjectError, SpelerError
@@ -38,7 +39,7 @@ from speler.project import DATA_FILE, default_root, list_projects
 logger = logging.getLogger("speler.app")
 
 DEFAULT_SAMPLE = "synthetic_actions"  # the bundled sample the app opens on, nothing to configure
-STAGES = ("views", "train", "embed", "knn", "propagate", "suggest")
+STAGES = loop.STAGES  # a round reports these, in this order
 STAGE_TITLES = {"views": "Label-free views", "train": "Training", "embed": "Embedding", "knn": "kNN graph",
                 "propagate": "Propagation", "suggest": "Suggestions"}
 
