@@ -20,6 +20,7 @@ from speler.errors import ConfigError
 
 MODEL_KINDS = ("small", "paper")  # train.model: "small" for CPUs, "paper" (CTR-GCN size) for GPUs
 STRATEGIES = ("speler", "random", "entropy", "margin", "lp-margin", "coreset")  # selection.strategy
+BALANCE_PRIORS = ("labels", "predictions")  # propagation.balance_prior
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,8 @@ class GraphConfig:
 class PropagationConfig:
     alpha: float = 0.8  # (I - alpha S) M = (1 - alpha) Y
     balance: bool = True  # spectral balance w_ij (p_c(i) p_c(j))^-1/2
+    balance_prior: str = "labels"  # p_c: share of the human labels ("labels") or of the labels
+    # and the first pass's predictions ("predictions"); see speler/graph/propagate.py
     tol: float = 1e-6  # CG relative residual tolerance
     max_iter: int = 200  # CG iteration cap
     tau_hat: float = -9.5  # base energy threshold; energies are scaled so the median sample is -10
@@ -175,6 +178,8 @@ class PropagationConfig:
     def __post_init__(self) -> None:
         _check(self, "propagation", [
             ("alpha", 0.0 < self.alpha < 1.0, "in (0, 1)"),
+            ("balance_prior", self.balance_prior in BALANCE_PRIORS,
+             f"one of {', '.join(BALANCE_PRIORS)}"),
             ("tol", self.tol > 0, "> 0"), ("max_iter", self.max_iter >= 1, ">= 1"),
             ("tau_hat", self.tau_hat <= 0, "<= 0 (energies are negative)"),
             ("threads", self.threads >= 0, ">= 0"),

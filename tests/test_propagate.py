@@ -11,11 +11,11 @@ import pytest
 import scipy.sparse as sp
 
 from speler.config import GraphConfig, PropagationConfig
-from speler.errors import DataFormatError, LabelError
+from speler.errors import ConfigError, DataFormatError, LabelError
 from speler.graph.knn import affinity, build_knn
 from speler.graph.propagate import (
     PropagationWarning, balance_weights, class_thresholds, combine, energy_from_scores,
-    estimate_prior, normalized_operator, propagate, spectral_balance,
+    estimate_prior, label_prior, normalized_operator, propagate, spectral_balance,
 )
 
 def _problem(n=300, C=4, seed=0, spread=1.2, labeled=24):
@@ -59,12 +59,15 @@ def test_plain_propagation_equals_dense_closed_form(alpha):
     assert np.abs(r.scores - M).max() <= 1e-5 * np.abs(M).max()
 
 
-def test_balanced_propagation_equals_dense_closed_form():
+@pytest.mark.parametrize("balance_prior", ["labels", "predictions"])
+def test_balanced_propagation_equals_dense_closed_form(balance_prior):
     _, y, W, labels = _problem(seed=2)
+    labels = np.where((labels == 0) & (np.arange(300) % 2 == 0), -1, labels)  # class 0 under-seeded
     pred = np.where(labels >= 0, -1, (y + (np.arange(300) % 7 == 0)) % 4)  # imperfect predictions
-    cfg = PropagationConfig(alpha=0.9, tol=1e-8, max_iter=1000)
+    cfg = PropagationConfig(alpha=0.9, tol=1e-8, max_iter=1000, balance_prior=balance_prior)
     r = propagate(W, labels, num_classes=4, config=cfg, predictions=pred)
-    p = estimate_prior(labels, pred, 4)
+    p = label_prior(labels, 4) if balance_prior == "labels" else estimate_prior(labels, pred, 4)
+    assert not np.allclose(label_prior(labels, 4), estimate_prior(labels, pred, 4), atol=0.02)
     who = np.where(labels >= 0, labels, pred)
     M = _dense_solution(_dense_normalized(W, p[who] ** -0.5), labels, 4, 0.9)
     np.testing.assert_allclose(r.prior, p, rtol=1e-6)
@@ -103,6 +106,30 @@ def test_prior_counts_labels_and_predictions_once():
     p = estimate_prior(labels, pred, 4)
     # class 0: 2 labels + 3 predicted, class 1: 1 label, class 2: 1 predicted, class 3: 0 -> 0.5
     np.testing.assert_allclose(p, np.array([5, 1, 1, 0.5]) / 7.5)
+
+
+def test_label_prior_is_the_share_of_human_labels():
+    labels = np.array([0, 0, 0, 1, -1, -1, -1, -1])
+    np.testing.assert_allclose(label_prior(labels, 3), np.array([3, 1, 0.5]) / 4.5)
+    np.testing.assert_allclose(label_prior(np.full(5, -1), 4), np.full(4, 0.25))
+
+
+def test_balance_prior_choice_sets_the_node_weights():
+    # class 1 gets as many labels as class 0 though it has half its samples: by the label share
+    # both weigh the same; by the predictions (class sizes) class 1 is boosted
+    _, y, W, _ = _problem(seed=3, C=2)
+    labels = np.full(len(y), -1)
+    for c in (0, 1):
+        labels[np.flatnonzero(y == c)[:6]] = c
+    by_labels = spectral_balance(W, labels, num_classes=2,
+                                 config=PropagationConfig(balance_prior="labels"))[0]
+    by_pred = spectral_balance(W, labels, num_classes=2,
+                               config=PropagationConfig(balance_prior="predictions"))[0]
+    lab0, lab1 = labels == 0, labels == 1
+    np.testing.assert_allclose(by_labels[lab1], by_labels[lab0])
+    assert by_pred[lab1].mean() > 1.2 * by_pred[lab0].mean()
+    with pytest.raises(ConfigError, match="balance_prior"):
+        PropagationConfig(balance_prior="truth")
 
 
 def test_energy_matches_direct_computation():

@@ -19,8 +19,9 @@ def _graph(n=500, seed=0):
     x = rng.standard_normal((5, 12))[y] * 1.2 + rng.standard_normal((n, 12))
     W = affinity(build_knn(x, config=GraphConfig(use_gpu=False), k=8))
     labels = np.full(n, -1)
-    for c in range(5):
-        labels[np.flatnonzero(y == c)[:3]] = c
+    for c in range(5):  # labels in proportion to the classes (as the balance by labels expects)
+        members = np.flatnonzero(y == c)
+        labels[members[:max(1, len(members) // 16)]] = c
     return W, labels
 
 
