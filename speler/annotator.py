@@ -269,10 +269,10 @@ class Annotator:
             return {}
         points: dict[int, dict] = {}
         for r in self.project.store.rounds():
-            m = r.metrics or {}
-            q = (m.get("quality") or {}).get("propagated")
-            if r.status == "done" and q and m.get("human_labels") is not None:
-                points[int(m["human_labels"])] = q
+            m = r.metrics
+            q = None if m is None or m.quality is None else m.quality.propagated
+            if r.status == "done" and q is not None and m.human_labels is not None:
+                points[int(m.human_labels)] = q.to_json()
         state = self.state()
         if state is not None:
             points[int((state.human >= 0).sum())] = label_quality(

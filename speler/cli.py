@@ -327,11 +327,11 @@ def _run_round(args: argparse.Namespace) -> int:
         m = res.metrics
         _out(f"round {res.round:03d} done in {res.seconds:.1f} s "
              f"({', '.join(f'{k} {v:.1f} s' for k, v in res.stage_seconds.items())})",
-             f"human labels {m['human_labels']}, reliable pseudo-labels {m['reliable']} of {m['n']}")
-        q = m.get("quality", {}).get("propagated")
-        if q:
-            _out(f"on held-out truth (unlabeled samples): accuracy {q['accuracy']:.3f}, "
-                 f"macro-F1 {q['macro_f1']:.3f}, tail recall {q['tail_recall']:.3f}")
+             f"human labels {m.human_labels}, reliable pseudo-labels {m.reliable} of {m.n}")
+        q = m.quality.propagated if m.quality is not None else None
+        if q is not None:
+            _out(f"on held-out truth (unlabeled samples): accuracy {q.accuracy:.3f}, "
+                 f"macro-F1 {q.macro_f1:.3f}, tail recall {q.tail_recall:.3f}")
         _print_suggestions(project, res.suggestions)
     return EXIT_OK
 

@@ -95,6 +95,7 @@ class TrainConfig:
 class ViewsConfig:
     plain_weight: float = 0.25  # weight of the plain-feature graph in the floor (0 = left out)
     rocket_weight: float = 1.0  # weight of the random-kernel graph in the floor (0 = left out)
+    rocket_diff_weight: float = 0.5  # weight of the random-kernel graph of the first differences
     dim: int = 128  # PCA dimensions of each label-free view
     rocket_features: int = 10_000  # random-kernel PPV features before PCA
     network: str = "auto"  # "auto": joins the graph when cross-fitted labels say it helps;
@@ -110,7 +111,8 @@ class ViewsConfig:
     @property
     def floor_weights(self) -> dict[str, float]:
         """{label-free view: its share of the floor} for the views with a weight > 0 (sums to 1)."""
-        wanted = {"plain": self.plain_weight, "rocket": self.rocket_weight}
+        wanted = {"plain": self.plain_weight, "rocket": self.rocket_weight,
+                  "rocket_diff": self.rocket_diff_weight}
         total = sum(w for w in wanted.values() if w > 0)
         return {v: w / total for v, w in wanted.items() if w > 0}
 
@@ -118,8 +120,9 @@ class ViewsConfig:
         _check(self, "views", [
             ("plain_weight", self.plain_weight >= 0, ">= 0"),
             ("rocket_weight", self.rocket_weight >= 0, ">= 0"),
-            ("rocket_weight", self.plain_weight + self.rocket_weight > 0,
-             "> 0 when plain_weight is 0 (the floor needs a view)"),
+            ("rocket_diff_weight", self.rocket_diff_weight >= 0, ">= 0"),
+            ("rocket_weight", self.plain_weight + self.rocket_weight + self.rocket_diff_weight > 0,
+             "> 0 when the other view weights are 0 (the floor needs a view)"),
             ("dim", self.dim >= 2, ">= 2"),
             ("rocket_features", self.rocket_features >= 84, ">= 84 (one per kernel)"),
             ("network", self.network in ("auto", "always", "never"), "'auto', 'always' or 'never'"),

@@ -2,7 +2,8 @@
 
 The app's "Server path" import reads whatever path a browser user types, so it is limited to the
 data folders named in ``$SPELER_DATA_DIRS`` (separated by ``os.pathsep``, ``:`` on Linux). Unset,
-they are the repository's ``sample_data/`` and ``../shared/data`` beside the repository when it
+they are the bundled samples' folder (``speler.data.samples.SAMPLE_DIR``: the repository's
+``sample_data/``, or the installed package's) and ``../shared/data`` beside the repository when it
 exists; set but empty, no server path is allowed (uploads still are). Paths are compared after
 resolving symbolic links and ``..``, so neither leads out of an allowed folder. The command line
 reads any path its user can: it runs with that user's rights already.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from speler.data.samples import SAMPLE_DIR
 from speler.errors import AccessError
 
 ENV = "SPELER_DATA_DIRS"
@@ -25,7 +27,7 @@ def data_dirs() -> list[Path]:
     if env is not None:
         raw = [Path(p).expanduser() for p in env.split(os.pathsep) if p.strip()]
     else:
-        raw = [_REPO / "sample_data", _REPO.parent / "shared" / "data"]
+        raw = [SAMPLE_DIR, _REPO.parent / "shared" / "data"]
     return [p.resolve() for p in raw if p.is_dir()]
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from speler.errors import LabelError, StoreError
+from speler.round_metrics import RoundMetrics
 from speler.system import pid_alive, this_host
 
 logger = logging.getLogger(__name__)
@@ -178,7 +179,8 @@ class UndoResult:
 
 @dataclass(frozen=True)
 class RoundInfo:
-    """One row of ``rounds``; metrics and config are the decoded JSON (None until written).
+    """One row of ``rounds``; metrics_json and config are the decoded JSON (None until written),
+    ``metrics`` is metrics_json read as ``RoundMetrics`` (any version's; None until written).
 
     status: 'running', 'done', 'failed', or 'interrupted' for a round stored as running whose
     process (``pid`` on ``host``) is gone; ``reason`` then says so. Nothing is written for that:
@@ -189,11 +191,15 @@ class RoundInfo:
     status: str
     started: str
     finished: str | None
-    metrics: dict[str, Any] | None
+    metrics_json: dict[str, Any] | None
     config: dict[str, Any] | None
     reason: str | None
     pid: int | None = None
     host: str | None = None
+
+    @property
+    def metrics(self) -> RoundMetrics | None:
+        return RoundMetrics.from_json(self.metrics_json) if self.metrics_json else None
 
 
 @dataclass
@@ -790,7 +796,7 @@ class LabelStore:
                 reason = (f"process {pid} that ran it has ended (killed or crashed); the next round"
                           " starts it again")
             out.append(RoundInfo(no=r[0], status=status, started=r[2], finished=r[3],
-                                 metrics=None if r[4] is None else json.loads(r[4]),
+                                 metrics_json=None if r[4] is None else json.loads(r[4]),
                                  config=None if r[5] is None else json.loads(r[5]), reason=reason,
                                  pid=pid, host=r[8]))
         return out

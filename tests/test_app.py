@@ -459,7 +459,7 @@ def test_round_page_says_what_training_did_without_nan(trained, home):
                        "judgement": judgement}
             p.store.write_round_propagation(no, np.zeros(n, dtype=np.int64), np.zeros(n),
                                             np.zeros(n), metrics=metrics, config={})
-        assert np.isnan(p.store.rounds()[-1].metrics["train"]["best_metric"])
+        assert np.isnan(p.store.rounds()[-1].metrics.train.best_metric)
     at = _page(_app(), "project")
     at.selectbox(key="pick_project").select("fewlabels").run()
     at = _page(at, "round")

@@ -341,7 +341,7 @@ def test_rounds_lifecycle(store):
                                   metrics={"f1": np.float32(0.5), "per_class": np.arange(2)},
                                   config={"train": {"lr": 1e-3}})
     (info,) = store.rounds()
-    assert info.status == "done" and info.metrics == {"f1": 0.5, "per_class": [0, 1]}
+    assert info.status == "done" and info.metrics_json == {"f1": 0.5, "per_class": [0, 1]}
     assert info.config == {"train": {"lr": 1e-3}}
     assert store.begin_round() == 1
     assert store.begin_round() == 1, "a round left running (crash) is taken over"
@@ -406,7 +406,7 @@ def test_migrates_a_version_1_file(tmp_path):
         cur = s.current_labels()
         assert cur.label.tolist() == [1, 0, -1]
         assert cur.source.tolist() == ["propagated", "human", "none"]
-        assert s.rounds()[0].reason is None and s.rounds()[0].metrics == {"f1": 0.4}
+        assert s.rounds()[0].reason is None and s.rounds()[0].metrics_json == {"f1": 0.4}
         assert s.undo().restored == "y"
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -106,19 +106,18 @@ def _simulation() -> None:
 
 def _views_section() -> None:
     """The views in the round's graph, and the cross-fitted judgement of the network."""
-    m = live.metrics or {}
     st.markdown("Views in the graph and their weights: " + ", ".join(
         f"**{v}** {w:.2f}" for v, w in live.weights.items()))
-    j = m.get("judgement")
-    if not j:
+    j = None if live.metrics is None else live.metrics.judgement
+    if j is None:
         return
-    st.markdown(f"Network ({j['mode']}): {j['reason']}.")
-    if j.get("folds"):
-        rows = [{"fold": str(i + 1), "held-out human labels": f["held_out"],
-                 "floor": f["floor"], "floor + network": f["with_network"]}
-                for i, f in enumerate(j["folds"])]
-        rows.append({"fold": "all, pooled", "held-out human labels": j.get("held_out"),
-                     "floor": j.get("floor"), "floor + network": j.get("with_network")})
+    st.markdown(f"Network ({j.mode}): {j.reason}.")
+    if j.folds:
+        rows = [{"fold": str(i + 1), "held-out human labels": f.held_out,
+                 "floor": f.floor, "floor + network": f.with_network}
+                for i, f in enumerate(j.folds)]
+        rows.append({"fold": "all, pooled", "held-out human labels": j.held_out,
+                     "floor": j.floor, "floor + network": j.with_network})
         st.dataframe(pd.DataFrame(rows), hide_index=True,
                      column_config={c: st.column_config.NumberColumn(format="%.3f")
                                     for c in ("floor", "floor + network")})

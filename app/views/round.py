@@ -12,6 +12,7 @@ import streamlit as st
 from app import state
 from speler.config import apply_overrides
 from speler.errors import SpelerError
+from speler.round_metrics import LabelQuality, RoundMetrics
 from speler.selection import STRATEGIES
 from speler.train import MIN_HOLDOUT
 
@@ -106,35 +107,39 @@ def _outcome(job: state.Job) -> None:
     elif job.result is not None:
         res = job.result
         m = res.metrics
-        st.success(f"Round {res.round} done in {res.seconds:.0f} s: {m.get('human_labels', '?')} human "
-                   f"labels, {m.get('reliable', '?')} reliable propagated labels, "
+        st.success(f"Round {res.round} done in {res.seconds:.0f} s: {_or_unknown(m.human_labels)} "
+                   f"human labels, {_or_unknown(m.reliable)} reliable propagated labels, "
                    f"{len(res.suggestions)} suggestions.")
         st.page_link("views/label.py", label="Label the suggestions", icon=":material/label:")
 
 
-def _network_words(m: dict) -> str:
+def _or_unknown(value) -> str:
+    return "?" if value is None else str(value)
+
+
+def _network_words(m: RoundMetrics) -> str:
     """What happened to the round's network, in words (no NaN: a missing number is explained)."""
-    train, j = m.get("train"), m.get("judgement") or {}
-    why = str(j.get("reason") or "")
+    train, j = m.train, m.judgement
+    why = "" if j is None else j.reason
     for head in ("joins: ", "stays out: "):
         why = why[len(head):] if why.startswith(head) else why
-    if not train:
+    if train is None:
         return (f"No network was trained ({why or 'none was asked for'}): the round used the "
                 "label-free views alone.")
-    best, epochs = train.get("best_metric"), train.get("epochs")
+    best, epochs = train.best_metric, train.epochs
     finite = isinstance(best, (int, float)) and math.isfinite(best)
-    if j.get("epochs") and finite:
+    if j is not None and j.epochs and finite:
         fit = (f"The network trained {epochs} epochs, the count that did best on held-out human "
                f"labels in cross-fitting (balanced accuracy {best:.3f}).")
     elif finite:
-        fit = (f"The network trained {epochs} epochs and kept epoch {train.get('best_epoch')} "
+        fit = (f"The network trained {epochs} epochs and kept epoch {train.best_epoch} "
                f"(balanced accuracy {best:.3f} on held-out human labels).")
     else:
         fit = (f"The network trained all {epochs} epochs: early stopping needs at least "
                f"{MIN_HOLDOUT} held-out human labels.")
-    if not j:
+    if j is None:
         return fit
-    where = "joins the graph" if j.get("joined") else "stays out of the graph"
+    where = "joins the graph" if j.joined else "stays out of the graph"
     return f"{fit} It {where}" + (f": {why}." if why else ".")
 
 
@@ -210,20 +215,20 @@ with right:
     else:
         rows = []
         for r in rounds:
-            m = r.metrics or {}
-            q = (m.get("quality") or {}).get("propagated") or {}
-            j = m.get("judgement")
+            m = r.metrics or RoundMetrics()  # none: a round that measured nothing
+            q = (m.quality.propagated if m.quality is not None else None) or LabelQuality()
+            j = m.judgement
             status, note = _status(r)
             rows.append({
                 "round": r.no, "status": status,
-                "human labels": _cell(m.get("human_labels"), "{:,}"),
-                "reliable": _cell(m.get("reliable"), "{:,}"),
-                "accuracy": _cell(q.get("accuracy"), "{:.3f}"),
-                "macro-F1": _cell(q.get("macro_f1"), "{:.3f}"),
-                "tail recall": _cell(q.get("tail_recall"), "{:.3f}"),
-                "network": "" if not j else "not trained" if not m.get("train") else (
-                    "joined" if j.get("joined") else "stayed out"),
-                "seconds": _cell(m.get("seconds"), "{:.0f}"),
+                "human labels": _cell(m.human_labels, "{:,}"),
+                "reliable": _cell(m.reliable, "{:,}"),
+                "accuracy": _cell(q.accuracy, "{:.3f}"),
+                "macro-F1": _cell(q.macro_f1, "{:.3f}"),
+                "tail recall": _cell(q.tail_recall, "{:.3f}"),
+                "network": "" if j is None else "not trained" if m.train is None else (
+                    "joined" if j.joined else "stayed out"),
+                "seconds": _cell(m.seconds, "{:.0f}"),
                 "finished": (r.finished or "")[:19].replace("T", " "),
                 "note": note,
             })
@@ -232,9 +237,9 @@ with right:
         table = pd.DataFrame(rows)
         table = table[[c for c in table.columns if (table[c].astype(str) != "").any()]]
         st.dataframe(table, hide_index=True, width="stretch")
-        done = [r for r in rounds if r.status == "done" and r.metrics]
+        done = [r for r in rounds if r.status == "done" and r.metrics is not None]
         if done:  # what the network did, said once: here, beside the table
             st.caption(f"Round {done[-1].no}: {_network_words(done[-1].metrics)}")
-        if any((r.metrics or {}).get("quality") for r in rounds):
+        if any(r.metrics is not None and r.metrics.quality is not None for r in rounds):
             st.caption("Accuracy, macro-F1 and tail recall of the propagated labels of unlabeled "
                        "samples, against held-out truth the dataset carries (evaluation only).")

@@ -1,6 +1,7 @@
 """The bundled datasets the app opens with nothing to configure.
 
-Two samples live in ``sample_data/`` (each folder's README says where it came from and its licence):
+Two samples live in ``sample_data/`` (each folder's README says where it came from and its licence),
+installed with the package as the data package ``speler.sample_data`` (see ``SAMPLE_DIR``):
 
 - ``synthetic_actions`` (default): skeleton sequences made by SpeLER's own kinematic generator
   (:mod:`speler.data.kinematics`), long-tailed over 11 actions with a few labels per class.
@@ -13,6 +14,7 @@ evaluation and simulated annotation only).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,31 @@ from pathlib import Path
 from speler.data.schema import SequenceSet
 from speler.errors import DataFormatError
 
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample_data"
+SAMPLE_PACKAGE = "speler.sample_data"  # pyproject.toml maps it to the repository's sample_data/
+_CHECKOUT_SAMPLES = Path(__file__).resolve().parents[2] / "sample_data"
+
+
+def _sample_dir() -> Path:
+    """The folder of the bundled samples: the package ``speler.sample_data`` wherever the
+    imported ``speler`` has it (installed from a wheel: site-packages/speler/sample_data; an
+    editable install: the checkout's sample_data/), else the source checkout's sample_data/
+    (running from the repository, where ``speler/`` has no such package).
+
+    Found through the import system, not ``importlib.resources.files``: sample_data/ has no
+    ``__init__.py``, so the package is a namespace package, for which ``files()`` answers a
+    ``MultiplexedPath`` rather than a folder, and the loaders need real files (``np.load``, the
+    ``.ts`` reader globbing a folder); a wheel installs as files on disk."""
+    try:
+        spec = importlib.util.find_spec(SAMPLE_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    for place in (spec.submodule_search_locations or []) if spec is not None else []:
+        if Path(place).is_dir():
+            return Path(place)
+    return _CHECKOUT_SAMPLES
+
+
+SAMPLE_DIR = _sample_dir()
 DEFAULT_SAMPLE = "synthetic_actions"
 
 # basicmotions: the long-tail protocol applied to the 80 cases (20 per class)
