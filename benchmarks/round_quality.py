@@ -6,7 +6,8 @@
 For each set, setting (long-tail protocol π, labeled share γ) and seed, on the same split:
   LabelSpreading   scikit-learn LabelSpreading(kernel="knn", n_neighbors=10) on the plain view
                    (the baseline a person gets from off-the-shelf tools)
-  plain, rocket    the library's propagation on one label-free view (``speler.features``)
+  plain, rocket,   the library's propagation on one label-free view (``speler.features``)
+  rocket_diff
   plain+rocket 1:1 both views' normalised graphs summed with equal weights
   floor            the round's floor: the views summed with the default weights (ViewsConfig)
   round 0          a default round end to end in memory (``speler.loop.build_state``: views,
@@ -45,10 +46,11 @@ from sklearn.semi_supervised import LabelSpreading  # noqa: E402
 from speler.config import Config  # noqa: E402
 from speler.data.protocol import make_partial  # noqa: E402
 from speler.data.transforms import preprocess  # noqa: E402
+from speler.features import VIEWS  # noqa: E402
 from speler.formats import read  # noqa: E402
 from speler.graph.knn import affinity, build_knn, combine_affinities  # noqa: E402
 from speler.graph.propagate import propagate  # noqa: E402
-from speler.loop import NETWORK, build_state, with_network  # noqa: E402
+from speler.loop import NETWORK, build_state, floor_weights, with_network  # noqa: E402
 from speler.metrics import label_quality  # noqa: E402
 from speler.selection import STRATEGIES  # noqa: E402
 from speler.simulate import simulate  # noqa: E402
@@ -83,12 +85,11 @@ def run_one(ds, cfg: Config, rounds: int) -> dict:
                           held_out=float(built.judgement.held_out),
                           judge_floor=built.judgement.floor,
                           judge_network=built.judgement.with_network)
-    views = {v: built.state.embeddings[v] for v in ("plain", "rocket")
-             if v in built.state.embeddings}
+    views = {v: built.state.embeddings[v] for v in VIEWS if v in built.state.embeddings}
     W = {v: affinity(build_knn(e, config=cfg.graph), gamma=cfg.graph.gamma) for v, e in views.items()}
     for v in W:
         out[v] = quality(ds, propagate(W[v], y, num_classes=C, config=cfg.propagation).labels)
-    if len(W) == 2:
+    if {"plain", "rocket"} <= W.keys():
         both = combine_affinities([(W["plain"], 1.0), (W["rocket"], 1.0)])
         out["plain+rocket 1:1"] = quality(ds, propagate(both, y, num_classes=C,
                                                         config=cfg.propagation).labels)
@@ -97,7 +98,7 @@ def run_one(ds, cfg: Config, rounds: int) -> dict:
         out["LabelSpreading"] = quality(ds, label_spreading(views["plain"], y))
     if NETWORK in built.state.embeddings:
         vc = cfg.views
-        parts = [(W[v], w) for v, w in vc.floor_weights.items()]
+        parts = [(W[v], w) for v, w in floor_weights(cfg, views).items()]
         net_W = affinity(build_knn(built.state.embeddings[NETWORK], config=cfg.graph),
                          gamma=cfg.graph.gamma)
         forced = with_network(parts, net_W, vc.network_weight)
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{s} simulation seed={seed} budget={budget}: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in sim.auc.items()), flush=True)
 
-    rows = ["LabelSpreading", "plain", "rocket", "plain+rocket 1:1", "floor", "network forced",
+    rows = ["LabelSpreading", "plain", "rocket", "rocket_diff", "plain+rocket 1:1", "floor", "network forced",
             "round 0"] + [f"round {r}" for r in range(1, args.rounds + 1)]
     summary: dict = {"by_setting": {}, "rows": {}}
     print(f"\nmacro-F1 on unlabeled samples, mean over seeds (and settings for 'all'), "

@@ -46,6 +46,10 @@ from speler.graph.knn import (
 from speler.graph.propagate import PropagationResult, propagate
 from speler.metrics import label_quality
 from speler.project import Project
+from speler.round_metrics import (
+    FoldScore, JudgementMetrics, KnnMetrics, LabelQuality, PropagationMetrics, QualityMetrics,
+    RoundMetrics, TrainMetrics,
+)
 from speler.train import embed, fit, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -78,7 +82,7 @@ class LoopState:
     affinity: sp.csr_matrix
     result: PropagationResult
     human: np.ndarray
-    metrics: dict = field(default_factory=dict)
+    metrics: RoundMetrics | None = None  # the round's, as it saved them
 
     @property
     def model_predictions(self) -> np.ndarray:
@@ -110,7 +114,7 @@ class Judgement:
 @dataclass
 class RoundResult:
     round: int
-    metrics: dict
+    metrics: RoundMetrics
     suggestions: list
     seconds: float
     stage_seconds: dict[str, float]
@@ -170,10 +174,11 @@ def run_round(
         built.stage_seconds["suggest"] = time.perf_counter() - t0
         report("suggest", 1, 1)
 
-        metrics = _round_metrics(ds, human, built)
-        metrics["seconds"] = time.perf_counter() - started
+        metrics = dataclasses.replace(_round_metrics(ds, human, built),
+                                      seconds=time.perf_counter() - started)
         state.metrics = metrics
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+        (tmp / "metrics.json").write_text(
+            json.dumps(metrics.to_json(), indent=2, default=_json_default))
         (tmp / "config.json").write_text(cfg.to_json())
         (tmp / "suggestions.json").write_text(json.dumps(
             [s.__dict__ for s in suggestions], indent=2, default=_json_default))
@@ -182,7 +187,8 @@ def run_round(
         project.finish_round_dir(no)
         res = state.result
         store.write_round_propagation(
-            no, res.labels, res.energy, res.margin, metrics=metrics, config=cfg.to_dict(),
+            no, res.labels, res.energy, res.margin, metrics=metrics.to_json(),
+            config=cfg.to_dict(),
         )
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -220,7 +226,8 @@ def build_state(
     """Everything a round computes before suggestions, in memory (rounds and simulations share it).
 
     1. label-free views → kNN graph each → the floor: their normalised affinities summed with
-       ``views.plain_weight`` / ``views.rocket_weight``, propagated from the human labels;
+       ``views.plain_weight`` / ``rocket_weight`` / ``rocket_diff_weight``, propagated from the
+       human labels;
     2. unless ``views.network`` is "never", or "auto" with too few labels to judge it (then it
        could never join, and is not trained): the network is trained on the human labels plus the
        reliable, energy-weighted pseudo-labels of the floor (of ``previous``'s result in later
@@ -235,9 +242,9 @@ def build_state(
     C = ds.num_classes
 
     t0 = time.perf_counter()
-    wanted = vc.floor_weights
     if views is None:
         views = floor_views(ds, config, progress=lambda d, t: report("views", d, t))
+    wanted = floor_weights(config, views)
     stage_seconds["views"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -346,6 +353,18 @@ def floor_views(ds, config: Config, *,
                             rocket_features=vc.rocket_features, seed=vc.seed, progress=progress)
 
 
+def floor_weights(config: Config, views: dict[str, np.ndarray]) -> dict[str, float]:
+    """{view: share of the floor} over the views of ``views.floor_weights`` that ``views`` holds
+    (a view can be left out, e.g. differences of single-frame samples), summing to 1."""
+    wanted = {v: w for v, w in config.views.floor_weights.items() if v in views}
+    if not wanted:
+        raise LabelError(f"no label-free view to build the floor from: the config asks for "
+                         f"{', '.join(config.views.floor_weights)}, the data gave "
+                         f"{', '.join(views) or 'none'}")
+    total = sum(wanted.values())
+    return {v: w / total for v, w in wanted.items()}
+
+
 def crossfit_epochs(curves: list[list[float]], *, minimum: int = 1) -> tuple[int, float]:
     """(epochs, score): the epoch count whose held-out balanced accuracy, averaged over the folds'
     learning curves and smoothed over 3 epochs, is highest (the latest of equals: training longer
@@ -448,44 +467,45 @@ def pseudo_labels(result: PropagationResult, human: np.ndarray) -> tuple[np.ndar
     return pseudo, weights
 
 
-def _round_metrics(ds, human, built: BuiltState) -> dict:
+def _round_metrics(ds, human, built: BuiltState) -> RoundMetrics:
+    """What the round measured (its ``seconds`` are set by ``run_round``, which times it all)."""
     state, fitted, j = built.state, built.fitted, built.judgement
     res = state.result
     counts = np.bincount(human[human >= 0], minlength=ds.num_classes)
-    metrics: dict = {
-        "round": state.round,
-        "n": ds.n,
-        "human_labels": int((human >= 0).sum()),
-        "human_per_class": dict(zip(ds.classes, counts.tolist())),
-        "predicted_per_class": dict(zip(ds.classes, np.bincount(res.labels, minlength=ds.num_classes).tolist())),
-        "reliable": int(res.reliable.sum()),
-        "stage_seconds": dict(built.stage_seconds),
-        "views": dict(state.weights),
-        "judgement": {"mode": j.mode, "joined": j.joined, "reason": j.reason,
-                      "held_out": j.held_out, "floor": j.floor, "with_network": j.with_network,
-                      "folds": [{k: v for k, v in f.items() if not isinstance(v, np.ndarray)}
-                                for f in j.folds], "seconds": j.seconds,
-                      "curve": j.curve, "epochs": j.epochs},
-        "train": None if fitted is None else {
-            "best_epoch": fitted.best_epoch, "best_metric": fitted.best_metric,
-            "device": fitted.device, "seconds": fitted.seconds, "epochs": len(fitted.history),
-            "warm_started": fitted.warm_started},
-        "propagation": {"iterations": res.iterations, "converged": bool(res.converged),
-                        "residual": float(res.residual)},
-        "knn": {v: {"method": g.method, "recall": g.recall, "k": int(g.indices.shape[1])}
-                for v, g in state.graphs.items() if v != "combined"},
-    }
+    quality = None
     if ds.y_true is not None:
         unlabeled = human < 0
-        q = {"propagated": label_quality(ds.y_true, res.labels, num_classes=ds.num_classes,
-                                         mask=unlabeled),
-             "floor": label_quality(ds.y_true, built.floor.labels, num_classes=ds.num_classes,
-                                    mask=unlabeled)}
-        if fitted is not None:
-            q["model"] = label_quality(ds.y_true, state.model_predictions,
-                                       num_classes=ds.num_classes, mask=unlabeled)
-        metrics["quality"] = q
-    return metrics
+
+        def q(pred: np.ndarray) -> LabelQuality:
+            return LabelQuality.from_json(label_quality(ds.y_true, pred, num_classes=ds.num_classes,
+                                                        mask=unlabeled))
+
+        quality = QualityMetrics(
+            propagated=q(res.labels), floor=q(built.floor.labels),
+            model=None if fitted is None else q(state.model_predictions))
+    return RoundMetrics(
+        round=state.round,
+        n=ds.n,
+        human_labels=int((human >= 0).sum()),
+        human_per_class=dict(zip(ds.classes, counts.tolist())),
+        predicted_per_class=dict(zip(ds.classes, np.bincount(res.labels, minlength=ds.num_classes).tolist())),
+        reliable=int(res.reliable.sum()),
+        stage_seconds=dict(built.stage_seconds),
+        views=dict(state.weights),
+        judgement=JudgementMetrics(
+            mode=j.mode, joined=j.joined, reason=j.reason, held_out=j.held_out, floor=j.floor,
+            with_network=j.with_network,
+            folds=tuple(FoldScore.from_json(f) for f in j.folds), seconds=j.seconds,
+            curve=tuple(j.curve), epochs=j.epochs),
+        train=None if fitted is None else TrainMetrics(
+            best_epoch=fitted.best_epoch, best_metric=fitted.best_metric, device=fitted.device,
+            seconds=fitted.seconds, epochs=len(fitted.history), warm_started=fitted.warm_started),
+        propagation=PropagationMetrics(iterations=res.iterations, converged=bool(res.converged),
+                                       residual=float(res.residual)),
+        knn={v: KnnMetrics(method=g.method, recall=g.recall, k=int(g.indices.shape[1]))
+             for v, g in state.graphs.items() if v != "combined"},
+        quality=quality,
+    )
 
 
 def _save_state(folder: Path, state: LoopState) -> None:
@@ -570,7 +590,7 @@ def read_state(project: Project, no: int) -> LoopState | None:
                             for v, w in weights.items()])
     embeddings["combined"] = _combined_embedding(embeddings, weights)
     graphs["combined"] = strongest_neighbours(W, cfg.graph.k)
-    metrics = json.loads((d / "metrics.json").read_text())
+    metrics = RoundMetrics.from_json(json.loads((d / "metrics.json").read_text()))
     return LoopState(
         round=no, embeddings=embeddings, probs=probs, graphs=graphs, weights=weights, affinity=W,
         result=result, human=human, metrics=metrics,

@@ -63,7 +63,7 @@ def test_rocket_view_separates_what_plain_features_cannot():
 def test_views_of_skeletons_and_series_are_unit_rows():
     for ds in (make_skeleton_set(), make_series_set()):
         views = label_free_views(ds.x, dim=16, rocket_features=500)
-        assert set(views) == {"plain", "rocket"}
+        assert set(views) == {"plain", "rocket", "rocket_diff"}
         for v in views.values():
             assert v.dtype == np.float32 and v.shape[0] == ds.n and v.shape[1] <= 16
             np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
@@ -111,16 +111,33 @@ def test_bad_input_names_the_sample():
         label_free_views(x, views=("fancy",))
 
 
+def test_difference_view_differs_from_rocket_and_is_left_out_of_single_frames(caplog):
+    ds = make_series_set()
+    views = label_free_views(ds.x, dim=16, rocket_features=500, views=("rocket", "rocket_diff"))
+    assert not np.allclose(views["rocket"], views["rocket_diff"])
+    # a constant offset per sample moves the raw series, not its differences
+    shifted = ds.x + np.arange(ds.n, dtype=np.float32)[:, None, None, None, None]
+    again = label_free_views(shifted, dim=16, rocket_features=500, views=("rocket_diff",))
+    np.testing.assert_allclose(again["rocket_diff"], views["rocket_diff"], atol=1e-4)
+    single = ds.x[:, :, :1]
+    with caplog.at_level("WARNING"):
+        out = label_free_views(single, dim=8, rocket_features=200)
+    assert set(out) == {"plain", "rocket"} and "rocket_diff left out" in caplog.text
+
+
 def test_views_config_is_checked_when_built():
     with pytest.raises(ConfigError, match=r"views.network must be 'auto', 'always' or 'never', got 'maybe'"):
         ViewsConfig(network="maybe")
     with pytest.raises(ConfigError, match="views.plain_weight must be >= 0"):
         apply_overrides(Config(), ["views.plain_weight=-1"])
     with pytest.raises(ConfigError, match="views.rocket_weight"):
-        ViewsConfig(plain_weight=0.0, rocket_weight=0.0)
+        ViewsConfig(plain_weight=0.0, rocket_weight=0.0, rocket_diff_weight=0.0)
     assert apply_overrides(Config(), ["views.network=never"]).views.network == "never"
-    assert ViewsConfig().floor_weights == pytest.approx({"plain": 0.2, "rocket": 0.8})
-    assert ViewsConfig(plain_weight=0.0).floor_weights == {"rocket": 1.0}
+    assert ViewsConfig().floor_weights == pytest.approx(
+        {"plain": 0.25 / 1.75, "rocket": 1 / 1.75, "rocket_diff": 0.5 / 1.75})
+    assert ViewsConfig(plain_weight=0.0, rocket_diff_weight=0.0).floor_weights == {"rocket": 1.0}
+    with pytest.raises(ConfigError, match="views.rocket_diff_weight must be >= 0"):
+        ViewsConfig(rocket_diff_weight=-0.5)
 
 
 def _ring(n: int, seed: int) -> sp.csr_matrix:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,8 +18,9 @@ from speler.data.protocol import make_partial
 from speler.data.samples import load_sample
 from speler.errors import CancelledError, LabelError, ProjectError
 from speler.annotator import Annotator
-from speler.loop import latest_complete_round, run_round
+from speler.loop import latest_complete_round, read_state, run_round
 from speler.project import Project
+from speler.round_metrics import RoundMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -79,8 +81,8 @@ def test_round_on_real_data_writes_everything(natops_round):
     assert np.isfinite(cur.energy[human < 0]).all()
     np.testing.assert_array_equal(cur.label[human >= 0], human[human >= 0])
     # quality on the held-out truth is far above chance (6 classes)
-    q = res.metrics["quality"]["propagated"]
-    assert q["accuracy"] > 0.5, q
+    q = res.metrics.quality.propagated
+    assert q.accuracy > 0.5, q
     # suggestions: ranked, unlabeled, with a reason
     assert 0 < len(res.suggestions) <= project.config.selection.batch
     assert all(human[s.index] < 0 and s.reason for s in res.suggestions)
@@ -134,6 +136,17 @@ def test_failed_round_leaves_store_and_folders_as_they_were(tmp_path):
     res = run_round(project)
     assert latest_complete_round(project) == res.round
     assert project.round_dir(res.round).is_dir()
+    # what it measured, typed; the store and the round's folder hand back the same
+    m = res.metrics
+    assert isinstance(m, RoundMetrics) and m.round == res.round and m.n == project.data.n
+    assert m.human_labels == int((human >= 0).sum()) and m.seconds > 0
+    assert m.judgement is not None and m.propagation is not None and set(m.knn) <= set(m.views)
+    assert m.quality is not None and 0 <= m.quality.propagated.accuracy <= 1
+    saved = json.dumps(json.loads((project.round_dir(res.round) / "metrics.json").read_text()),
+                       sort_keys=True)
+    for typed in (project.store.rounds()[-1].metrics, read_state(project, res.round).metrics):
+        assert isinstance(typed, RoundMetrics)
+        assert json.dumps(typed.to_json(), sort_keys=True) == saved
 
 
 def test_round_needs_human_labels(tmp_path):
@@ -240,5 +253,5 @@ def test_a_network_that_cannot_be_judged_is_not_trained():
     built = build_state(ds, y, no=0, config=cfg)
     assert built.fitted is None and "train" not in built.stage_seconds
     assert not built.judgement.joined and "too few human labels" in built.judgement.reason
-    assert set(built.state.weights) == {"plain", "rocket"}
+    assert set(built.state.weights) == {"plain", "rocket", "rocket_diff"}
     np.testing.assert_array_equal(built.state.result.labels, built.floor.labels)
