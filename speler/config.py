@@ -41,7 +41,7 @@ class TrainConfig:
     embed_dim: int = 64  # size of each branch's embedding
     epochs: int = 40  # max epochs per round
     supervised_epochs: int = 5  # epochs on human labels only before pseudo-labels join
-    batch_size: int = 32
+    batch_size: int = 0  # 0 = by device: 32 on a CPU, 128 on CUDA (train.batch_size_for)
     lr: float = 1e-3  # Adam learning rate
     weight_decay: float = 1e-4
     patience: int = 10  # early stopping on the held-out slice of human labels
@@ -72,7 +72,8 @@ class TrainConfig:
             ("embed_dim", self.embed_dim >= 1, ">= 1"),
             ("epochs", self.epochs >= 1, ">= 1"), ("warm_epochs", self.warm_epochs >= 0, ">= 0"),
             ("supervised_epochs", self.supervised_epochs >= 0, ">= 0"),
-            ("batch_size", self.batch_size >= 2, ">= 2"), ("lr", self.lr > 0, "> 0"),
+            ("batch_size", self.batch_size == 0 or self.batch_size >= 2, "0 (by device) or >= 2"),
+            ("lr", self.lr > 0, "> 0"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("patience", self.patience >= 1, ">= 1"),
             ("holdout", 0 <= self.holdout < 1, "in [0, 1)"),
@@ -149,7 +150,9 @@ class GraphConfig:
     nprobe: int = 32  # IVF cells searched per query (approximate index)
     refine_factor: int = 4  # approximate candidates per neighbour, re-ranked exactly
     recall_queries: int = 1000  # queries used to check recall of an approximate graph
-    use_gpu: bool = True  # use a faiss GPU index when faiss sees a GPU
+    use_gpu: bool = True  # search on the GPU: faiss's when faiss sees one, else exact torch on CUDA
+    backend: str = "auto"  # "auto" (faiss; torch on CUDA when faiss has no GPU), "faiss", "torch"
+    # (exact search only; on CUDA with use_gpu, else on the CPU)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -159,6 +162,9 @@ class GraphConfig:
             ("exact_max_n", self.exact_max_n >= 0, ">= 0"),
             ("index", self.index in ("auto", "flat", "ivf", "hnsw"),
              "one of auto, flat, ivf, hnsw"),
+            ("backend", self.backend in ("auto", "faiss", "torch"), "one of auto, faiss, torch"),
+            ("index", self.backend != "torch" or self.index in ("auto", "flat"),
+             "auto or flat with graph.backend 'torch' (exact search only)"),
             ("pca_dim", self.pca_dim >= 0, ">= 0"), ("nprobe", self.nprobe >= 1, ">= 1"),
             ("refine_factor", self.refine_factor >= 1, ">= 1"),
             ("recall_queries", self.recall_queries >= 1, ">= 1"),

@@ -9,6 +9,12 @@ per human label so a round's cost follows the number of human labels, not the da
 
 Loss per batch = CE_time + CE_freq on human labels (logit-adjusted when ``balanced_loss``)
 + μ · cross-domain SupCon on human labels + λ · ω-weighted pseudo-label CE on both branches.
+
+On CUDA the host never waits for the GPU within an epoch: the samples are copied to the GPU once
+when they fit, small tensors go through pinned memory, which rows are human-labeled is known on
+the host, and the loss and accuracy figures are summed on the device and read once per epoch;
+Adam is fused, AMP (bf16, else fp16 with loss scaling) is on, and ``train.batch_size`` 0 means
+128 (32 on a CPU). On the CPU the same code runs with every tensor in place, deterministically.
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ MIN_HOLDOUT = 20  # fewer held-out labels than this: no early stopping, train ev
 BN_SAMPLES = 96  # clean samples used to recompute BatchNorm statistics after each epoch
 
 __all__ = [
-    "Checkpoint", "Embeddings", "FitResult", "embed", "fit", "load_checkpoint", "paper_config",
-    "save_checkpoint", "select_device",
+    "Checkpoint", "Embeddings", "FitResult", "batch_size_for", "embed", "fit", "load_checkpoint",
+    "paper_config", "save_checkpoint", "select_device",
 ]
 
 
@@ -146,6 +152,57 @@ def _threads(n: int):
             torch.set_num_threads(old)
 
 
+# --- device placement ---------------------------------------------------------------------------
+CPU_BATCH, CUDA_BATCH = 32, 128  # train.batch_size 0: the device's batch (CUDA: the paper's)
+EMBED_BATCH_CPU, EMBED_BATCH_CUDA = 128, 1024  # embed's default batch
+DEVICE_SHARE = 0.25  # a dataset is copied to the GPU at once when it takes <= this share of the
+# free GPU memory (training also needs room for activations), else batch by batch
+
+
+def batch_size_for(config: TrainConfig, device: str) -> int:
+    """Training batch size on ``device``: ``config.batch_size``, or for 0 the device's default
+    (``CPU_BATCH`` on a CPU, ``CUDA_BATCH`` on CUDA, where larger batches keep the GPU busy)."""
+    if config.batch_size > 0:
+        return int(config.batch_size)
+    return CUDA_BATCH if str(device).startswith("cuda") else CPU_BATCH
+
+
+def _upload(t: torch.Tensor, device) -> torch.Tensor:
+    """CPU tensor ``t`` on ``device``: itself on the CPU; on CUDA copied through pinned memory
+    without waiting for the GPU (a plain ``.to`` from pageable memory synchronises)."""
+    if torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _Rows:
+    """Samples of a float32 array (N, ...) handed out as batches on ``device``: the array is
+    copied there once when it fits (``DEVICE_SHARE`` of the free GPU memory), else each batch
+    is copied as it is asked for. On the CPU the array is used in place."""
+
+    def __init__(self, x: np.ndarray, device: str) -> None:
+        self.device = device
+        self.host = torch.from_numpy(np.ascontiguousarray(x))
+        self.data = self.host
+        if torch.device(device).type == "cuda":
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            if self.host.nbytes <= DEVICE_SHARE * free:
+                self.data = self.host.to(device)
+
+    def take(self, idx: np.ndarray) -> torch.Tensor:
+        """Rows ``idx`` (int64 host array) on the device."""
+        ti = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        if self.data is self.host:
+            return _upload(self.host[ti], self.device)
+        return self.data[_upload(ti, self.device)]
+
+    def slice(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo..hi-1 on the device."""
+        if self.data is self.host:
+            return _upload(self.host[lo:hi], self.device)
+        return self.data[lo:hi]
+
+
 def _holdout_split(labels: np.ndarray, fraction: float, seed: int, *,
                    min_size: int = MIN_HOLDOUT) -> tuple[np.ndarray, np.ndarray]:
     """(train, holdout) indices of the labeled samples. Each class with >= 2 labels gives
@@ -200,8 +257,8 @@ class _Augment:
         b, c = x.shape[:2]
         dev = x.device
         if self.series:
-            scale = (1 + 0.1 * torch.randn(b, c, 1, 1, 1, generator=gen)).to(dev)
-            noise = torch.randn(x.shape, generator=gen).to(dev)
+            scale = _upload(1 + 0.1 * torch.randn(b, c, 1, 1, 1, generator=gen), dev)
+            noise = _upload(torch.randn(x.shape, generator=gen), dev)
             std = x.std(dim=2, keepdim=True)
             return x * scale + 0.05 * std * noise
         x = self._crop(x, lengths, gen)
@@ -214,12 +271,12 @@ class _Augment:
             else:
                 a, bb = coords[0], coords[1]
                 theta = (torch.rand(b, generator=gen) * 2 - 1) * 0.1
-            cos = torch.cos(theta).to(dev).view(b, 1, 1, 1)
-            sin = torch.sin(theta).to(dev).view(b, 1, 1, 1)
+            cos = _upload(torch.cos(theta), dev).view(b, 1, 1, 1)
+            sin = _upload(torch.sin(theta), dev).view(b, 1, 1, 1)
             xa, xb = x[:, a].clone(), x[:, bb].clone()
             x[:, a] = cos * xa - sin * xb
             x[:, bb] = sin * xa + cos * xb
-        scale = (0.9 + 0.2 * torch.rand(b, len(coords), generator=gen)).to(dev)
+        scale = _upload(0.9 + 0.2 * torch.rand(b, len(coords), generator=gen), dev)
         x[:, coords] = x[:, coords] * scale.view(b, len(coords), 1, 1, 1)
         return x
 
@@ -237,18 +294,18 @@ class _Augment:
         pos = torch.minimum(pos, (length - 1)[:, None])
         lo = pos.floor().long().clamp(0, t - 1)
         hi = torch.minimum(lo + 1, (lengths - 1).clamp(min=0)[:, None].long())
-        w = (pos - lo.float()).to(x.device).view(b, 1, t, 1, 1)
-        valid = (j[None, :] < length[:, None]).to(x.device).view(b, 1, t, 1, 1)
-        lo = lo.to(x.device).view(b, 1, t, 1, 1).expand(b, c, t, v, m)
-        hi = hi.to(x.device).view(b, 1, t, 1, 1).expand(b, c, t, v, m)
+        w = _upload(pos - lo.float(), x.device).view(b, 1, t, 1, 1)
+        valid = _upload(j[None, :] < length[:, None], x.device).view(b, 1, t, 1, 1)
+        lo = _upload(lo, x.device).view(b, 1, t, 1, 1).expand(b, c, t, v, m)
+        hi = _upload(hi, x.device).view(b, 1, t, 1, 1).expand(b, c, t, v, m)
         out = x.gather(2, lo) * (1 - w) + x.gather(2, hi) * w
         return out * valid
 
 
 # --- training -----------------------------------------------------------------------------------
 @torch.no_grad()
-def _recalibrate_batch_norm(model: nn.Module, x: torch.Tensor, idx: np.ndarray, *, device: str,
-                            batch_size: int, amp: bool) -> None:
+def _recalibrate_batch_norm(model: nn.Module, rows: _Rows, idx: np.ndarray, *, batch_size: int,
+                            amp: bool) -> None:
     """Recompute every BatchNorm's statistics as the exact average over samples ``idx``
     (unaugmented, current weights), then leave the model in eval mode.
 
@@ -263,8 +320,8 @@ def _recalibrate_batch_norm(model: nn.Module, x: torch.Tensor, idx: np.ndarray, 
         bn.reset_running_stats()
     model.train()
     for part in _batches(idx, batch_size):
-        with _autocast(device, amp):
-            model(x[torch.from_numpy(part)].to(device, non_blocking=True))
+        with _autocast(rows.device, amp):
+            model(rows.take(part))
     for bn in bns:
         bn.momentum = 0.1
     model.eval()
@@ -286,23 +343,27 @@ def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
     return out
 
 
-def _batch_loss(out, target: torch.Tensor, human: torch.Tensor, weight: torch.Tensor, *,
-                prior: torch.Tensor | None, config: TrainConfig) -> dict[str, torch.Tensor]:
+def _batch_loss(out, target: torch.Tensor, human: torch.Tensor, other: torch.Tensor,
+                weight: torch.Tensor, *, prior: torch.Tensor | None,
+                config: TrainConfig) -> dict[str, torch.Tensor]:
     """Loss terms of one batch: CE of both heads and the cross-domain SupCon on the human-labeled
-    rows, ω-weighted pseudo-label CE of both heads on the others, and their weighted sum."""
+    rows, ω-weighted pseudo-label CE of both heads on the others, and their weighted sum.
+
+    human, other: int64 positions in the batch (on its device) of the human-labeled rows and of
+    the others, increasing; the caller knows them on the host, so nothing here waits for the
+    device (a boolean mask would: its number of rows is only known after a sync)."""
     lt, lf = out.logits_time.float(), out.logits_freq.float()
     zero = lt.new_zeros(())
     ce = con = pl = zero
     tau = config.logit_tau
-    if human.any():
+    if human.numel():
         th = target[human]
         ce = (losses.cross_entropy(lt[human], th, prior=prior, tau=tau).mean()
               + losses.cross_entropy(lf[human], th, prior=prior, tau=tau).mean())
         if config.contrastive_weight > 0:
             con = losses.cross_domain_supcon(out.pre_time[human], out.pre_freq[human], th,
                                              temperature=config.temperature)
-    other = ~human
-    if other.any() and config.pseudo_weight > 0:
+    if other.numel() and config.pseudo_weight > 0:
         tp, wp = target[other], weight[other]
         pl = (losses.pseudo_label_ce(lt[other], tp, wp, prior=prior, tau=tau)
               + losses.pseudo_label_ce(lf[other], tp, wp, prior=prior, tau=tau))
@@ -311,16 +372,16 @@ def _batch_loss(out, target: torch.Tensor, human: torch.Tensor, weight: torch.Te
 
 
 @torch.no_grad()
-def _evaluate(model: SpelerNet, x: torch.Tensor, idx: np.ndarray, target: np.ndarray, *,
-              device: str, batch_size: int, amp: bool) -> tuple[float, float]:
+def _evaluate(model: SpelerNet, rows: _Rows, idx: np.ndarray, target: np.ndarray, *,
+              batch_size: int, amp: bool) -> tuple[float, float]:
     """(balanced accuracy, mean NLL of the averaged softmax) on samples ``idx``."""
     model.eval()
     probs = []
     for part in np.array_split(idx, max(1, math.ceil(len(idx) / batch_size))):
-        with _autocast(device, amp):
-            out = model(x[torch.from_numpy(part)].to(device, non_blocking=True))
-        probs.append(out.probs.float().cpu())
-    p = torch.cat(probs).numpy()
+        with _autocast(rows.device, amp):
+            out = model(rows.take(part))
+        probs.append(out.probs.float())
+    p = torch.cat(probs).cpu().numpy()
     pred = p.argmax(1)
     recalls = [float((pred[target == c] == c).mean()) for c in np.unique(target)]
     nll = float(-np.log(np.clip(p[np.arange(len(target)), target], 1e-12, None)).mean())
@@ -372,9 +433,11 @@ def fit(
         raise LabelError("fit: no human labels and no weighted pseudo-labels to train on")
     warm = init is not None and _check_init(init, ds, config)
     device = select_device(config.device)
-    amp = config.amp and device.startswith("cuda")
+    cuda = device.startswith("cuda")
+    amp = config.amp and cuda
+    batch_size = batch_size_for(config, device)
 
-    devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+    devices = [torch.device(device).index or 0] if cuda else []
     with _threads(config.num_threads), torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
         if holdout is None:
@@ -392,7 +455,9 @@ def fit(
         model.to(device)
         if device.startswith("cuda"):
             torch.backends.cudnn.benchmark = True
-        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # fused: one kernel for every parameter's update on CUDA (not offered on the CPU path)
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                               **({"fused": True} if cuda else {}))
         epochs = config.warm_epochs if warm and config.warm_epochs > 0 else config.epochs
         sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
                  if config.lr_schedule == "cosine" else None)
@@ -402,11 +467,11 @@ def fit(
         prior = losses.log_prior(counts).to(device) if config.balanced_loss else None
         gen = torch.Generator().manual_seed(config.seed + 1)
         augment = _Augment(ds) if config.augment else None
-        x_all = torch.from_numpy(np.ascontiguousarray(ds.x))
-        len_all = torch.from_numpy(ds.lengths.astype(np.int64))
-        target = torch.from_numpy(np.where(y >= 0, y, pseudo))
-        is_human = torch.from_numpy(y >= 0)
-        w_all = torch.from_numpy(weights)
+        rows = _Rows(ds.x, device)  # on the GPU once when it fits
+        len_all = torch.from_numpy(ds.lengths.astype(np.int64))  # the augmentation draws on the CPU
+        target = torch.from_numpy(np.where(y >= 0, y, pseudo)).to(device)
+        w_all = torch.from_numpy(weights).to(device)
+        human_all = y >= 0
         # Pseudo-labels join after a supervised warm-up, unless the model is already trained
         # (warm start) or there are no human labels to warm up on.
         warmup = 0 if warm or len(train_idx) == 0 else config.supervised_epochs
@@ -422,44 +487,50 @@ def fit(
                 draw = len(pseudo_idx)
                 if config.pseudo_ratio > 0:
                     draw = min(draw, math.ceil(config.pseudo_ratio * max(len(train_idx),
-                                                                         config.batch_size)))
+                                                                         batch_size)))
                 pick = torch.randperm(len(pseudo_idx), generator=gen)[:draw].numpy()
                 members = np.concatenate([train_idx, pseudo_idx[np.sort(pick)]])
             order = members[torch.randperm(len(members), generator=gen).numpy()]
             model.train()
-            sums = dict(loss=0.0, ce=0.0, contrastive=0.0, pseudo=0.0)
-            correct = seen = 0
-            for part in _batches(order, config.batch_size):
-                ti = torch.from_numpy(part)
-                xb = x_all[ti].to(device, non_blocking=True)
+            # Batch figures stay on the device and are read once per epoch: reading them per
+            # batch would make the host wait for the GPU every step. Loss sums in float64 add up
+            # exactly as Python floats did.
+            keys = ("loss", "ce", "contrastive", "pseudo")
+            sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen = 0
+            for part in _batches(order, batch_size):
+                xb = rows.take(part)
                 if augment is not None:
-                    xb = augment(xb, len_all[ti], gen)
-                tb, hb, wb = target[ti].to(device), is_human[ti].to(device), w_all[ti].to(device)
+                    xb = augment(xb, len_all[torch.from_numpy(part)], gen)
+                # which rows are human-labeled is known here, on the host
+                hb = _upload(torch.from_numpy(np.flatnonzero(human_all[part])), device)
+                ob = _upload(torch.from_numpy(np.flatnonzero(~human_all[part])), device)
+                ti = _upload(torch.from_numpy(part), device)
+                tb, wb = target[ti], w_all[ti]
                 with _autocast(device, amp):
                     out = model(xb)
-                terms = _batch_loss(out, tb, hb, wb, prior=prior, config=config)
+                terms = _batch_loss(out, tb, hb, ob, wb, prior=prior, config=config)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(terms["loss"]).backward()
                 scaler.step(opt)
                 scaler.update()
-                for key, val in terms.items():
-                    sums[key] += float(val.detach()) * len(part)
                 with torch.no_grad():
-                    pred = out.probs.argmax(-1)
-                    correct += int((pred[hb] == tb[hb]).sum())
-                    seen += int(hb.sum())
+                    sums += torch.stack([terms[key].detach() for key in keys]).double() * len(part)
+                    correct += (out.probs.argmax(-1)[hb] == tb[hb]).sum()
+                seen += hb.numel()
             if sched is not None:
                 sched.step()
             if len(order):
-                _recalibrate_batch_norm(model, x_all, np.sort(order[:BN_SAMPLES]), device=device,
-                                        batch_size=max(config.batch_size, 64), amp=amp)
-            row = {key: val / max(1, len(order)) for key, val in sums.items()}
-            row.update(epoch=epoch + 1, train_acc=correct / seen if seen else float("nan"),
+                _recalibrate_batch_norm(model, rows, np.sort(order[:BN_SAMPLES]),
+                                        batch_size=max(batch_size, 64), amp=amp)
+            row = {key: val / max(1, len(order)) for key, val in zip(keys, sums.tolist())}
+            row.update(epoch=epoch + 1, train_acc=int(correct) / seen if seen else float("nan"),
                        samples=len(order), pseudo_samples=len(order) - len(train_idx))
             stop = False
             if len(hold_idx):
-                acc, nll = _evaluate(model, x_all, hold_idx, y[hold_idx], device=device,
-                                     batch_size=max(config.batch_size, 64), amp=amp)
+                acc, nll = _evaluate(model, rows, hold_idx, y[hold_idx],
+                                     batch_size=max(batch_size, 64), amp=amp)
                 row.update(holdout_acc=acc, holdout_loss=nll)
                 key = (acc, -nll)
                 # with the caller's holdout the curve is theirs: train on, keep the last epoch
@@ -518,16 +589,24 @@ def _check_init(init: Checkpoint, ds: SequenceSet, config: TrainConfig) -> bool:
 
 
 # --- embedding ----------------------------------------------------------------------------------
-def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int = 128, device: str | None = None,
+def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int | None = None,
+          device: str | None = None,
           progress: Callable[[int, int], None] | None = None) -> Embeddings:
     """Both branches' embeddings and the class probabilities of every sample (no grad, batched).
 
-    ds.x float32 (N, C, T, V, M) must match the model's channels and joints. progress(done, N) after
-    each batch. The model is moved to ``device`` (default: where it is) and left in eval mode.
+    ds.x float32 (N, C, T, V, M) must match the model's channels and joints. batch_size: samples
+    per forward pass (default ``EMBED_BATCH_CUDA`` on CUDA, ``EMBED_BATCH_CPU`` on the CPU).
+    progress(done, N) after each batch is queued (on CUDA the GPU may still be working on it).
+    The model is moved to ``device`` (default: where it is) and left in eval mode.
+
+    On CUDA nothing waits for the GPU until the end: the samples are on the GPU at once when they
+    fit (else each batch is copied without blocking), every batch has the same shape (the last
+    one is padded with empty samples, whose rows are dropped), the outputs stay on the GPU and
+    come back in one copy.
     """
     if not isinstance(ds, SequenceSet):
         raise DataFormatError(f"embed expects a SequenceSet, got {type(ds).__name__}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ConfigError(f"embed batch_size must be >= 1, got {batch_size}")
     _check_finite(ds, "embed")
     if device is None:
@@ -535,28 +614,34 @@ def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int = 128, device: s
         device = str(param.device) if param is not None else "cpu"
     else:
         device = select_device(device)
+    cuda = device.startswith("cuda")
+    if batch_size is None:
+        batch_size = EMBED_BATCH_CUDA if cuda else EMBED_BATCH_CPU
     model.to(device).eval()
-    amp = device.startswith("cuda")
-    x = torch.from_numpy(np.ascontiguousarray(ds.x))
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("time", "freq", "pt", "pf")}
+    rows = _Rows(ds.x, device)
+    outputs = []  # per batch: (B, d_t + d_f + 2 C) float32 on the device
     with torch.inference_mode():
         for start in range(0, ds.n, batch_size):
-            xb = x[start:start + batch_size].to(device, non_blocking=True)
-            with _autocast(device, amp):
+            stop = min(start + batch_size, ds.n)
+            xb = rows.slice(start, stop)
+            if cuda and stop - start < batch_size:  # one shape for every batch (cuDNN plans)
+                xb = torch.cat([xb, xb.new_zeros((batch_size - (stop - start),) + xb.shape[1:])])
+            with _autocast(device, cuda):
                 out = model(xb)
-            parts["time"].append(out.emb_time.float().cpu().numpy())
-            parts["freq"].append(out.emb_freq.float().cpu().numpy())
-            parts["pt"].append(out.logits_time.float().softmax(-1).cpu().numpy())
-            parts["pf"].append(out.logits_freq.float().softmax(-1).cpu().numpy())
+            outputs.append(torch.cat([
+                out.emb_time.float(), out.emb_freq.float(),
+                out.logits_time.float().softmax(-1), out.logits_freq.float().softmax(-1),
+            ], 1)[:stop - start])
             if progress is not None:
-                progress(min(start + batch_size, ds.n), ds.n)
-    pt = np.concatenate(parts["pt"]).astype(np.float32)
-    pf = np.concatenate(parts["pf"]).astype(np.float32)
-    return Embeddings(
-        time=np.concatenate(parts["time"]).astype(np.float32),
-        freq=np.concatenate(parts["freq"]).astype(np.float32),
-        probs=(0.5 * (pt + pf)).astype(np.float32), probs_time=pt, probs_freq=pf,
-    )
+                progress(stop, ds.n)
+    every = torch.cat(outputs).cpu().numpy()  # the one copy back
+    d_t, d_f = out.emb_time.shape[1], out.emb_freq.shape[1]
+    k = out.logits_time.shape[1]
+    cut = np.cumsum([d_t, d_f, k])
+    emb_t, emb_f, pt, pf = (np.ascontiguousarray(a, dtype=np.float32)
+                            for a in np.split(every, cut, axis=1))
+    return Embeddings(time=emb_t, freq=emb_f, probs=(0.5 * (pt + pf)).astype(np.float32),
+                      probs_time=pt, probs_freq=pf)
 
 
 # --- checkpoints --------------------------------------------------------------------------------

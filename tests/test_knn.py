@@ -141,3 +141,72 @@ def test_gpu_flat_equals_cpu_flat():
     cpu = build_knn(x, config=GraphConfig(index="flat", use_gpu=False), k=10)
     assert gpu.method == "gpu-flat" and cpu.method == "flat"
     np.testing.assert_allclose(gpu.sims, cpu.sims, atol=1e-4)
+
+
+# --- torch backend ------------------------------------------------------------------------------
+def _same_sets(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.all(np.sort(a, axis=1) == np.sort(b, axis=1), axis=1)
+
+
+def test_torch_knn_equals_faiss_exact_search_and_gives_the_same_affinity():
+    x = _clusters(2500, 24, seed=4, latent=8)
+    faiss_g = build_knn(x, config=GraphConfig(index="flat", use_gpu=False), k=12)
+    torch_g = build_knn(x, config=GraphConfig(backend="torch", use_gpu=False), k=12)
+    assert torch_g.method == "torch" and torch_g.recall is None
+    assert torch_g.indices.dtype == np.int64 and torch_g.sims.dtype == np.float32
+    assert _same_sets(torch_g.indices, faiss_g.indices).all()
+    np.testing.assert_allclose(torch_g.sims, faiss_g.sims, atol=1e-6)
+    assert not (torch_g.indices == np.arange(2500)[:, None]).any()
+    a, b = affinity(torch_g), affinity(faiss_g)
+    assert (a.indptr == b.indptr).all() and (a.indices == b.indices).all()
+    np.testing.assert_allclose(a.data, b.data, rtol=1e-5, atol=1e-7)
+
+
+def test_torch_float16_search_with_float32_rerank_is_exact(caplog):
+    """The GPU scheme (float16 scores, float32 re-rank, rows it cannot vouch for searched again in
+    float32) run on the CPU: same similarities as faiss, same neighbours outside exact ties."""
+    from speler.graph.knn import _normalize_rows, _torch_search, _drop_self
+
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(5)
+    x = _clusters(3000, 32, seed=5, latent=6)
+    # 60 near-duplicates: their similarities differ by less than float16 can tell apart
+    x[100:160] = x[100] + 1e-4 * rng.standard_normal((60, 32)).astype(np.float32)
+    x[7] = 0.0  # an all-zero row
+    _normalize_rows(x)
+    with caplog.at_level(logging.INFO, logger="speler.graph.knn"):
+        sims, idx = _torch_search(x, 11, "cpu", None, half=True)
+    again = int(caplog.text.split("torch kNN on cpu: ")[1].split(" of ")[0])
+    assert 60 <= again < 300  # the near-duplicates (and the zero row) are searched again
+    s_ex, i_ex = faiss.knn(x, x, 11, metric=faiss.METRIC_INNER_PRODUCT)
+    np.testing.assert_allclose(sims, s_ex, atol=1e-6)
+    separate = np.setdiff1d(np.arange(3000), np.r_[7, 100:160])
+    assert _same_sets(idx[separate], i_ex[separate]).all()
+    i_t, _ = _drop_self(idx, sims, 10)
+    assert not (i_t == np.arange(3000)[:, None]).any()
+
+
+def test_torch_backend_is_chosen_on_cuda_without_faiss_gpu(monkeypatch):
+    from speler.graph import knn
+
+    monkeypatch.setattr(knn, "gpu_available", lambda: False)
+    monkeypatch.setattr(knn, "torch_gpu_available", lambda: True)
+    choose = knn._choose_method
+    assert choose(1000, 64, GraphConfig()) == "torch-gpu"
+    assert choose(1000, 64, GraphConfig(index="flat")) == "torch-gpu"
+    assert choose(1000, 64, GraphConfig(backend="torch")) == "torch-gpu"
+    assert choose(knn.TORCH_EXACT_MAX_N + 1, 256, GraphConfig()) == "ivf-pca"
+    assert choose(1000, 64, GraphConfig(index="hnsw")) == "hnsw"
+    assert choose(1000, 64, GraphConfig(backend="faiss")) == "flat"
+    assert choose(1000, 64, GraphConfig(use_gpu=False)) == "flat"
+    with pytest.raises(ConfigError, match="graph.index must be auto or flat with graph.backend"):
+        GraphConfig(backend="torch", index="ivf")
+    with pytest.raises(ConfigError, match="graph.backend must be one of auto, faiss, torch"):
+        GraphConfig(backend="cupy")
+    assert choose(1000, 64, GraphConfig(backend="torch", use_gpu=False)) == "torch"
+    monkeypatch.setattr(knn, "gpu_available", lambda: True)
+    assert choose(1000, 64, GraphConfig()) == "gpu-flat"  # faiss's GPU index comes first
+    monkeypatch.setattr(knn, "torch_gpu_available", lambda: False)
+    monkeypatch.setattr(knn, "gpu_available", lambda: False)
+    assert choose(1000, 64, GraphConfig()) == "flat"  # the CPU default is unchanged
+    assert choose(1000, 64, GraphConfig(backend="torch")) == "torch"

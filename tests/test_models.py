@@ -252,3 +252,62 @@ def test_omega_from_energy():
     np.testing.assert_allclose(losses.omega(np.array([-4.0, -1.0, 2.0, 0.0])),
                                [1.0, 0.25, 0.0, 0.0])
     np.testing.assert_array_equal(losses.omega(np.array([1.0, 3.0])), [0.0, 0.0])
+
+
+def _forward_running_present_slots_only(model, x):
+    """The forward pass as it was before it became shape-static: only the person slots that hold
+    someone are run (boolean indexing, which waits for the device), then averaged per sample."""
+    n, c, t, v, m = x.shape
+    present = x.abs().amax(dim=(1, 2, 3)) > 0
+    present = present | ~present.any(1, keepdim=True)
+    weight = present.float() / present.float().sum(1, keepdim=True)
+    keep = present.reshape(-1)
+    xp = x.permute(0, 4, 1, 2, 3).reshape(n * m, c, t, v)[keep]
+    h_t = model.time_branch(model.data_bn(xp)).float()
+    h_f = model.freq_branch(xp.float())
+
+    def pool(h):
+        full = h.new_zeros(n * m, h.shape[1])
+        full[keep] = h
+        return (full.view(n, m, -1) * weight.unsqueeze(-1)).sum(1)
+
+    h_time, h_freq = pool(h_t), pool(h_f)
+    e_time, e_freq = model.fusion(h_time, h_freq)
+    return {"logits_time": model.head_time(e_time), "logits_freq": model.head_freq(e_freq),
+            "emb_time": e_time, "emb_freq": e_freq, "pre_time": h_time, "pre_freq": h_freq}
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "cpu-default"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_static_forward_equals_running_only_the_present_person_slots(training, static):
+    """Empty slots are run and masked instead of dropped: same outputs, same BatchNorm running
+    statistics and same gradients as running the present slots alone (train and eval mode)."""
+    import copy
+
+    model = _model("ntu25", config=dataclasses.replace(TINY, dropout=0.0), seed=3)
+    model.train()
+    with torch.no_grad():  # running statistics that are not the initial ones, for eval mode
+        model(torch.randn(6, 3, 16, 25, 2))
+    model.train(training)
+    model.static_persons = static or None  # the accelerators' path, forced on the CPU
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 16, 25, 2, generator=g)
+    x[0, ..., 1] = 0.0  # one person in slot 0
+    x[1, ..., 0] = 0.0  # one person in slot 1
+    x[2] = 0.0  # nobody: the sample keeps both slots
+    x[4, ..., 1] = 0.0
+    out = model(x)
+    ref = _forward_running_present_slots_only(reference, x)
+    for key, want in ref.items():
+        torch.testing.assert_close(getattr(out, key), want, rtol=1e-4, atol=1e-5, msg=key)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    if training:
+        (out.logits_time.square().sum() + out.logits_freq.square().sum()).backward()
+        (ref["logits_time"].square().sum() + ref["logits_freq"].square().sum()).backward()
+        for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+            if b.grad is None:
+                assert a.grad is None or not a.grad.any(), name
+            else:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)

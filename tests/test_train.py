@@ -384,3 +384,22 @@ def test_malformed_round_checkpoint_says_which_file_and_how_to_recover(actions, 
     assert re.search(message, said), said
     assert said.startswith(f"{path}: ")
     assert f"delete the round folder {path.parent} and run the round again" in said
+
+
+def test_batch_size_zero_is_chosen_by_device():
+    from speler.train import CPU_BATCH, CUDA_BATCH, batch_size_for
+
+    assert TrainConfig().batch_size == 0
+    assert batch_size_for(TrainConfig(), "cpu") == CPU_BATCH == 32
+    assert batch_size_for(TrainConfig(), "cuda:0") == CUDA_BATCH == 128
+    assert batch_size_for(TrainConfig(batch_size=48), "cuda") == 48
+    with pytest.raises(ConfigError, match=r"train.batch_size must be 0 \(by device\) or >= 2"):
+        TrainConfig(batch_size=1)
+
+
+def test_device_default_batch_trains_exactly_as_the_cpu_batch(actions):
+    cfg = dataclasses.replace(FAST, epochs=2, batch_size=0)
+    a = fit(actions, actions.y, config=cfg)
+    b = fit(actions, actions.y, config=dataclasses.replace(cfg, batch_size=32))
+    assert _same_weights(a.model, b.model)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]

@@ -15,6 +15,15 @@ samples. The index is chosen by ``GraphConfig.index``:
 - ``"hnsw"``: a navigable small-world graph (``IndexHNSWFlat``), also re-ranked exactly.
 - ``"gpu-flat"``: exact search on the GPU, used for every n when faiss sees a GPU and
   ``GraphConfig.use_gpu`` is set.
+- ``"torch"``: exact search in torch, chunked matmul + top-k (``_torch_search``), chosen by
+  ``GraphConfig.backend`` "torch", or by "auto" (the default) on CUDA (with ``use_gpu``) when
+  faiss sees no GPU (the PyPI faiss-gpu wheels lag the CUDA releases): index "flat", and "auto"
+  up to ``TORCH_EXACT_MAX_N`` samples (beyond it the CPU's approximate index). Method
+  ``"torch-gpu"`` on CUDA: scores in float16, the ``2 (k + 1) + TORCH_EXTRA`` best candidates
+  re-ranked in float32; a row whose float16 cut-off is
+  not safely below its float32 (k+1)-th similarity (within the float16 error bound
+  ``_fp16_error``) is searched again in float32, so the result is exact. Method ``"torch"``
+  (float32 throughout) on the CPU, for tests and machines without faiss.
 
 An approximate graph is checked against exact search on ``GraphConfig.recall_queries`` random
 queries; ``KnnGraph.recall`` is the mean recall@k (a neighbour found counts as correct when its
@@ -28,6 +37,7 @@ an all-zero embedding row has similarity 0 to everything and ends up isolated in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -43,6 +53,10 @@ from speler.errors import ConfigError, DataFormatError
 logger = logging.getLogger(__name__)
 
 _BATCH = 16_384  # queries per faiss call (bounds the distance tiles faiss allocates)
+EXACT_METHODS = ("flat", "gpu-flat", "torch", "torch-gpu")  # recall 1 by construction
+TORCH_EXACT_MAX_N = 4_000_000  # "auto" on CUDA without faiss-gpu: exact torch search up to here
+# (n² d work: 1M × 256 took 9.6 s on an H100), approximate faiss index on the CPU beyond
+TORCH_EXTRA = 16  # float16 candidates re-ranked in float32 on the GPU: 2 (k + 1) + this many
 
 
 @dataclass
@@ -51,7 +65,7 @@ class KnnGraph:
 
     indices: int64 (n, k), neighbour ids, best first; -1 where an approximate index found fewer.
     sims: float32 (n, k), cosine similarity of each neighbour (0 where ``indices`` is -1).
-    method: index used: "flat", "gpu-flat", "ivf", "ivf-pca", "hnsw".
+    method: index used: "flat", "gpu-flat", "torch", "torch-gpu", "ivf", "ivf-pca", "hnsw".
     recall: mean recall@k against exact search on a sample of queries; None for exact methods.
     seconds: wall time of index building and search (recall check excluded).
     recall_seconds: wall time of the recall check (0 for exact methods).
@@ -97,7 +111,10 @@ def build_knn(
     method = _choose_method(n, x.shape[1], config)
     start = time.perf_counter()
     _normalize_rows(x)
-    if method == "flat":
+    if method in ("torch", "torch-gpu"):
+        sims, idx = _torch_search(x, k + 1, "cuda" if method == "torch-gpu" else "cpu", progress)
+        search = None
+    elif method == "flat":
         faiss = _faiss()  # exact search straight on x: no index, no copy of the data
 
         def search(q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,13 +126,14 @@ def build_knn(
         else:
             index = _approximate_index(x, method, k, config)
         search = index.search
-    sims, idx = _search_all(search, x, k + 1, progress)
+    if search is not None:
+        sims, idx = _search_all(search, x, k + 1, progress)
     search = index = None
     idx, sims = _drop_self(idx, sims, k)
     seconds = time.perf_counter() - start
     recall = None
     recall_seconds = 0.0
-    if method not in ("flat", "gpu-flat"):
+    if method not in EXACT_METHODS:
         t0 = time.perf_counter()
         recall = _recall(x, idx, sims, k, config)
         recall_seconds = time.perf_counter() - t0
@@ -254,18 +272,41 @@ def gpu_available() -> bool:
         return False
 
 
+def torch_gpu_available() -> bool:
+    """True when torch is installed and sees a CUDA device."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 def _choose_method(n: int, d: int, config: GraphConfig) -> str:
-    choice = config.index
+    choice, backend = config.index, config.backend
     if choice not in ("auto", "flat", "ivf", "hnsw"):
         raise ConfigError(
             f"graph.index must be one of auto, flat, ivf, hnsw; got {choice!r}"
         )
+    if backend not in ("auto", "faiss", "torch"):
+        raise ConfigError(f"graph.backend must be one of auto, faiss, torch; got {backend!r}")
+    if backend == "torch":
+        if choice not in ("auto", "flat"):
+            raise ConfigError(f"graph.backend 'torch' does exact search only; graph.index must"
+                              f" be auto or flat, got {choice!r}")
+        return "torch-gpu" if config.use_gpu and torch_gpu_available() else "torch"
+    faiss_gpu = config.use_gpu and gpu_available()
+    torch_gpu = (backend == "auto" and config.use_gpu and not faiss_gpu
+                 and choice in ("auto", "flat") and torch_gpu_available())
     if choice == "auto":
-        if config.use_gpu and gpu_available():
+        if faiss_gpu:
             return "gpu-flat"
+        if torch_gpu and n <= TORCH_EXACT_MAX_N:
+            return "torch-gpu"
         choice = "flat" if n <= config.exact_max_n else "ivf"
-    if choice == "flat" and config.use_gpu and gpu_available():
+    if choice == "flat" and faiss_gpu:
         return "gpu-flat"
+    if choice == "flat" and torch_gpu:
+        return "torch-gpu"
     if choice == "ivf" and 0 < config.pca_dim < d:
         return "ivf-pca"
     return choice
@@ -353,6 +394,84 @@ def _search_all(search, x: np.ndarray, kk: int, progress: Callable[[int, int], N
         idx[lo:hi] = i
         if progress is not None:
             progress(hi, n)
+    return sims, idx
+
+
+def _fp16_error(d: int) -> float:
+    """Bound on |float16 score - float32 score| for two vectors of norm <= 1 and dimension d:
+    rounding both inputs to float16 (unit roundoff 2^-11: ≤ 2^-10 by Cauchy-Schwarz, plus at most
+    2^-25 · sqrt(d) per vector for subnormals), float32 accumulation (≤ d · 2^-24) and rounding
+    the score to float16 (≤ 2^-12 for |s| ≤ 1); a quarter more for safety."""
+    return 1.25 * (2.0 ** -10 + 2.0 ** -12 + d * 2.0 ** -23)
+
+
+@contextlib.contextmanager
+def _exact_matmuls(torch):
+    """float32 matmuls in float32 (no TF32) and float16 ones accumulated in float32, for a while."""
+    flags = torch.backends.cuda.matmul
+    old = flags.allow_tf32, flags.allow_fp16_reduced_precision_reduction
+    flags.allow_tf32, flags.allow_fp16_reduced_precision_reduction = False, False
+    try:
+        yield
+    finally:
+        flags.allow_tf32, flags.allow_fp16_reduced_precision_reduction = old
+
+
+def _torch_search(x: np.ndarray, kk: int, device: str,
+                  progress: Callable[[int, int], None] | None, *,
+                  half: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``kk`` inner products of every row of x (float32 (n, d), rows of norm 1 or 0)
+    against all rows, in torch: (sims float32 (n, kk), indices int64 (n, kk)), best first.
+
+    Blocks of query rows × all rows, then top-k of each block. CPU: float32 scores. CUDA: the
+    data lives on the GPU in float16 and float32; float16 scores give ``2 kk + TORCH_EXTRA``
+    candidates, re-ranked by their float32 inner products; rows where a candidate outside could
+    still be among the best (its float16 score within ``_fp16_error`` of the float32 kk-th) are
+    searched again in float32. One copy back per block. ``half`` (default: on CUDA) picks the
+    float16 + re-rank scheme; tests run it on the CPU.
+    """
+    import torch
+
+    n, d = x.shape
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    half = cuda if half is None else half
+    full = torch.from_numpy(x).to(dev)
+    low = full.half() if half else full
+    m = min(n, 2 * kk + TORCH_EXTRA) if half else kk
+    if cuda:
+        free, _ = torch.cuda.mem_get_info(dev)
+        budget = min(4 << 30, free // 8)  # bytes per block of scores (and of re-rank gathers)
+    else:
+        budget = 256 << 20
+    rows = int(max(1, min(n, budget // (n * low.element_size()), budget // (4 * m * d + 1))))
+    sims = np.empty((n, kk), dtype=np.float32)
+    idx = np.empty((n, kk), dtype=np.int64)
+    eps = _fp16_error(d)
+    again = 0
+    with _exact_matmuls(torch) if cuda else contextlib.nullcontext():
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            top_s, top_i = torch.topk(low[lo:hi] @ low.T, m, dim=1)
+            if half:
+                # float32 re-rank of the candidates (elementwise: no TF32 whatever the settings)
+                exact = (full[top_i] * full[lo:hi, None, :]).sum(-1)
+                exact, order = torch.sort(exact, dim=1, descending=True)
+                top_i = top_i.gather(1, order)
+                if m < n:
+                    unsure = torch.nonzero(top_s[:, -1].float() + eps >= exact[:, kk - 1])[:, 0]
+                    again += unsure.numel()
+                    if unsure.numel():  # rare: search those rows again in float32
+                        again_s, again_i = torch.topk(full[lo + unsure] @ full.T, kk, dim=1)
+                        exact[unsure, :kk], top_i[unsure, :kk] = again_s, again_i
+                top_s, top_i = exact[:, :kk], top_i[:, :kk]
+            sims[lo:hi] = top_s.float().cpu().numpy()
+            idx[lo:hi] = top_i.cpu().numpy()
+            if progress is not None:
+                progress(hi, n)
+    if half:
+        logger.info("torch kNN on %s: %d of %d rows searched again in float32 (float16 margin"
+                    " %.2e)", device, again, n, eps)
     return sims, idx
 
 

@@ -593,9 +593,13 @@ def _dots(a, b) -> np.ndarray:
     return np.einsum("ij,ij->j", a.numpy(), b.numpy(), dtype=np.float64)
 
 
-def _block_cg_torch(S, B, config, X0, progress, what, tol, solved):
+def _block_cg_torch(S, B, config, X0, progress, what, tol, solved, device="cpu"):
+    """The block CG of ``_block_cg``; ``device`` "cuda"/"cuda:N" runs it there
+    (``_block_cg_on_device``), the CPU path below is unchanged."""
     import torch
 
+    if torch.device(device).type != "cpu":
+        return _block_cg_on_device(S, B, config, X0, progress, what, tol, solved, device)
     alpha = float(config.alpha)
     n, C = B.shape
     St = _torch_csr(S)
@@ -665,18 +669,106 @@ def _block_cg_torch(S, B, config, X0, progress, what, tol, solved):
     return X.numpy(), iters, converged, residual, products
 
 
-def _torch_csr(S: sp.csr_matrix):
+def _block_cg_on_device(S, B, config, X0, progress, what, tol, solved, device):
+    """``_block_cg_torch`` with every array on ``device`` (CUDA; also runs on "cpu", which the
+    tests use): S as a sparse CSR tensor there, the scalars of each column as float64 tensors.
+    The host waits for the device once per iteration, to read which columns converged (the
+    columns that did leave the block, as on the CPU); one copy back at the end."""
     import torch
 
+    dev = torch.device(device)
+    alpha = float(config.alpha)
+    n, C = B.shape
+    St = _torch_csr(S, dev)
+    Bt = torch.from_numpy(np.ascontiguousarray(B, dtype=np.float32)).to(dev)
+
+    def dots(a, b):  # column-wise, float32 products summed in float64
+        return (a * b).sum(0, dtype=torch.float64)
+
+    def index(arr):
+        return torch.from_numpy(np.asarray(arr, dtype=np.int64)).to(dev)
+
+    bnorm = dots(Bt, Bt).sqrt()
+    if X0 is None:
+        X = torch.zeros((n, C), dtype=torch.float32, device=dev)
+        R = Bt.clone()
+    else:
+        X = torch.from_numpy(np.array(X0, dtype=np.float32, order="C", copy=True)).to(dev)
+        if solved is None or not solved.any():
+            R = Bt - X + alpha * torch.sparse.mm(St, X)
+        else:  # residuals only where needed: columns the caller knows are solved stay as they are
+            R = torch.zeros((n, C), dtype=torch.float32, device=dev)
+            todo = index(np.flatnonzero(~solved))
+            Xt = X.index_select(1, todo)
+            R.index_copy_(1, todo, Bt.index_select(1, todo) - Xt + alpha * torch.sparse.mm(St, Xt))
+    zero = (bnorm == 0)[None, :]
+    X.masked_fill_(zero, 0.0)
+    R.masked_fill_(zero, 0.0)
+    thr = tol * bnorm
+    rs = dots(R, R)
+    active = np.flatnonzero(((bnorm > 0) & (rs.sqrt() > thr)).cpu().numpy())
+    act = index(active)
+    Xa, Ra = X.index_select(1, act), R.index_select(1, act)
+    P = Ra.clone()
+    rsa, thra = rs.index_select(0, act), thr.index_select(0, act)
+    iters = 0
+    products = 0
+    while active.size and iters < config.max_iter:
+        iters += 1
+        products += int(active.size)
+        AP = torch.sparse.mm(St, P)
+        AP.mul_(-alpha).add_(P)  # AP = P - α S P
+        pap = dots(P, AP)
+        a = torch.where(pap > 0, rsa / torch.where(pap > 0, pap, 1.0), 0.0).float()
+        Xa.addcmul_(P, a)
+        Ra.addcmul_(AP, -a)
+        del AP
+        rs_new = dots(Ra, Ra)
+        beta = torch.where(rsa > 0, rs_new / torch.where(rsa > 0, rsa, 1.0), 0.0)
+        rsa = rs_new
+        if progress is not None:
+            progress(iters, config.max_iter)
+        still = (rs_new.sqrt() > thra).cpu().numpy()  # the one wait per iteration
+        if not still.all():
+            done, keep = index(np.flatnonzero(~still)), index(np.flatnonzero(still))
+            X.index_copy_(1, act.index_select(0, done), Xa.index_select(1, done))
+            rs.index_copy_(0, act.index_select(0, done), rs_new.index_select(0, done))
+            active, act = active[still], act.index_select(0, keep)
+            Xa, Ra, P = Xa.index_select(1, keep), Ra.index_select(1, keep), P.index_select(1, keep)
+            rsa, beta, thra = rsa[keep], beta[keep], thra[keep]
+        P.mul_(beta.float()).add_(Ra)  # P = R + β P
+    if active.size:
+        X.index_copy_(1, act, Xa)
+        rs.index_copy_(0, act, rsa)
+    bnorm_h, rs_h = bnorm.cpu().numpy(), rs.cpu().numpy()
+    rel = np.sqrt(rs_h) / np.where(bnorm_h > 0, bnorm_h, 1.0)
+    residual = float(rel.max()) if C else 0.0
+    converged = active.size == 0
+    if not converged:
+        msg = (f"{what}: conjugate gradient stopped after {iters} iterations with relative "
+               f"residual {residual:.2e} > tol {tol:.1e} in {active.size} of {C} classes")
+        logger.warning(msg)
+        warnings.warn(msg, PropagationWarning, stacklevel=4)
+    return X.cpu().numpy(), iters, converged, residual, products
+
+
+def _torch_csr(S: sp.csr_matrix, device="cpu"):
+    """S as a torch sparse CSR float32 tensor on ``device`` (int64 indices on the CPU, as its
+    kernels want; int32 on CUDA when they fit, half the index traffic for cuSPARSE)."""
+    import torch
+
+    dev = torch.device(device)
+    small = dev.type == "cuda" and max(S.nnz, S.shape[0]) < 2**31 - 1
+    itype = np.int32 if small else np.int64
     with warnings.catch_warnings():  # "CSR support is in beta": it is what we want here
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(
-            torch.from_numpy(S.indptr.astype(np.int64)),
-            torch.from_numpy(S.indices.astype(np.int64)),
+            torch.from_numpy(S.indptr.astype(itype)),
+            torch.from_numpy(S.indices.astype(itype)),
             torch.from_numpy(np.ascontiguousarray(S.data, dtype=np.float32)),
             size=S.shape,
             check_invariants=False,  # built from a valid scipy CSR matrix
-        )
+        ).to(dev)
 
 
 def _row_normalize(M: np.ndarray) -> np.ndarray:

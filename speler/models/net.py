@@ -5,10 +5,17 @@ classifier head per branch. ``build_model`` picks the time branch from the layou
 Input x: float32 (N, C, T, V, M). Persons (M) share all weights: they are folded into the batch,
 and their embeddings are averaged over the persons that are present (non-zero). Inference averages
 both heads' softmax (``SpelerOutput.probs``).
+
+On an accelerator the forward pass has static shapes and never waits for the device: every person
+slot is run, an empty slot's embedding gets weight 0 in the average, and in training the BatchNorm
+layers that see the slots take their batch statistics over the present slots only
+(``PersonBatchNorm``), so the result is that of running the present slots alone. On a CPU, where a
+host sync is free and compute is not, only the present slots are run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -161,6 +168,84 @@ class SeriesTimeBranch(nn.Module):
         return self.proj(_pool(h, self.segments))
 
 
+class PersonBatchNorm:
+    """BatchNorm (mixed into ``nn.BatchNorm1d``/``2d``) whose training statistics cover only the
+    rows flagged in ``rows`` (bool (B,), set by ``SpelerNet.forward`` while it runs; None = all
+    rows, the plain BatchNorm). Evaluation uses the running statistics as usual. Same parameters
+    and buffers as the plain layer, so checkpoints do not change."""
+
+    rows: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is None or not self.training:
+            return super().forward(x)
+        return _masked_batch_norm(self, x, self.rows)
+
+
+class PersonBatchNorm1d(PersonBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class PersonBatchNorm2d(PersonBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+def _masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
+                       rows: torch.Tensor) -> torch.Tensor:
+    """Training-mode batch norm of x (B, C, ...) with statistics over the rows where ``rows`` is
+    true (float32, no host sync); running statistics updated as ``nn.BatchNorm`` does (unbiased
+    variance, ``momentum`` or a cumulative average when it is None)."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    dims = [0, *range(2, x.ndim)]
+    w = rows.to(torch.float32).view((-1,) + (1,) * (x.ndim - 1))
+    xf = x.float()
+    count = w.sum() * (x[0, 0].numel())
+    mean = (xf * w).sum(dims) / count
+    centred = xf - mean.view(shape)
+    var = (centred.square() * w).sum(dims) / count
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = (bn.momentum if bn.momentum is not None
+                      else (1.0 / bn.num_batches_tracked).to(mean.dtype))
+            bn.running_mean.lerp_(mean.detach(), factor)
+            bn.running_var.lerp_((var * count / (count - 1).clamp(min=1)).detach(), factor)
+    y = centred * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return y.to(x.dtype)
+
+
+def _use_person_batch_norm(module: nn.Module) -> None:
+    """Replace the plain BatchNorm1d/2d layers below ``module`` by their ``PersonBatchNorm``
+    versions (freshly initialised: call before loading any weights)."""
+    kinds = {nn.BatchNorm1d: PersonBatchNorm1d, nn.BatchNorm2d: PersonBatchNorm2d}
+    for name, child in module.named_children():
+        kind = kinds.get(type(child))
+        if kind is None:
+            _use_person_batch_norm(child)
+            continue
+        setattr(module, name, kind(child.num_features, eps=child.eps, momentum=child.momentum,
+                                   affine=child.affine,
+                                   track_running_stats=child.track_running_stats))
+
+
+@contextlib.contextmanager
+def _person_rows(model: nn.Module, rows: torch.Tensor | None):
+    """Tell every ``PersonBatchNorm`` of ``model`` which rows hold a person, for one pass."""
+    if rows is None:
+        yield
+        return
+    bns = [m for m in model.modules() if isinstance(m, PersonBatchNorm)]
+    for bn in bns:
+        bn.rows = rows
+    try:
+        yield
+    finally:
+        for bn in bns:
+            bn.rows = None
+
+
 class SpelerNet(nn.Module):
     """Two-branch classifier; ``forward(x)`` with x float32 (N, C, T, V, M) -> ``SpelerOutput``."""
 
@@ -181,6 +266,8 @@ class SpelerNet(nn.Module):
             self.time_branch = GraphTimeBranch(layout, in_channels, config)
         self.freq_branch = FourierBranch(in_channels, v, channels=config.freq_channels,
                                          embed_dim=config.embed_dim)
+        _use_person_batch_norm(self)  # data_bn and both branches: the parts that see person slots
+        self.static_persons: bool | None = None  # every slot run, masked (None: off on a CPU only)
         self.fusion = CrossDomainFusion(config.embed_dim)
         self.drop = nn.Dropout(config.dropout)
         self.head_time = nn.Linear(config.embed_dim, num_classes)
@@ -198,21 +285,26 @@ class SpelerNet(nn.Module):
         if N == 0 or T < 2:
             raise DataFormatError(
                 f"model input needs N >= 1 samples and T >= 2 frames, got N={N}, T={T}")
-        # Persons share the weights: fold them into the batch, run only the slots that hold a
-        # person (an all-zero sample keeps all its slots), average their embeddings per sample.
+        # Persons share the weights: fold them into the batch and average the embeddings of the
+        # slots that hold a person (an all-zero sample keeps all its slots). Every slot is run
+        # (static shapes, no host sync); empty ones get weight 0 and stay out of the BatchNorm
+        # statistics in training.
         present = x.detach().abs().amax(dim=(1, 2, 3)) > 0  # (N, M)
         present = present | ~present.any(1, keepdim=True)
         weight = present.float() / present.float().sum(1, keepdim=True)
-        keep = present.reshape(-1)
         xp = x.permute(0, 4, 1, 2, 3).reshape(N * M, C, T, V)
-        if not bool(keep.all()):
-            xp = xp[keep]
-        xn = self.data_bn(xp)
-        h_t = self.time_branch(xn).float()
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            h_f = self.freq_branch(xp.float())
-        h_time = self._pool_persons(h_t, keep, weight)
-        h_freq = self._pool_persons(h_f, keep, weight)
+        keep = present.reshape(-1)
+        static = self.static_persons if self.static_persons is not None else x.device.type != "cpu"
+        if not static and M > 1 and not bool(keep.all()):
+            # on a CPU a host sync costs nothing and empty slots would cost compute (half the
+            # slots of a one-person NTU clip): run the present slots only, put them back in place
+            h_t, h_f = self._branches(xp[keep], None)
+            h_t = h_t.new_zeros(N * M, h_t.shape[1]).index_copy(0, keep.nonzero()[:, 0], h_t)
+            h_f = h_f.new_zeros(N * M, h_f.shape[1]).index_copy(0, keep.nonzero()[:, 0], h_f)
+        else:
+            h_t, h_f = self._branches(xp, keep if M > 1 and self.training else None)
+        h_time = self._pool_persons(h_t, weight)
+        h_freq = self._pool_persons(h_f, weight)
         e_time, e_freq = self.fusion(h_time, h_freq)
         return SpelerOutput(
             logits_time=self.head_time(self.drop(e_time)),
@@ -220,13 +312,22 @@ class SpelerNet(nn.Module):
             emb_time=e_time, emb_freq=e_freq, pre_time=h_time, pre_freq=h_freq,
         )
 
+    def _branches(self, xp: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both branches on the person slots xp (slots, C, T, V); ``rows``: the slots that hold a
+        person, for the BatchNorm statistics in training (None = all of them)."""
+        with _person_rows(self, rows):
+            h_t = self.time_branch(self.data_bn(xp)).float()
+            with torch.autocast(device_type=xp.device.type, enabled=False):
+                h_f = self.freq_branch(xp.float())
+        return h_t, h_f
+
     @staticmethod
-    def _pool_persons(h: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """(kept slots, D) -> (N, D): weighted mean over each sample's kept person slots."""
+    def _pool_persons(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(N·M slots, D) -> (N, D): weighted mean over each sample's person slots (weight 0 for
+        an empty slot; ``where`` keeps whatever an empty slot computed out of the sum)."""
         n, m = weight.shape
-        full = h.new_zeros(n * m, h.shape[1])
-        full[keep] = h
-        return (full.view(n, m, -1) * weight.unsqueeze(-1)).sum(1)
+        h = h.view(n, m, -1)
+        return torch.where(weight.unsqueeze(-1) > 0, h * weight.unsqueeze(-1), 0.0).sum(1)
 
 
 ARCH_FIELDS = ("model", "channels", "blocks", "freq_channels", "embed_dim", "segments", "bones")

@@ -1,0 +1,412 @@
+"""GPU against CPU, side by side from one run: training, embedding, kNN graph and propagation.
+
+    python benchmarks/gpu.py [--quick] [--parts msr ntu graph] [--budget 360]
+                             [--cpu-n 1000] [--cpu-graph-n 250000] [--out PATH]
+
+Parts (issue 12's targets in brackets, for one H100):
+
+* msr: a default round (``speler.loop.build_state``) on MSRAction3D from ../shared/data, on the
+  protocol split (π = 10, γ = 10 %, seed 0): once on CUDA (cold, then again warm) and once on the
+  CPU with all its cores. [the GPU round faster than the CPU's]
+* ntu: a round on an NTU-60-sized synthetic set (40,000 × 3 × 64 × 25 × 2, 60 classes, 10 %
+  labeled): ``fit`` with the default model and the device's default batch, ``embed`` of every
+  sample, kNN graph of the embeddings, ``propagate``. Also the bare rates of the same networks
+  measured in the same run: a training step (forward, backward, Adam) and a forward pass.
+  [training >= 5,000 samples/s; embed >= 80 % of the bare forward rate; round <= 120 s]
+  CPU column: the same stages on the first ``--cpu-n`` samples (rates; the full-size seconds are
+  estimated from them and marked so), graph and propagation on the same embeddings.
+* graph: kNN graph + propagation of 1M × 256 synthetic embeddings (benchmarks/propagation.py's
+  long-tailed clusters, 60 classes, 5 % labeled): GPU = exact torch search on CUDA
+  (``GraphConfig(backend="torch")``), affinity, the block CG solve on CUDA (``_block_cg_torch``
+  with ``device="cuda"``; ``propagate()`` itself still solves on the CPU); CPU = the library's
+  default (faiss; IVF-PCA beyond 50k) on ``--cpu-graph-n`` points, its CG solve and the full
+  ``propagate()``. [graph + propagation <= 20 s with recall >= 0.99]
+
+Without CUDA the GPU column says "not measured" and only the CPU half runs; ``--quick`` shrinks
+every part (msr: 2 epochs and 840 random kernels; ntu: 600 samples; graph: 20k points) to check the
+script on a small machine. ``--budget`` (seconds) skips the CPU extras that would overrun it.
+Prints a table and writes benchmarks/results/gpu.json (gpu_quick.json with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+from propagation import synthetic  # noqa: E402
+from speler.config import Config, GraphConfig, PropagationConfig, TrainConfig  # noqa: E402
+from speler.data.layouts import get_layout  # noqa: E402
+from speler.data.schema import SequenceSet  # noqa: E402
+from speler.graph.knn import _normalize_rows, _recall, affinity, build_knn  # noqa: E402
+from speler.graph.propagate import _block_cg_torch, normalized_operator, propagate  # noqa: E402
+from speler.models import build_model  # noqa: E402
+from speler.train import (  # noqa: E402
+    EMBED_BATCH_CPU, EMBED_BATCH_CUDA, _autocast, batch_size_for, embed, fit,
+)
+
+DATA = ROOT.parent / "shared" / "data"
+CUDA = torch.cuda.is_available()
+NOT_MEASURED = "not measured (no CUDA device)"
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.start, self.seconds = time.perf_counter(), seconds
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t
+
+
+# --- data ---------------------------------------------------------------------------------------
+def ntu_like(n: int, *, classes: int = 60, frames: int = 64, seed: int = 0) -> SequenceSet:
+    """NTU-shaped synthetic skeletons (n, 3, frames, 25, 2): class c moves joint mover[c] along
+    a direction at a frequency; half the samples have a second person, the rest an empty slot."""
+    rng = np.random.default_rng(seed)
+    lay = get_layout("ntu25")
+    v = lay.num_joints
+    y = (np.arange(n) % classes).astype(np.int64)
+    mover = rng.integers(0, v, classes)
+    direction = rng.normal(size=(classes, 3)).astype(np.float32)
+    freq = rng.uniform(0.5, 3.0, classes).astype(np.float32)
+    pose = rng.normal(0, 0.4, size=(3, 1, v)).astype(np.float32)
+    t = np.linspace(0, 1, frames, dtype=np.float32)
+    x = np.zeros((n, 3, frames, v, 2), dtype=np.float32)
+    for lo in range(0, n, 2048):
+        hi = min(n, lo + 2048)
+        m, yc = hi - lo, y[lo:hi]
+        a = pose + rng.normal(0, 0.05, size=(m, 3, frames, v)).astype(np.float32)
+        wave = 0.4 * np.sin(2 * np.pi * freq[yc][:, None] * t + rng.uniform(0, 6.3, (m, 1)))
+        a[np.arange(m), :, :, mover[yc]] += direction[yc][:, :, None] * wave[:, None, :]
+        x[lo:hi, ..., 0] = a
+        two = rng.random(m) < 0.5
+        x[lo:hi][two, ..., 1] = 0.8 * a[two] + 0.3
+    labels = np.full(n, -1, dtype=np.int64)
+    pick = rng.random(n) < 0.1
+    labels[pick] = y[pick]
+    return SequenceSet(x=x, ids=np.array([f"s{i:06d}" for i in range(n)]),
+                       classes=tuple(f"c{i}" for i in range(classes)), y=labels, layout=lay,
+                       y_true=y, where="ntu-like synthetic")
+
+
+def load_msr(quick: bool):
+    from speler.data.protocol import make_partial
+    from speler.data.transforms import preprocess
+    from speler.formats import read
+
+    if not (DATA / "MSRAction3D").exists():
+        return None, None
+    cfg = Config()
+    if quick:
+        cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, epochs=2, warm_epochs=2),
+            views=dataclasses.replace(cfg.views, rocket_features=840))
+    full = preprocess(read(DATA / "MSRAction3D"), cfg.preprocess)
+    return make_partial(full, imbalance=10, labeled_ratio=0.1, seed=0), cfg
+
+
+# --- parts --------------------------------------------------------------------------------------
+def msr_round(device: str, ds, cfg: Config) -> dict:
+    from speler.loop import build_state
+
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device),
+                              graph=dataclasses.replace(cfg.graph, use_gpu=device != "cpu"))
+    built, seconds = timed(lambda: build_state(ds, ds.y, no=0, config=cfg))
+    unl = ds.y < 0
+    acc = float((built.state.result.labels[unl] == ds.y_true[unl]).mean())
+    return {"seconds": seconds, "stages": built.stage_seconds, "n": ds.n,
+            "labels": int((ds.y >= 0).sum()), "network_trained": built.fitted is not None,
+            "accuracy_unlabeled": acc}
+
+
+def bare_rates(model, ds: SequenceSet, device: str, *, train_batch: int, embed_batch: int,
+               steps: int) -> dict:
+    """Samples/s of a bare training step and of a bare forward pass of ``model``'s network on
+    data already on the device (the ceiling for fit and embed)."""
+    net = build_model(ds.layout, in_channels=3, num_classes=ds.num_classes, frames=ds.x.shape[2],
+                      persons=2, config=TrainConfig()).to(device)
+    net.load_state_dict(model.state_dict())
+    cuda = device.startswith("cuda")
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
+    xb = torch.from_numpy(ds.x[:train_batch]).to(device)
+    yb = torch.from_numpy(ds.y_true[:train_batch]).to(device)
+    net.train()
+
+    def step():
+        with _autocast(device, cuda):
+            out = net(xb)
+        loss = (torch.nn.functional.cross_entropy(out.logits_time.float(), yb)
+                + torch.nn.functional.cross_entropy(out.logits_freq.float(), yb))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up (cuDNN plans)
+    _, t_train = timed(lambda: [step() for _ in range(steps)])
+    net.eval()
+    xe = torch.from_numpy(ds.x[:embed_batch]).to(device)
+
+    def forward():
+        with torch.inference_mode(), _autocast(device, cuda):
+            net(xe)
+
+    forward()
+    _, t_fwd = timed(lambda: [forward() for _ in range(steps)])
+    return {"train_step_sps": steps * len(xb) / t_train, "forward_sps": steps * len(xe) / t_fwd,
+            "train_batch": len(xb), "embed_batch": len(xe)}
+
+
+def ntu_round(device: str, ds: SequenceSet, *, epochs: int | None, steps: int) -> dict:
+    cfg = TrainConfig(device=device, **({"epochs": epochs} if epochs else {}))
+    out: dict = {"n": ds.n, "labels": int((ds.y >= 0).sum()), "device": device,
+                 "batch": batch_size_for(cfg, device)}
+    result, out["fit_s"] = timed(lambda: fit(ds, ds.y, config=cfg))
+    hist = result.history
+    later = hist[1:] or hist
+    out["epochs"] = len(hist)
+    out["samples_per_epoch"] = float(np.mean([h["samples"] for h in hist]))
+    out["first_epoch_s"] = hist[0]["seconds"]
+    out["train_sps"] = sum(h["samples"] for h in later) / sum(h["seconds"] for h in later)
+    emb, out["embed_s"] = timed(lambda: embed(result.model, ds))
+    out["embed_sps"] = ds.n / out["embed_s"]
+    bare = bare_rates(result.model, ds, device, train_batch=out["batch"],
+                      embed_batch=min(ds.n, EMBED_BATCH_CUDA if device != "cpu"
+                                      else EMBED_BATCH_CPU), steps=steps)
+    out.update(bare)
+    out["embed_share_of_forward"] = out["embed_sps"] / bare["forward_sps"]
+    out["embeddings"] = np.concatenate([emb.time, emb.freq], 1)
+    return out
+
+
+def graph_and_propagation(x: np.ndarray, labels: np.ndarray, y: np.ndarray, C: int,
+                          device: str, *, library_propagate: bool) -> dict:
+    """kNN graph (torch on CUDA, the library's default on the CPU), affinity, the block CG solve
+    on ``device``, and with ``library_propagate`` the full ``propagate()`` (CPU solver)."""
+    gcfg = GraphConfig(backend="torch") if device != "cpu" else GraphConfig(use_gpu=False)
+    pcfg = PropagationConfig()
+    out: dict = {"n": len(x), "dim": x.shape[1], "device": device}
+    g, out["knn_s"] = timed(lambda: build_knn(x, config=gcfg))
+    out["knn_method"] = g.method
+    if g.recall is not None:
+        out["recall"] = g.recall
+    else:  # exact method: check it anyway on a few queries against faiss
+        xn = np.array(x, dtype=np.float32, copy=True)
+        _normalize_rows(xn)
+        out["recall"] = _recall(xn, g.indices, g.sims, g.k, GraphConfig(recall_queries=200))
+        del xn
+    W, out["affinity_s"] = timed(lambda: affinity(g, gamma=gcfg.gamma))
+    g = None  # the lists are not needed any more
+    S, out["operator_s"] = timed(lambda: normalized_operator(W))
+    B = np.zeros((len(x), C), dtype=np.float32)
+    lab = labels >= 0
+    B[lab, labels[lab]] = 1 - pcfg.alpha
+    solve = lambda: _block_cg_torch(S, B, pcfg, None, None, "bench", pcfg.tol, None,  # noqa: E731
+                                    device=device)
+    (M, iters, conv, _, _), out["cg_s"] = timed(solve)
+    out["cg_iterations"], out["cg_converged"] = iters, bool(conv)
+    pred = np.where(lab, labels, M.argmax(1))
+    out["cg_accuracy_unlabeled"] = float((pred[~lab] == y[~lab]).mean())
+    out["graph_plus_cg_s"] = out["knn_s"] + out["affinity_s"] + out["operator_s"] + out["cg_s"]
+    if library_propagate:
+        r, out["propagate_s"] = timed(lambda: propagate(W, labels, num_classes=C, config=pcfg))
+        out["propagate_iterations"] = r.iterations
+    return out
+
+
+# --- report -------------------------------------------------------------------------------------
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
+
+
+def table(rows: list[tuple]) -> None:
+    head = ("part", "figure", "GPU", "CPU", "target")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(5)]
+    for r in [head, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, to check the script")
+    ap.add_argument("--parts", nargs="+", default=["msr", "ntu", "graph"],
+                    choices=["msr", "ntu", "graph"])
+    ap.add_argument("--budget", type=float, default=360.0, help="seconds for the whole run")
+    ap.add_argument("--cpu-n", type=int, default=None, help="ntu samples for the CPU column")
+    ap.add_argument("--cpu-graph-n", type=int, default=None, help="graph points on the CPU")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    q = args.quick
+    ntu_n, graph_n = (600, 20_000) if q else (40_000, 1_000_000)
+    cpu_n = args.cpu_n or (600 if q else 1_000)
+    cpu_graph_n = args.cpu_graph_n or (20_000 if q else 250_000)
+    budget = Budget(args.budget)
+    gpu_name = torch.cuda.get_device_name(0) if CUDA else None
+    info = {"gpu": gpu_name, "gpu_measured": CUDA, "quick": q, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.machine()}
+    print(f"GPU: {gpu_name or NOT_MEASURED}; CPU: {os.cpu_count()} cores, torch threads "
+          f"{torch.get_num_threads()}; torch {torch.__version__}; quick={q}", flush=True)
+    results: dict = {"info": info}
+    rows: list[tuple] = []
+    gpu_col = (lambda d, key: d.get(key) if d else NOT_MEASURED)
+
+    if "msr" in args.parts:
+        ds, cfg = load_msr(q)
+        if ds is None:
+            results["msr"] = {"skipped": f"no MSRAction3D under {DATA}"}
+            rows.append(("msr", "round", "-", "-", f"skipped: no data under {DATA}"))
+        else:
+            gpu = None
+            if CUDA:
+                cold = msr_round("cuda", ds, cfg)
+                gpu = msr_round("cuda", ds, cfg)
+                gpu["cold_seconds"] = cold["seconds"]
+            cpu = msr_round("cpu", ds, cfg)
+            results["msr"] = {"gpu": gpu, "cpu": cpu}
+            rows += [("msr", f"round s (n={ds.n}, {cpu['labels']} labels)",
+                      fmt(gpu_col(gpu, "seconds")), fmt(cpu["seconds"]), "GPU < CPU"),
+                     ("msr", "round s, first on the GPU (cold)", fmt(gpu_col(gpu, "cold_seconds")),
+                      "-", ""),
+                     ("msr", "network trained", fmt(gpu_col(gpu, "network_trained")),
+                      fmt(cpu["network_trained"]), ""),
+                     ("msr", "accuracy, unlabeled", fmt(gpu_col(gpu, "accuracy_unlabeled")),
+                      fmt(cpu["accuracy_unlabeled"]), "")]
+            for stage in cpu["stages"]:
+                rows.append(("msr", f"  stage {stage} s",
+                             fmt(gpu["stages"].get(stage) if gpu else NOT_MEASURED),
+                             fmt(cpu["stages"][stage]), ""))
+        print(f"msr done ({budget.left():.0f} s of budget left)", flush=True)
+
+    if "ntu" in args.parts:
+        ds, t_gen = timed(lambda: ntu_like(ntu_n))
+        gpu = None
+        if CUDA:
+            gpu = ntu_round("cuda", ds, epochs=None, steps=20)
+            emb = gpu.pop("embeddings")
+            g = graph_and_propagation(emb, ds.y, ds.y_true, ds.num_classes, "cuda",
+                                      library_propagate=True)
+            gpu["graph_s"], gpu["propagate_s"] = g["knn_s"] + g["affinity_s"], g["propagate_s"]
+            gpu["round_s"] = gpu["fit_s"] + gpu["embed_s"] + gpu["graph_s"] + gpu["propagate_s"]
+        # CPU: fit and embed on the first cpu_n samples (rates), the graph and propagation on the
+        # same embeddings as the GPU's (all samples) when there are any, else on the subset's
+        sub = ds.subset(np.arange(min(cpu_n, ds.n)))
+        cpu = ntu_round("cpu", sub, epochs=2, steps=2)
+        emb_cpu = cpu.pop("embeddings")
+        on = ds if CUDA else sub
+        g = graph_and_propagation(emb if CUDA else emb_cpu, on.y, on.y_true, ds.num_classes,
+                                  "cpu", library_propagate=True)
+        cpu["graph_s"], cpu["propagate_s"] = g["knn_s"] + g["affinity_s"], g["propagate_s"]
+        # a full-size CPU round from the measured rates: the GPU run's epochs and samples per
+        # epoch (else the defaults: 40 epochs of 80 % of the labels), every sample embedded
+        per_epoch = gpu["samples_per_epoch"] if gpu else 0.8 * int((ds.y >= 0).sum())
+        epochs_full = gpu["epochs"] if gpu else TrainConfig().epochs
+        cpu["round_s_estimated_full"] = (epochs_full * per_epoch / cpu["train_sps"]
+                                         + ds.n / cpu["embed_sps"] + cpu["graph_s"]
+                                         + cpu["propagate_s"])
+        results["ntu"] = {"generate_s": t_gen, "gpu": gpu, "cpu": cpu, "cpu_samples": sub.n,
+                          "graph_samples": on.n}
+        rows += [
+            ("ntu", f"train samples/s (batch {gpu['batch'] if gpu else '-'} / {cpu['batch']})",
+             fmt(gpu_col(gpu, "train_sps")), fmt(cpu["train_sps"]), ">= 5,000 on GPU"),
+            ("ntu", "bare train step samples/s", fmt(gpu_col(gpu, "train_step_sps")),
+             fmt(cpu["train_step_sps"]), ""),
+            ("ntu", "first epoch s", fmt(gpu_col(gpu, "first_epoch_s")),
+             fmt(cpu["first_epoch_s"]), ""),
+            ("ntu", "embed samples/s", fmt(gpu_col(gpu, "embed_sps")), fmt(cpu["embed_sps"]), ""),
+            ("ntu", "bare forward samples/s", fmt(gpu_col(gpu, "forward_sps")),
+             fmt(cpu["forward_sps"]), ""),
+            ("ntu", "embed / bare forward", fmt(gpu_col(gpu, "embed_share_of_forward")),
+             fmt(cpu["embed_share_of_forward"]), ">= 0.8 on GPU"),
+            ("ntu", f"graph s (n={on.n})", fmt(gpu_col(gpu, "graph_s")),
+             fmt(cpu["graph_s"]), ""),
+            ("ntu", "propagate s (library, CPU solver)", fmt(gpu_col(gpu, "propagate_s")),
+             fmt(cpu["propagate_s"]), ""),
+            ("ntu", f"round s (n={ds.n}; CPU: estimate from the rates on {sub.n})",
+             fmt(gpu_col(gpu, "round_s")), fmt(cpu["round_s_estimated_full"]) + " (est.)",
+             "<= 120 on GPU"),
+        ]
+        print(f"ntu done ({budget.left():.0f} s of budget left)", flush=True)
+
+    if "graph" in args.parts:
+        x, y, labels = synthetic(graph_n, seed=0)
+        gpu = (graph_and_propagation(x, labels, y, 60, "cuda", library_propagate=False)
+               if CUDA else None)
+        n_cpu = min(cpu_graph_n, graph_n)
+        if CUDA and budget.left() < 120:  # keep the run inside its budget
+            n_cpu = min(n_cpu, 100_000)
+        cpu = graph_and_propagation(x[:n_cpu], labels[:n_cpu], y[:n_cpu], 60, "cpu",
+                                    library_propagate=True)
+        results["graph"] = {"gpu": gpu, "cpu": cpu}
+        rows += [
+            ("graph", f"n (GPU / CPU), dim {x.shape[1]}", fmt(graph_n) if CUDA else NOT_MEASURED,
+             fmt(n_cpu), ""),
+            ("graph", "kNN method", fmt(gpu_col(gpu, "knn_method")), cpu["knn_method"], ""),
+            ("graph", "kNN s", fmt(gpu_col(gpu, "knn_s")), fmt(cpu["knn_s"]), ""),
+            ("graph", "recall@k (200 queries)", fmt(gpu_col(gpu, "recall")), fmt(cpu["recall"]),
+             ">= 0.99"),
+            ("graph", "affinity s (scipy, CPU)", fmt(gpu_col(gpu, "affinity_s")),
+             fmt(cpu["affinity_s"]), ""),
+            ("graph", "operator D^-1/2 W D^-1/2 s (scipy, CPU)", fmt(gpu_col(gpu, "operator_s")),
+             fmt(cpu["operator_s"]), ""),
+            ("graph", "CG solve s (60 columns)", fmt(gpu_col(gpu, "cg_s")), fmt(cpu["cg_s"]), ""),
+            ("graph", "CG iterations", fmt(gpu_col(gpu, "cg_iterations")),
+             fmt(cpu["cg_iterations"]), ""),
+            ("graph", "graph + CG s", fmt(gpu_col(gpu, "graph_plus_cg_s")),
+             fmt(cpu["graph_plus_cg_s"]), "<= 20 on GPU at 1M"),
+            ("graph", "propagate() s (library, CPU solver)", "not run (would be the CPU's)",
+             fmt(cpu.get("propagate_s")), ""),
+            ("graph", "accuracy, unlabeled (CG)", fmt(gpu_col(gpu, "cg_accuracy_unlabeled")),
+             fmt(cpu["cg_accuracy_unlabeled"]), ""),
+        ]
+
+    results["seconds"] = time.perf_counter() - budget.start
+    print()
+    table(rows)
+    if not CUDA:
+        print(f"\nGPU column: {NOT_MEASURED}. Only the CPU half ran"
+              f"{' at the --quick sizes' if q else ''}.")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / ("gpu_quick.json" if q else "gpu.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, sort_keys=True, default=float))
+    print(f"total {results['seconds']:.0f} s; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

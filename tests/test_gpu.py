@@ -1,0 +1,193 @@
+"""The device code paths: fit, embed, kNN and propagation on CUDA checked against the CPU.
+
+Tests that need CUDA are marked ``gpu`` and skipped without a CUDA device. The device-only code
+that also runs on CPU torch (the block CG with every array on the device, the float16 kNN scheme
+in tests/test_knn.py) is run here on the CPU too, so CI without a GPU still tests it.
+
+Tolerances on CUDA, and why:
+- propagation: float32 CG on both sides, only the summation order differs: scores within
+  1e-4 relative (+ 1e-6 absolute), iteration counts within 2;
+- kNN: the torch search is exact by construction (float16 candidates re-ranked in float32 and
+  vouched for): similarities within 1e-5 of faiss on the CPU, neighbour sets equal outside ties;
+- embed: bf16 autocast keeps about 3 significant digits per layer: embeddings within 5 % (relative
+  Frobenius norm), probabilities within 0.05, the predicted class the same on >= 95 % of samples;
+- fit: cuDNN and bf16 give other rounding, so training paths drift apart; from the same
+  initial weights and augmentation draws the first epoch's loss agrees within 5 % and both
+  reach the separable set's accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from speler.config import GraphConfig, PropagationConfig
+from speler.graph.knn import affinity, build_knn
+from speler.graph.propagate import (
+    PropagationWarning, _block_cg_on_device, _block_cg_torch, normalized_operator,
+)
+
+from test_knn import _clusters
+from test_train import FAST, make_actions
+
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = [pytest.mark.gpu,
+              pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
+def _cg(device: str, S, B, config, X0=None, solved=None):
+    """The device CG: on "cpu" the device implementation itself (it would otherwise only run on
+    CUDA), on "cuda" through ``_block_cg_torch`` as a caller would."""
+    if device == "cpu":
+        return _block_cg_on_device(S, B, config, X0, None, "test", config.tol, solved, "cpu")
+    return _block_cg_torch(S, B, config, X0, None, "test", config.tol, solved, device=device)
+
+
+def _system(n: int = 1500, C: int = 6, seed: int = 0):
+    x = _clusters(n, 16, seed=seed, centers=C)
+    W = affinity(build_knn(x, config=GraphConfig(index="flat", use_gpu=False), k=10))
+    S = normalized_operator(W)
+    rng = np.random.default_rng(seed)
+    B = np.zeros((n, C), dtype=np.float32)
+    seeds = rng.choice(n, size=40, replace=False)
+    B[seeds, rng.integers(0, C - 1, size=40)] = 0.2  # the last class has no seed: a zero column
+    return S, B
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_cg_on_device_equals_the_cpu_solver(device):
+    S, B = _system()
+    config = PropagationConfig(tol=1e-6)
+    want, it_cpu, conv_cpu, res_cpu, prod_cpu = _block_cg_torch(S, B, config, None, None, "t",
+                                                                config.tol, None)
+    got, it, conv, res, prod = _cg(device, S, B, config)
+    assert conv and conv_cpu and res <= config.tol
+    assert abs(it - it_cpu) <= 2 and abs(prod - prod_cpu) <= 2 * B.shape[1]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert not got[:, -1].any()  # zero column solved by 0
+    # warm start where the caller knows some columns are solved: they are left as they are
+    X0 = want.copy()
+    X0[:, 1] = 0.0
+    solved = np.ones(B.shape[1], dtype=bool)
+    solved[1] = False
+    again, it2, conv2, _, prod2 = _cg(device, S, B, config, X0=X0, solved=solved)
+    assert conv2 and prod2 <= it2
+    np.testing.assert_array_equal(np.delete(again, 1, axis=1), np.delete(X0, 1, axis=1))
+    np.testing.assert_allclose(again[:, 1], want[:, 1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_cg_on_device_warns_when_it_stops_early(device):
+    S, B = _system(n=600)
+    config = PropagationConfig(tol=1e-9, max_iter=3)
+    with pytest.warns(PropagationWarning, match="stopped after 3 iterations"):
+        X, iters, converged, residual, _ = _cg(device, S, B, config)
+    assert iters == 3 and not converged and residual > config.tol
+    assert X.shape == B.shape and X.dtype == np.float32
+
+
+def test_csr_on_device_keeps_the_matrix():
+    from speler.graph.propagate import _torch_csr
+
+    S = sp.random(50, 50, density=0.1, format="csr", random_state=0, dtype=np.float32)
+    dense = _torch_csr(S, "cpu").to_dense().numpy()
+    np.testing.assert_array_equal(dense, S.toarray())
+    if HAS_CUDA:
+        on_gpu = _torch_csr(S, "cuda")
+        assert on_gpu.is_cuda and on_gpu.crow_indices().dtype == torch.int32
+        np.testing.assert_array_equal(on_gpu.to_dense().cpu().numpy(), S.toarray())
+
+
+# --- CUDA only ----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_torch_knn_on_cuda_equals_faiss_on_the_cpu():
+    x = _clusters(6000, 64, seed=2, latent=12)
+    gpu = build_knn(x, config=GraphConfig(backend="torch"), k=15)
+    cpu = build_knn(x, config=GraphConfig(index="flat", use_gpu=False), k=15)
+    assert gpu.method == "torch-gpu" and gpu.recall is None
+    np.testing.assert_allclose(gpu.sims, cpu.sims, atol=1e-5)
+    same = np.all(np.sort(gpu.indices, 1) == np.sort(cpu.indices, 1), axis=1)
+    assert same.mean() >= 0.999  # the rest: exact ties at the k-th neighbour
+    a, b = affinity(gpu), affinity(cpu)
+    assert abs(a.nnz - b.nnz) <= 0.001 * b.nnz
+    assert abs(a.sum() - b.sum()) <= 1e-4 * b.sum()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_embed_on_cuda_matches_the_cpu_and_pads_the_last_batch(monkeypatch):
+    import speler.train as train
+
+    ds = make_actions(per_class=13, persons=2)  # 52 samples, second person slot empty
+    ds.x[::4, ..., 1] = 0.7 * ds.x[::4, ..., 0]
+    model = train.fit(ds, ds.y, config=dataclasses.replace(FAST, epochs=2)).model
+    cpu = train.embed(model, ds, device="cpu")
+    gpu = train.embed(model, ds, device="cuda", batch_size=16)  # 52 = 3 × 16 + 4 padded to 16
+    for a, b in ((gpu.time, cpu.time), (gpu.freq, cpu.freq)):
+        assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(b)
+    assert np.abs(gpu.probs - cpu.probs).max() <= 0.05
+    assert (gpu.probs.argmax(1) == cpu.probs.argmax(1)).mean() >= 0.95
+    # the batch-by-batch path (data too large to stay on the GPU) gives the same numbers
+    monkeypatch.setattr(train, "DEVICE_SHARE", 0.0)
+    streamed = train.embed(model, ds, device="cuda", batch_size=16)
+    np.testing.assert_allclose(streamed.time, gpu.time, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fit_on_cuda_follows_the_cpu():
+    from speler.train import embed, fit
+
+    ds = make_actions(per_class=16, seed=3, labeled_per_class=6)
+    cfg = dataclasses.replace(FAST, epochs=12, holdout=0.0, dropout=0.0)
+    cpu = fit(ds, ds.y, config=cfg)
+    gpu = fit(ds, ds.y, config=dataclasses.replace(cfg, device="cuda"))
+    assert gpu.device == "cuda" and len(gpu.history) == len(cpu.history) == 12
+    assert abs(gpu.history[0]["loss"] - cpu.history[0]["loss"]) <= 0.05 * cpu.history[0]["loss"]
+    unl = ds.y < 0
+    for result in (cpu, gpu):
+        acc = float((embed(result.model, ds).probs.argmax(1)[unl] == ds.y_true[unl]).mean())
+        assert acc >= 0.7, f"{result.device}: accuracy {acc:.2f}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_a_training_step_never_waits_for_the_gpu():
+    """Forward (train and eval, empty person slots included), loss, backward and the fused Adam
+    step queue work without a host sync (torch's sync debug mode raises on one)."""
+    from speler.data.layouts import get_layout
+    from speler.models import build_model
+    from speler.train import _autocast, _batch_loss
+
+    torch.manual_seed(0)
+    model = build_model(get_layout("ntu25"), in_channels=3, num_classes=5, frames=16, persons=2,
+                        config=FAST).cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    x = torch.randn(8, 3, 16, 25, 2, device="cuda")
+    x[:4, ..., 1] = 0.0
+    target = torch.arange(8, device="cuda") % 5
+    human = torch.arange(0, 6, device="cuda")
+    other = torch.arange(6, 8, device="cuda")
+    weight = torch.full((8,), 0.5, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model.train()
+        with _autocast("cuda", True):
+            out = model(x)
+        terms = _batch_loss(out, target, human, other, weight, prior=None, config=FAST)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+        model.eval()
+        with torch.no_grad(), _autocast("cuda", True):
+            model(x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(terms["loss"]).item()
