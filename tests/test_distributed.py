@@ -1,0 +1,330 @@
+"""Rounds under torchrun, on the CPU: 2 ranks (and once 3) spawned here (gloo, 127.0.0.1, a free port) against
+the single-process results: helpers, kNN (exactly), propagation (1e-5), embedding, failing together.
+Every spawn has a deadline; a hang fails the test instead of blocking the suite."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from speler import distributed as dist
+from speler.config import GraphConfig, PropagationConfig, TrainConfig
+from speler.errors import DataFormatError
+from speler.graph.knn import affinity, build_knn
+from speler.graph.knn_distributed import build_knn_sharded, gather_graph
+from speler.graph.propagate import propagate
+from speler.graph import propagate_distributed as pdist
+
+WORLD = 2
+DEADLINE_S = 90.0
+N, DIM, K, CLASSES = 601, 16, 10, 4  # odd n: shards of unequal size
+TINY = TrainConfig(channels=8, blocks=1, freq_channels=8, embed_dim=12, epochs=1, batch_size=8,
+                   num_threads=1, device="cpu")
+EMBED_BATCH = 16
+
+
+# --- data shared by the parent and the ranks (seeded, so each process makes the same) ----------
+def _points(n: int = N, seed: int = 0):
+    """Clustered points, sorted by cluster (as a locality order would put them: small halos)."""
+    rng = np.random.default_rng(seed)
+    y = np.sort(rng.integers(0, CLASSES, n))
+    centres = rng.normal(size=(CLASSES, DIM)) * 1.5
+    x = (centres[y] + rng.normal(size=(n, DIM))).astype(np.float32)
+    labels = np.where(rng.random(n) < 0.1, y, -1).astype(np.int64)
+    labels[np.searchsorted(y, np.arange(CLASSES))] = np.arange(CLASSES)
+    return x, labels
+
+
+def _skeletons():
+    from factories import make_skeleton_set
+
+    return make_skeleton_set(n=40, classes=CLASSES, frames=12, persons=1, seed=3)
+
+
+def _model(ds):
+    from speler.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(ds.layout, in_channels=3, num_classes=CLASSES, frames=ds.x.shape[2],
+                       persons=1, config=TINY)
+
+
+# --- spawning ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(i: int, fn, world: int, port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(i),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(i), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    assert dist.launched()
+    dist.init(backend="gloo", timeout_s=30)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy()
+
+
+def _spawn(fn, *args, world: int = WORLD) -> None:
+    """Run fn(*args) on ``world`` ranks; raise what a rank raised; fail after DEADLINE_S."""
+    ctx = mp.start_processes(_entry, args=(fn, world, _free_port(), args), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    while not ctx.join(timeout=max(0.5, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{fn.__name__} on {world} ranks did not finish in {DEADLINE_S} s")
+
+
+# --- what the ranks run --------------------------------------------------------------------------
+def _ranks_compute(out: str) -> None:
+    """Everything a 2-rank run is compared on, saved by rank 0 into ``out``/result.npz."""
+    me, world = dist.rank(), dist.world_size()
+    # helpers
+    assert world == WORLD and dist.is_main() == (me == 0)
+    gathered = dist.all_gather_array(np.full((me + 1, 3), me, dtype=np.int32))
+    assert gathered.shape == (3, 3) and gathered[:, 0].tolist() == [0, 1, 1]
+    only_main = dist.gather_array(np.arange(me + 2, dtype=np.float64), dst=0)
+    assert (only_main is None) == (me != 0)
+    said = dist.broadcast_object({"from": me, "text": "ß"}, src=1)
+    assert said == {"from": 1, "text": "ß"}
+    got = dist.all_to_all_arrays([np.full(p + me, 10 * me + p) for p in range(world)])
+    assert [g.tolist() for g in got] == [[10 * p + me] * (p + me) for p in range(world)]
+    total = dist.all_reduce_array(np.array([me + 1.0]))
+    assert total.tolist() == [3.0]
+
+    # kNN on row shards, then the affinity rows and the propagation on row shards
+    x, labels = _points()
+    lo, hi = dist.shard_range(len(x))
+    part = build_knn_sharded(x[lo:hi], config=GraphConfig(k=K))
+    graph = gather_graph(part)
+    W_rows = pdist.affinity_rows(part)
+    res = {}
+    for mode in ("halo", "allgather"):
+        sc = pdist.propagate_scores(W_rows, labels, lo=lo, num_classes=CLASSES,
+                                    config=PropagationConfig(), exchange=mode)
+        res[mode] = sc
+        res[mode + "_scores"] = dist.gather_array(sc.scores)
+    warm = pdist.propagate_scores(W_rows, labels, lo=lo, num_classes=CLASSES,
+                                  warm_start=0.5 * res["halo"].scores)
+    warm_scores = dist.gather_array(warm.scores)
+    w_all = dist.gather_array(W_rows.toarray())
+
+    # sharded embedding, gathered everywhere and on rank 0 only
+    from speler.embed_distributed import embed_sharded
+
+    ds = _skeletons()
+    model = _model(ds)
+    model.load_state_dict(torch.load(Path(out) / "model.pt", weights_only=True))
+    emb = embed_sharded(model, ds, batch_size=EMBED_BATCH)
+    emb_main = embed_sharded(model, ds, batch_size=EMBED_BATCH, to="main")
+    assert (emb_main is None) == (me != 0)
+    if me == 0:
+        np.testing.assert_array_equal(emb_main.time, emb.time)
+        halo, full = res["halo"].solve, res["allgather"].solve
+        np.savez(
+            Path(out) / "result.npz", knn_idx=graph.indices, knn_sims=graph.sims,
+            part_lo=part.lo, part_hi=part.hi, block_bytes=np.array(part.block_bytes),
+            W=w_all, halo=res["halo_scores"], allgather=res["allgather_scores"],
+            warm=warm_scores, iters=[halo.iterations, full.iterations, warm.solve.iterations],
+            halo_bytes=np.array(halo.bytes_per_iteration), full_bytes=np.array(
+                full.bytes_per_iteration), halo_rows=halo.halo_rows,
+            emb_time=emb.time, emb_freq=emb.freq, emb_probs=emb.probs,
+            emb_probs_time=emb.probs_time, emb_probs_freq=emb.probs_freq,
+        )
+
+
+def _ranks_fail(out: str) -> None:
+    """Rank 1 has a NaN in its shard, then its search raises (both caught and recorded), then it
+    raises in a stage of its own (not caught: the processes end with that error)."""
+    me = dist.rank()
+    x, _ = _points(40)
+    lo, hi = dist.shard_range(len(x))
+    shard = x[lo:hi].copy()
+    if me == 1:
+        shard[2, 0] = np.nan
+    try:
+        build_knn_sharded(shard, k=3)
+    except dist.RankFailedError as e:
+        (Path(out) / f"rank{me}.txt").write_text(str(e))
+    if me == 1:  # a search that raises in the middle of the ring: no rank is left waiting
+        from speler.graph import knn_distributed
+
+        def broken(*args):
+            raise MemoryError("no room for the scores")
+
+        knn_distributed._search = broken
+    try:
+        build_knn_sharded(x[lo:hi], k=3)
+    except dist.RankFailedError as e:
+        (Path(out) / f"search{me}.txt").write_text(str(e))
+    with dist.together("the test's own stage"):
+        if me == 1:
+            raise ValueError("boom on purpose")
+    dist.all_reduce_array(np.zeros(1))  # rank 0 must not get here
+    (Path(out) / "rank0_went_on.txt").write_text("yes")
+
+
+def _ranks_uneven(out: str, cuts: list[int]) -> None:
+    """kNN and propagation with rank r holding rows cuts[r]..cuts[r+1] (one of them empty)."""
+    me = dist.rank()
+    x, labels = _points()
+    lo, hi = cuts[me], cuts[me + 1]
+    part = build_knn_sharded(x[lo:hi], k=K)
+    graph = gather_graph(part)
+    sc = pdist.propagate_scores(pdist.affinity_rows(part), labels, lo=lo, num_classes=CLASSES)
+    scores = dist.gather_array(sc.scores)
+    if me == 0:
+        np.savez(Path(out) / "uneven.npz", idx=graph.indices, sims=graph.sims, scores=scores)
+
+
+# --- the tests -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    ds = _skeletons()
+    torch.save(_model(ds).state_dict(), out / "model.pt")
+    _spawn(_ranks_compute, str(out))
+    return dict(np.load(out / "result.npz"))
+
+
+def test_knn_on_two_ranks_equals_single_process_exactly(two_ranks):
+    x, _ = _points()
+    ref = build_knn(x, config=GraphConfig(k=K, index="flat", use_gpu=False))
+    assert ref.method == "flat"
+    np.testing.assert_array_equal(two_ranks["knn_idx"], ref.indices)
+    np.testing.assert_allclose(two_ranks["knn_sims"], ref.sims, rtol=0, atol=1e-6)
+    # rank 0 holds rows 0..300 and sends its shard once: 301 rows × 16 float32
+    assert (int(two_ranks["part_lo"]), int(two_ranks["part_hi"])) == (0, 301)
+    assert two_ranks["block_bytes"].tolist() == [301 * DIM * 4]
+    np.testing.assert_array_equal(two_ranks["W"], affinity(ref).toarray())
+
+
+def test_propagation_on_two_ranks_equals_single_process(two_ranks):
+    x, labels = _points()
+    W = affinity(build_knn(x, config=GraphConfig(k=K, index="flat", use_gpu=False)))
+    ref = propagate(W, labels, num_classes=CLASSES, config=PropagationConfig())
+    for mode in ("halo", "allgather"):
+        np.testing.assert_allclose(two_ranks[mode], ref.scores, rtol=0, atol=1e-5)
+    assert two_ranks["iters"][0] == two_ranks["iters"][1] == ref.iterations
+    warm = propagate(W, labels, num_classes=CLASSES, warm_start=0.5 * ref.scores)
+    np.testing.assert_allclose(two_ranks["warm"], warm.scores, rtol=0, atol=1e-5)
+    # the halo sends fewer bytes than gathering all of P, and both were counted each iteration
+    halo, full = two_ranks["halo_bytes"], two_ranks["full_bytes"]
+    assert len(halo) == len(full) == ref.iterations and (halo > 0).all()
+    assert halo.sum() < full.sum()
+    assert 0 < int(two_ranks["halo_rows"]) <= N - 301
+
+
+def test_embedding_on_two_ranks_equals_single_process(two_ranks):
+    from speler.train import embed
+
+    ds = _skeletons()
+    model = _model(ds)
+    ref = embed(model, ds, batch_size=EMBED_BATCH)
+    # shards of whole batches: each rank runs the very batches of the single pass, bit for bit
+    for f in ("time", "freq", "probs", "probs_time", "probs_freq"):
+        np.testing.assert_array_equal(two_ranks["emb_" + f], getattr(ref, f))
+
+
+def test_three_ranks_one_of_them_empty_give_the_same_graph_and_scores(tmp_path):
+    x, labels = _points()
+    ref = build_knn(x, config=GraphConfig(k=K, index="flat", use_gpu=False))
+    want = propagate(affinity(ref), labels, num_classes=CLASSES)
+    _spawn(_ranks_uneven, str(tmp_path), [0, 0, 10, N], world=3)
+    got = np.load(tmp_path / "uneven.npz")
+    np.testing.assert_array_equal(got["idx"], ref.indices)
+    np.testing.assert_allclose(got["sims"], ref.sims, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got["scores"], want.scores, rtol=0, atol=1e-5)
+
+
+def test_a_rank_that_raises_fails_every_rank_with_its_message(tmp_path):
+    with pytest.raises(Exception) as caught:
+        _spawn(_ranks_fail, str(tmp_path))
+    assert "rank 1 failed in the test's own stage: ValueError: boom on purpose" in str(caught.value)
+    assert not (tmp_path / "rank0_went_on.txt").exists()
+    for r in range(WORLD):  # the NaN shard of rank 1 was reported on both ranks, naming rank 1
+        text = (tmp_path / f"rank{r}.txt").read_text()
+        assert text.startswith("rank 1 failed in kNN input: DataFormatError:"), text
+        assert "NaN" in text
+        text = (tmp_path / f"search{r}.txt").read_text()
+        assert text == "rank 1 failed in kNN search: MemoryError: no room for the scores", text
+
+
+# --- one process, no torchrun: world of one, nothing initialised -------------------------------
+def test_without_torchrun_everything_is_a_world_of_one(monkeypatch):
+    for key in dist.ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    assert not dist.launched() and not dist.init() and not dist.active()
+    assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
+    a = np.arange(6).reshape(3, 2)
+    assert dist.all_gather_array(a) is a and dist.gather_array(a) is a
+    assert dist.broadcast_object({"x": 1}) == {"x": 1}
+    with pytest.raises(KeyError, match="unchanged"):  # the original exception, not a wrapper
+        with dist.together("stage"):
+            raise KeyError("unchanged")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not dist.launched()  # LOCAL_RANK missing: not torchrun
+
+
+def test_shard_ranges_cover_everything_in_order():
+    for n in (0, 1, 5, 601):
+        for world in (1, 2, 3, 8):
+            for align in (1, 16):
+                r = dist.shard_ranges(n, world, align=align)
+                assert len(r) == world and r[0][0] == 0 and r[-1][1] == n
+                assert all(a[1] == b[0] for a, b in zip(r, r[1:]))
+                sizes = [hi - lo for lo, hi in r]
+                assert max(sizes) - min(sizes) <= (1 if align == 1 else 2 * align - 1)
+                assert all(lo % align == 0 for lo, _ in r if lo < n)
+    assert dist.shard_ranges(601, 2) == [(0, 301), (301, 601)]
+    assert dist.shard_ranges(40, 2, align=16) == [(0, 32), (32, 40)]
+
+
+def test_single_process_knn_propagation_and_embedding_match_the_plain_functions():
+    from speler.embed_distributed import embed_sharded
+    from speler.train import embed
+
+    x, labels = _points(200, seed=5)
+    ref = build_knn(x, config=GraphConfig(k=7, index="flat", use_gpu=False))
+    part = build_knn_sharded(x, k=7)
+    np.testing.assert_array_equal(part.graph.indices, ref.indices)
+    np.testing.assert_array_equal(part.graph.sims, ref.sims)
+    assert part.block_bytes == []
+    W = affinity(ref)
+    W_rows = pdist.affinity_rows(part)
+    assert (W_rows != W).nnz == 0
+    for cfg, kw in ((PropagationConfig(), {}), (PropagationConfig(balance_prior="predictions"), {}),
+                    (PropagationConfig(balance=False), {}),
+                    (PropagationConfig(), {"predictions": np.arange(200) % CLASSES})):
+        want = propagate(W, labels, num_classes=CLASSES, config=cfg, **kw)
+        got = pdist.propagate_scores(W_rows, labels, lo=0, num_classes=CLASSES, config=cfg, **kw)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=1e-6)
+        assert got.solve.iterations == want.iterations
+        np.testing.assert_allclose(got.balance_weights, want.balance_weights, rtol=1e-6)
+    ds = _skeletons()
+    model = _model(ds)
+    a, b = embed_sharded(model, ds, batch_size=EMBED_BATCH), embed(model, ds, batch_size=EMBED_BATCH)
+    np.testing.assert_array_equal(a.time, b.time)
+
+
+def test_bad_inputs_are_refused_with_a_clear_message():
+    with pytest.raises(DataFormatError, match="NaN"):
+        build_knn_sharded(np.array([[0.0, 1.0], [np.nan, 1.0], [1.0, 0.0]]), k=1)
+    with pytest.raises(DataFormatError, match="at least 2 samples"):
+        build_knn_sharded(np.ones((1, 3)), k=1)
+    with pytest.raises(ValueError, match="one per rank"):
+        dist.all_to_all_arrays([np.zeros(1), np.zeros(1)])
