@@ -41,7 +41,9 @@ with top_left:
             "Eigenvalue density of the normalised affinity S of the graph the propagation ran "
             "on, before and after spectral balancing. Balancing reweights the nodes, which "
             "reshapes the density but never changes how many eigenvalues are negative (a "
-            "congruence keeps the inertia), so compare the shape and the extremes: second "
+            "congruence keeps the inertia). Within a class the weights cancel in the "
+            "normalisation, so only edges between classes change: the more the classes mix in "
+            "the graph, the more the shape moves. Compare the shape and the extremes: second "
             f"largest eigenvalue {before['lambda_2']:.3f} → {after['lambda_2']:.3f}, smallest "
             f"{before['lambda_min']:.3f} → {after['lambda_min']:.3f}.")
 with top_right:
