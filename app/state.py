@@ -417,8 +417,7 @@ def start_round(annotator: Annotator, *, config: Config) -> Job:
     """``annotator.run_round`` in a worker thread, with progress per stage and a cancel flag.
     ``config`` (the settings of the Round page) is first saved as the project's settings, so the
     Label page's suggestions and the next visit use them too."""
-    if config != annotator.config:
-        annotator.project.save_config(config)
+    annotator.set_config(config)
     return start_job(annotator, "round", lambda j: annotator.run_round(
         config=config, progress=j.update, cancel=j.cancel_event.is_set))
 

@@ -319,6 +319,18 @@ class Annotator:
             self._write_changes(state, self.project.store.current_labels().label)
             return state
 
+    def set_config(self, config: Config) -> None:
+        """Saves ``config`` as the project's settings (config.json, atomically). The live state
+        is then propagated again from the round's own solution with the new settings (as a fresh
+        Annotator would) on the next ``state()``."""
+        if not isinstance(config, Config):
+            raise TypeError(f"set_config needs a speler.config.Config, got {type(config).__name__}")
+        with self._lock:
+            if config == self.config:
+                return
+            self.project.save_config(config)
+            self._state = self._base
+
     def run_round(self, *, config: Config | None = None,
                   progress: loop.StageProgress | None = None,
                   cancel: Callable[[], bool] | None = None) -> loop.RoundResult:

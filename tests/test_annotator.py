@@ -146,3 +146,26 @@ def test_a_round_written_by_an_older_version_does_not_block_the_next(tmp_path):
         assert fresh.latest_round() == 0 and fresh.state() is None
         res = fresh.run_round()
         assert res.round == 1 and fresh.state().round == 1
+
+
+def test_set_config_saves_and_the_live_state_follows_as_a_fresh_annotator_would(annotated):
+    root, ann = annotated
+    before = ann.config
+    sid = ann.suggest(n=1)[0]
+    ann.label(sid.id, ann.data.classes[0])
+    try:
+        old_live = ann.state()
+        changed = apply_overrides(before, ["propagation.alpha=0.5"])
+        ann.set_config(changed)
+        fresh = Annotator.open(root, "basic")
+        try:
+            assert fresh.config == changed  # saved to config.json
+            np.testing.assert_array_equal(ann.state().result.scores, fresh.state().result.scores)
+            assert not np.allclose(ann.state().result.scores, old_live.result.scores)
+        finally:
+            fresh.close()
+        with pytest.raises(TypeError, match="speler.config.Config"):
+            ann.set_config({"propagation": {"alpha": 0.5}})
+    finally:
+        ann.set_config(before)
+        ann.undo()
