@@ -8,6 +8,7 @@ events in the real SQLite store.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -222,6 +223,9 @@ def test_round_page_shows_the_finished_round(trained):
     assert at.button(key="run_round").label == "Run round 1"
     assert any("Round 0 done" in s.value for s in at.success), _texts(at)
     assert len(at.dataframe) == 1
+    table = at.dataframe[0].value
+    assert table.loc[0, "status"] == "done"
+    assert re.fullmatch(r"\d\d-\d\d \d\d:\d\d", table.loc[0, "finished"])  # short enough to show
 
 
 def test_label_click_writes_event_then_undo(trained, home):

@@ -229,7 +229,7 @@ with right:
                 "network": "" if j is None else "not trained" if m.train is None else (
                     "joined" if j.joined else "stayed out"),
                 "seconds": _cell(m.seconds, "{:.0f}"),
-                "finished": (r.finished or "")[:19].replace("T", " "),
+                "finished": (r.finished or "")[5:16].replace("T", " "),  # MM-DD HH:MM
                 "note": note,
             })
         # cells are text, empty where a round has no value (a cancelled round has no metrics);
