@@ -6,19 +6,11 @@ start). The pages (app/views/) are thin views over ``speler``: Project, Round, L
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[1]
-# `streamlit run app/main.py` puts only app/ on the path: without the repository root neither
-# `app` (never installed) nor, in a checkout set up as the README says (pip install -r
-# requirements.txt, no `pip install -e .`), `speler` could be imported.
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-from app import state  # noqa: E402
+import state  # app/state.py: `streamlit run` puts the script's folder, app/, on the path
 
 st.set_page_config(page_title="SpeLER", page_icon=":material/label:", layout="wide",
                    initial_sidebar_state="collapsed")

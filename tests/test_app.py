@@ -80,11 +80,21 @@ def trained(home):
     return at
 
 
+def _app_state():
+    """The app's own ``state`` module, imported under the name the app uses: `streamlit run`
+    and AppTest put app/ on the path, and the pages import ``state`` from there."""
+    import importlib
+    import sys
+
+    app_dir = str(Path(MAIN).parent)
+    if app_dir not in sys.path:  # a test that runs before any AppTest
+        sys.path.insert(0, app_dir)
+    return importlib.import_module("state")
+
+
 def _round_job_finished(at: AppTest) -> bool:
     """The worker thread has returned (the store may say done a moment before)."""
-    from app import state
-
-    jobs, _ = state._jobs()
+    jobs, _ = _app_state()._jobs()
     return all(not job.running for job in jobs.values())
 
 
@@ -287,8 +297,9 @@ def test_export_page_writes_what_the_annotator_writes(trained, home, tmp_path, m
     column holds the label events' times, the same in both)."""
     from streamlit.runtime.media_file_manager import MediaFileManager
 
-    from app import state
     from speler.annotator import Annotator
+
+    state = _app_state()
 
     made = {}  # file name -> the callable the download button runs when clicked
     add = MediaFileManager.add_deferred

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import state
+import state
 from speler.errors import SpelerError
 
 annotator = state.current_annotator()

@@ -8,7 +8,7 @@ import logging
 
 import streamlit as st
 
-from app import state
+import state
 from speler.annotator import Annotator
 from speler.errors import SpelerError
 from speler.export import EXTENSIONS, FORMATS

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import streamlit as st
 
-from app import state
+import state
 from speler.errors import SpelerError
 from speler.selection import Suggestion
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import state
+import state
 from speler.annotator import Annotator, import_project
 from speler.errors import AccessError, DataFormatError, ProjectError, SpelerError
 from speler.project import check_name, list_projects

@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import streamlit as st
 
-from app import state
+import state
 from speler.config import apply_overrides
 from speler.errors import SpelerError
 from speler.round_metrics import LabelQuality, RoundMetrics
