@@ -299,8 +299,6 @@ def test_export_page_writes_what_the_annotator_writes(trained, home, tmp_path, m
 
     from speler.annotator import Annotator
 
-    state = _app_state()
-
     made = {}  # file name -> the callable the download button runs when clicked
     add = MediaFileManager.add_deferred
 
