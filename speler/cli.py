@@ -4,11 +4,19 @@ Each sub-command is two functions, ``_add_<name>(parser)`` declaring its options
 ``_run_<name>(args) -> int`` doing the work, registered in ``COMMANDS``. Errors are translated here
 and only here: a SpelerError (bad input) becomes one line ``error: ...`` on stderr and exit code 2;
 Ctrl-C exits 130 (the library leaves nothing half-written).
+
+Under ``torchrun --nproc_per_node N [--nnodes M ...] -m speler COMMAND`` (``RANK_COMMANDS``: round,
+train, propagate) every rank runs the command in one process group (``_run_command``): rank 0
+alone opens the project's store, writes and prints; the others get what they need from it and
+share the training (DDP) and embedding; a failure on any rank ends every rank with the same
+``error: rank R failed in STAGE: ...`` (printed by rank 0) and exit code 2. A plain ``python -m
+speler`` is untouched by this.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -22,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from speler import __version__
+from speler import distributed as dist
 from speler.config import Config, apply_overrides
 from speler.errors import SpelerError
 
@@ -316,6 +325,11 @@ def _add_round(p: argparse.ArgumentParser) -> None:
 
 
 def _run_round(args: argparse.Namespace) -> int:
+    if not dist.is_main():  # another rank of a torchrun: rank 0 runs the round with it, and prints
+        from speler.loop import join_round
+
+        join_round()
+        return EXIT_OK
     with _open_project(args, args.project) as ann:
         project = ann.project
         cfg = _project_config(args, project)
@@ -367,6 +381,8 @@ def _add_propagate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_propagate(args: argparse.Namespace) -> int:
+    if not dist.is_main():  # another rank of a torchrun: propagation is rank 0's at this size
+        return EXIT_OK
     with _open_project(args, args.project) as ann:
         # the live state re-propagates (warm-started from the round's solution) when the human
         # labels changed since; propagate() stores the propagated labels that differ from it
@@ -393,30 +409,72 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import time as _time
+    from speler.train import fit, save_checkpoint
 
-    from speler.train import MIN_HOLDOUT, fit, save_checkpoint
-
+    if dist.world_size() > 1:
+        return _run_train_ranks(args)
     with _open_project(args, args.project) as ann:
         project = ann.project
         cfg = _project_config(args, project)
         human = project.store.human_labels()
         with _Progress("epochs") as bar:
             res = fit(project.data, human, config=cfg.train, progress=bar)
-        out = Path(args.out) if args.out else (
-            project.path / "checkpoints" / f"train-{_time.strftime('%Y%m%d-%H%M%S')}.pt")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out = _checkpoint_path(args, project)
         save_checkpoint(out, res, config=cfg.train, ds=project.data)
-        if np.isfinite(res.best_metric):
-            how = (f"best epoch {res.best_epoch} of {len(res.history)} by balanced accuracy "
-                   f"{res.best_metric:.3f} on held-out human labels")
-        else:  # too few labels to hold some out (speler.train.MIN_HOLDOUT): no early stopping
-            how = (f"all {len(res.history)} epochs (no early stopping: it needs at least "
-                   f"{MIN_HOLDOUT} held-out human labels)")
-        _out(f"trained on {int((human >= 0).sum())} human labels in {res.seconds:.1f} s on "
-             f"{res.device}; {how}",
-             f"checkpoint: {out}")
+        _print_trained(res, human, out)
     return EXIT_OK
+
+
+def _run_train_ranks(args: argparse.Namespace) -> int:
+    """``train`` under torchrun: rank 0 reads the project and its human labels and hands them to
+    the others (``loop.share_inputs``), every rank trains (DDP), rank 0 alone saves and prints."""
+    from speler.loop import RankInputs, share_inputs
+    from speler.project import DATA_FILE
+    from speler.train import fit, save_checkpoint
+
+    main = dist.is_main()
+    with _open_project(args, args.project) if main else contextlib.nullcontext() as ann:
+        def read() -> RankInputs:
+            project = ann.project
+            return RankInputs(data=project.path / DATA_FILE, fingerprint=project.data.fingerprint(),
+                              human=project.store.human_labels(),
+                              config=_project_config(args, project))
+
+        inputs = share_inputs(read)
+        with dist.together("reading the data"):
+            ds = ann.project.data if main else inputs.load_data()
+        with _Progress("epochs") if main else contextlib.nullcontext() as bar:
+            res = fit(ds, inputs.human, config=inputs.config.train, progress=bar)
+        with dist.together("saving the checkpoint"):
+            if main:
+                out = _checkpoint_path(args, ann.project)
+                save_checkpoint(out, res, config=inputs.config.train, ds=ds)
+        if main:
+            _print_trained(res, inputs.human, out)
+    return EXIT_OK
+
+
+def _checkpoint_path(args: argparse.Namespace, project) -> Path:
+    import time as _time
+
+    out = Path(args.out) if args.out else (
+        project.path / "checkpoints" / f"train-{_time.strftime('%Y%m%d-%H%M%S')}.pt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _print_trained(res, human: np.ndarray, out: Path) -> None:
+    from speler.train import MIN_HOLDOUT
+
+    if np.isfinite(res.best_metric):
+        how = (f"best epoch {res.best_epoch} of {len(res.history)} by balanced accuracy "
+               f"{res.best_metric:.3f} on held-out human labels")
+    else:  # too few labels to hold some out (speler.train.MIN_HOLDOUT): no early stopping
+        how = (f"all {len(res.history)} epochs (no early stopping: it needs at least "
+               f"{MIN_HOLDOUT} held-out human labels)")
+    _out(f"trained on {int((human >= 0).sum())} human labels in {res.seconds:.1f} s on "
+         f"{res.device}; {how}",
+         f"checkpoint: {out}")
 
 
 # -- export / doubts --------------------------------------------------------------------------------
@@ -542,6 +600,40 @@ COMMANDS: list[Command] = [
 ]
 
 
+RANK_COMMANDS = ("round", "train", "propagate")  # the commands that run under torchrun
+
+
+def _no_traceback_for_bad_input(record: logging.LogRecord) -> bool:
+    """A logging filter: drops the record of a rank's failure when that is bad input (a
+    SpelerError), which every rank then reports in one line; other failures keep their traceback."""
+    return not (record.exc_info and isinstance(record.exc_info[1], SpelerError))
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the sub-command. Under torchrun (``distributed.launched``): only ``RANK_COMMANDS``;
+    join the process group, run the command on every rank inside one ``together`` stage (so a
+    failure anywhere, even outside the library's own stages, fails every rank: every stage ends
+    with the same exchange) and leave the group at the end."""
+    if not dist.launched():
+        return int(args._run(args))
+    if args.command not in RANK_COMMANDS:
+        raise _UsageError(f"{args.command} does not run under torchrun (only "
+                          f"{', '.join(RANK_COMMANDS)} do); run it with python -m speler")
+    if not args.verbose:  # bad input on a rank: the one error line says it (-v: the traceback)
+        logging.getLogger("speler.distributed").addFilter(_no_traceback_for_bad_input)
+    dist.init()
+    try:
+        stopped = None
+        with dist.together(args.command):
+            try:
+                return int(args._run(args))
+            except BrokenPipeError as exc:  # the reader stopped reading: no failure (see main)
+                stopped = exc
+        raise stopped
+    finally:
+        dist.destroy()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m speler",
                      description="SpeLER: annotate skeleton and sensor sequences with spectral-"
@@ -593,14 +685,15 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as exc:  # --help, --version
             return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_ERROR
         _setup_logging(args.verbose)
-        code = int(args._run(args))
+        code = _run_command(args)
         sys.stdout.flush()  # here, so that a reader who stopped reading is handled below
         return code
     except _UsageError as exc:
         _err(f"{exc} (see --help)")
         return EXIT_ERROR
     except SpelerError as exc:
-        _err(str(exc))
+        if not (isinstance(exc, dist.RankFailedError) and os.environ.get("RANK", "0") != "0"):
+            _err(str(exc))  # under torchrun rank 0 alone says that a rank failed
         return EXIT_ERROR
     except BrokenPipeError:
         # the reader stopped reading (`info x | head`): not an error; keep the interpreter from

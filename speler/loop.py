@@ -16,6 +16,11 @@ store in one transaction that also marks the round done. A round is complete whe
 the store and the previous round stay exactly as they were. Human labels are written by their own
 transactions and never touched by a round.
 
+Under torchrun (``python -m speler`` launched by ``torchrun``, more than one rank) rank 0 runs
+``run_round`` and the other ranks ``join_round``: they share the training (DDP) and the embedding,
+rank 0 alone does the graph work and alone reads and writes the store, and it starts writing only
+once every stage succeeded on every rank (``_run_round_ranks``).
+
 Between rounds, ``read_state`` reads a finished round back and ``update_state`` re-runs only the
 propagation for new human labels (warm-started conjugate gradient on the kept graph, no
 retraining). Nothing here keeps state between calls or writes outside a round: the live state and
@@ -36,21 +41,24 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 
+from speler import distributed as dist
 from speler import selection
 from speler.config import Config
-from speler.errors import CancelledError, LabelError
+from speler.data.schema import SequenceSet
+from speler.embed_distributed import embed_sharded
+from speler.errors import CancelledError, ConfigError, LabelError, ProjectError
 from speler.features import label_free_views
 from speler.graph.knn import (
     KnnGraph, affinity, build_knn, combine_affinities, strongest_neighbours,
 )
 from speler.graph.propagate import PropagationResult, propagate
 from speler.metrics import label_quality
-from speler.project import Project
+from speler.project import DATA_FILE, Project
 from speler.round_metrics import (
     FoldScore, JudgementMetrics, KnnMetrics, LabelQuality, PropagationMetrics, QualityMetrics,
     RoundMetrics, TrainMetrics,
 )
-from speler.train import embed, fit, load_checkpoint, save_checkpoint
+from speler.train import fit, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -130,19 +138,16 @@ def run_round(
     progress: StageProgress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> RoundResult:
-    """Run one full round on ``project``; see the module docstring for what is written where."""
+    """Run one full round on ``project``; see the module docstring for what is written where.
+
+    Under torchrun (more than one rank) this is rank 0's part and the other ranks run
+    ``join_round`` beside it: see ``_run_round_ranks``.
+    """
     cfg = config or project.config
-    _recover(project)
+    if dist.world_size() > 1:
+        return _run_round_ranks(project, cfg, progress=progress, cancel=cancel)
+    ds, human, previous = _round_inputs(project, cfg)
     store = project.store
-    ds = project.data
-    last = latest_complete_round(project)
-    previous = None if last is None else read_state(project, last)
-    human = store.human_labels()
-    if previous is not None and not np.array_equal(previous.human, human):
-        # labels given since that round: its pseudo-labels come from the propagation of all of them
-        previous = update_state(previous, human, num_classes=ds.num_classes, config=cfg)
-    if not (human >= 0).any():
-        raise LabelError(f"project {project.name}: no human labels yet; label a few samples first")
     no = store.begin_round()
     started = time.perf_counter()
 
@@ -154,56 +159,202 @@ def run_round(
 
     tmp = project.begin_round_dir(no)
     try:
-        init = None
-        if previous is not None:
-            ckpt = project.round_dir(previous.round) / "checkpoint.pt"
-            if ckpt.exists():
-                init = load_checkpoint(ckpt, ds)
+        ckpt = _previous_checkpoint(project, previous)
+        init = None if ckpt is None else load_checkpoint(ckpt, ds)
         built = build_state(ds, human, no=no, config=cfg, previous=previous, init=init,
                             report=report, cancel=cancel)
-        state, fitted = built.state, built.fitted
-        if fitted is not None:
-            save_checkpoint(tmp / "checkpoint.pt", fitted, config=cfg.train, ds=ds,
-                            extra={"round": no})
-        _save_state(tmp, state)
-
-        t0 = time.perf_counter()
-        report("suggest", 0, 1)
-        suggestions = suggest_for(state, human, ds, n=cfg.selection.batch,
-                                  strategy=cfg.selection.strategy, seed=0, config=cfg)
-        built.stage_seconds["suggest"] = time.perf_counter() - t0
-        report("suggest", 1, 1)
-
-        metrics = dataclasses.replace(_round_metrics(ds, human, built),
-                                      seconds=time.perf_counter() - started)
-        state.metrics = metrics
-        (tmp / "metrics.json").write_text(
-            json.dumps(metrics.to_json(), indent=2, default=_json_default))
-        (tmp / "config.json").write_text(cfg.to_json())
-        (tmp / "suggestions.json").write_text(json.dumps(
-            [s.__dict__ for s in suggestions], indent=2, default=_json_default))
-        if cancel is not None and cancel():
-            raise CancelledError(f"round {no} cancelled; nothing was saved")
-        project.finish_round_dir(no)
-        res = state.result
-        store.write_round_propagation(
-            no, res.labels, res.energy, res.margin, metrics=metrics.to_json(),
-            config=cfg.to_dict(),
-        )
+        metrics, suggestions = _write_round(project, tmp, no, built, ds=ds, human=human, cfg=cfg,
+                                            started=started, report=report, cancel=cancel)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        final = project.round_dir(no)
-        if final.exists() and not _round_done(project, no):
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            store.fail_round(no, f"{type(exc).__name__}: {exc}")
-        except Exception:  # the store may itself be the failure; recovery happens next time
-            logger.exception("could not mark round %d failed", no)
+        _abandon_round(project, no, tmp, exc)
         raise
     return RoundResult(
         round=no, metrics=metrics, suggestions=suggestions,
-        seconds=time.perf_counter() - started, stage_seconds=built.stage_seconds, state=state,
+        seconds=time.perf_counter() - started, stage_seconds=built.stage_seconds,
+        state=built.state,
     )
+
+
+def _round_inputs(project: Project, cfg: Config) -> tuple:
+    """(data, human labels, the previous round's state brought to them or None) for a new round,
+    after removing what crashed rounds left (``_recover``); LabelError without human labels."""
+    _recover(project)
+    store = project.store
+    ds = project.data
+    last = latest_complete_round(project)
+    previous = None if last is None else read_state(project, last)
+    human = store.human_labels()
+    if previous is not None and not np.array_equal(previous.human, human):
+        # labels given since that round: its pseudo-labels come from the propagation of all of them
+        previous = update_state(previous, human, num_classes=ds.num_classes, config=cfg)
+    if not (human >= 0).any():
+        raise LabelError(f"project {project.name}: no human labels yet; label a few samples first")
+    return ds, human, previous
+
+
+def _previous_checkpoint(project: Project, previous: LoopState | None) -> Path | None:
+    """The network the round starts from: the previous round's checkpoint, when it saved one."""
+    if previous is None:
+        return None
+    ckpt = project.round_dir(previous.round) / "checkpoint.pt"
+    return ckpt if ckpt.exists() else None
+
+
+def _write_round(project: Project, tmp: Path, no: int, built: BuiltState, *, ds, human, cfg,
+                 started: float, report: StageProgress, cancel) -> tuple:
+    """Suggestions, then round ``no`` into ``tmp`` (checkpoint, state, metrics, config,
+    suggestions), renamed to ``rounds/NNN`` and committed to the store; (metrics, suggestions)."""
+    store = project.store
+    state, fitted = built.state, built.fitted
+    if fitted is not None:
+        save_checkpoint(tmp / "checkpoint.pt", fitted, config=cfg.train, ds=ds,
+                        extra={"round": no})
+    _save_state(tmp, state)
+
+    t0 = time.perf_counter()
+    report("suggest", 0, 1)
+    suggestions = suggest_for(state, human, ds, n=cfg.selection.batch,
+                              strategy=cfg.selection.strategy, seed=0, config=cfg)
+    built.stage_seconds["suggest"] = time.perf_counter() - t0
+    report("suggest", 1, 1)
+
+    metrics = dataclasses.replace(_round_metrics(ds, human, built),
+                                  seconds=time.perf_counter() - started)
+    state.metrics = metrics
+    (tmp / "metrics.json").write_text(
+        json.dumps(metrics.to_json(), indent=2, default=_json_default))
+    (tmp / "config.json").write_text(cfg.to_json())
+    (tmp / "suggestions.json").write_text(json.dumps(
+        [s.__dict__ for s in suggestions], indent=2, default=_json_default))
+    if cancel is not None and cancel():
+        raise CancelledError(f"round {no} cancelled; nothing was saved")
+    project.finish_round_dir(no)
+    res = state.result
+    store.write_round_propagation(
+        no, res.labels, res.energy, res.margin, metrics=metrics.to_json(),
+        config=cfg.to_dict(),
+    )
+    return metrics, suggestions
+
+
+def _abandon_round(project: Project, no: int, tmp: Path, exc: BaseException) -> None:
+    """Undo what round ``no`` wrote (its folders) and mark it failed in the store."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    final = project.round_dir(no)
+    if final.exists() and not _round_done(project, no):
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        project.store.fail_round(no, f"{type(exc).__name__}: {exc}")
+    except Exception:  # the store may itself be the failure; recovery happens next time
+        logger.exception("could not mark round %d failed", no)
+
+
+# --- a round under torchrun ----------------------------------------------------------------------
+
+@dataclass
+class RankInputs:
+    """What rank 0 of a torchrun reads from the project and hands to the other ranks, which never
+    open the store: the data file (each rank reads it itself, so it must be on a filesystem every
+    node sees) and its fingerprint, the human labels, the config; for a round also its number and
+    the checkpoint it starts from."""
+
+    data: Path
+    fingerprint: str
+    human: np.ndarray
+    config: Config
+    no: int | None = None
+    init: Path | None = None
+
+    def load_data(self) -> SequenceSet:
+        """The project's data as rank 0 has it; ProjectError when the file is another dataset."""
+        ds = SequenceSet.load(self.data)
+        if ds.fingerprint() != self.fingerprint:
+            raise ProjectError(f"{self.data}: dataset fingerprint {ds.fingerprint()}, rank 0 read"
+                               f" {self.fingerprint}")
+        return ds
+
+
+def share_inputs(read: Callable[[], RankInputs] | None) -> RankInputs:
+    """``read()`` on rank 0 (the argument is ignored elsewhere), in a ``together`` stage so that its
+    failure fails every rank, then broadcast: rank 0's RankInputs on every rank."""
+    with dist.together("reading the project"):
+        inputs = read() if dist.is_main() else None
+    return dist.broadcast_object(inputs)
+
+
+def _run_round_ranks(project: Project, cfg: Config, *, progress: StageProgress | None,
+                     cancel) -> RoundResult:
+    """``run_round`` on rank 0 of a torchrun, the other ranks running ``join_round`` beside it.
+
+    Rank 0 alone reads and writes the store and the round folder. It reads the project and hands
+    the others what they need (``share_inputs``), every rank runs ``build_state`` (training with DDP
+    and embedding sharded over the ranks; views, kNN graphs and propagations on rank 0 alone,
+    enough at this size), and only when every stage succeeded on every rank does rank 0 start the
+    round in the store and write it as one process does (``_write_round``, the same crash-safe
+    folder and commit). Every stage is a ``distributed.together`` stage: a failure on any rank
+    raises the same RankFailedError on every rank, and before the writing it leaves the store and
+    the rounds folder as they were. ``cancel`` is refused: one rank stopping alone would leave the
+    others waiting (Ctrl-C reaches every rank through torchrun).
+    """
+    if cancel is not None:
+        raise ConfigError("run_round: cancel is not supported under torchrun; stop every rank"
+                          " with Ctrl-C")
+    ds = previous = None
+
+    def read() -> RankInputs:
+        nonlocal ds, previous
+        ds, human, previous = _round_inputs(project, cfg)
+        last = project.store.last_done_round()
+        return RankInputs(data=project.path / DATA_FILE, fingerprint=ds.fingerprint(),
+                          human=human, config=cfg, no=0 if last is None else last + 1,
+                          init=_previous_checkpoint(project, previous))
+
+    inputs = share_inputs(read)
+    started = time.perf_counter()
+    report = progress or (lambda *_: None)
+    ds, built = _build_on_ranks(inputs, ds, previous=previous, report=report)
+    no, human = inputs.no, inputs.human
+    with dist.together("writing the round"):
+        begun = project.store.begin_round()
+        if begun != no:  # another process finished a round meanwhile
+            project.store.fail_round(begun, f"round {no} under torchrun was overtaken")
+            raise ProjectError(f"project {project.name}: a round finished while round {no} ran"
+                               f" under torchrun; run it again")
+        tmp = project.begin_round_dir(no)
+        try:
+            metrics, suggestions = _write_round(project, tmp, no, built, ds=ds, human=human,
+                                                cfg=cfg, started=started, report=report,
+                                                cancel=None)
+        except BaseException as exc:
+            _abandon_round(project, no, tmp, exc)
+            raise
+    return RoundResult(
+        round=no, metrics=metrics, suggestions=suggestions,
+        seconds=time.perf_counter() - started, stage_seconds=built.stage_seconds,
+        state=built.state,
+    )
+
+
+def join_round() -> BuiltState:
+    """A rank other than 0 of a torchrun round, while rank 0 runs ``run_round``: it gets the
+    round's inputs from rank 0, trains and embeds with it in ``build_state`` and writes nothing.
+    Returns its BuiltState (the final network in ``fitted``; no state: the round is rank 0's)."""
+    inputs = share_inputs(None)
+    _, built = _build_on_ranks(inputs, None)
+    with dist.together("writing the round"):
+        pass  # rank 0 writes; its failure there is this rank's too
+    return built
+
+
+def _build_on_ranks(inputs: RankInputs, ds, *, previous: LoopState | None = None,
+                    report: StageProgress | None = None) -> tuple:
+    """(data, ``build_state``) on every rank: the ranks other than 0 (``ds`` None) read the data,
+    every rank the checkpoint the round starts from, then all build the round together."""
+    with dist.together("reading the data"):
+        ds = inputs.load_data() if ds is None else ds
+        init = None if inputs.init is None else load_checkpoint(inputs.init, ds)
+    return ds, build_state(ds, inputs.human, no=inputs.no, config=inputs.config,
+                           previous=previous, init=init, report=report)
 
 
 @dataclass
@@ -235,31 +386,43 @@ def build_state(
     3. it joins the graph (weight ``views.network_weight``) when ``judge`` says it helps ("auto")
        or always ("always"); the final propagation runs on that graph.
     ``views``: precomputed label-free views (same samples), else computed here.
+
+    Under torchrun every rank calls it with the same ``ds``, ``human``, ``config`` and ``init``
+    (``previous``, ``views`` and ``report`` count on rank 0 only): the trainings run with DDP and
+    the embeddings sharded over the ranks, while the views, kNN graphs, judgement and propagations
+    run on rank 0 alone (enough at this size), each in a ``distributed.together`` stage so that a
+    failure there fails every rank, and rank 0 hands each training its pseudo-labels. The other
+    ranks return the final network only (``state`` and ``floor`` None).
     """
     vc = config.views
     stage_seconds: dict[str, float] = {}
     report = report or (lambda *_: None)
     C = ds.num_classes
+    main = dist.is_main()  # one process: always; under torchrun the graph work is rank 0's
+    wanted, graphs, floor_parts, floor_W, floor = {}, {}, [], None, None
+    knn_seconds = propagate_seconds = 0.0
 
-    t0 = time.perf_counter()
-    if views is None:
-        views = floor_views(ds, config, progress=lambda d, t: report("views", d, t))
-    wanted = floor_weights(config, views)
-    stage_seconds["views"] = time.perf_counter() - t0
+    with dist.together("views and floor"):
+        if main:
+            t0 = time.perf_counter()
+            if views is None:
+                views = floor_views(ds, config, progress=lambda d, t: report("views", d, t))
+            wanted = floor_weights(config, views)
+            stage_seconds["views"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    graphs = {v: build_knn(views[v], config=config.graph) for v in wanted}
-    view_w = {v: affinity(graphs[v], gamma=config.graph.gamma) for v in wanted}
-    floor_parts = [(view_w[v], w) for v, w in wanted.items()]
-    floor_W = combine_affinities(floor_parts)
-    knn_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    floor = propagate(floor_W, human, num_classes=C, config=config.propagation)
-    propagate_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            graphs = {v: build_knn(views[v], config=config.graph) for v in wanted}
+            view_w = {v: affinity(graphs[v], gamma=config.graph.gamma) for v in wanted}
+            floor_parts = [(view_w[v], w) for v, w in wanted.items()]
+            floor_W = combine_affinities(floor_parts)
+            knn_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            floor = propagate(floor_W, human, num_classes=C, config=config.propagation)
+            propagate_seconds = time.perf_counter() - t0
 
     fitted = None
-    embeddings = dict(views)
-    probs = floor.normalized
+    embeddings = dict(views or {})
+    probs = None if floor is None else floor.normalized
     judgement = Judgement(mode=vc.network, joined=False, reason="views.network is 'never'")
     weights = dict(wanted)
     W = floor_W
@@ -282,15 +445,25 @@ def build_state(
         for held in folds:
             human_a = human.copy()
             human_a[held] = -1
-            floor_a = propagate(floor_W, human_a, num_classes=C, config=config.propagation)
-            pl, pw = pseudo_labels(floor_a, human_a)
+            floor_a = shared = None
+            with dist.together("fold propagation"):
+                if main:
+                    floor_a = propagate(floor_W, human_a, num_classes=C, config=config.propagation)
+                    shared = pseudo_labels(floor_a, human_a)
+            pl, pw = dist.broadcast_object(shared)
             net = fit(ds, human, config=config.train, pseudo_labels=pl, pseudo_weights=pw,
                       holdout=held, progress=train_progress, cancel=cancel)
             done[0] += epochs
             curves.append([row["holdout_acc"] for row in net.history])
-            fold_nets.append((held, human_a, floor_a, _network_view(embed(net.model, ds))))
-        source = previous.result if previous is not None else floor
-        pl, pw = pseudo_labels(source, human)
+            emb = embed_sharded(net.model, ds, to="main")  # None on the other ranks
+            fold_nets.append((held, human_a, floor_a,
+                              None if emb is None else _network_view(emb)))
+        with dist.together("pseudo-labels"):
+            shared = None
+            if main:
+                source = previous.result if previous is not None else floor
+                shared = pseudo_labels(source, human)
+        pl, pw = dist.broadcast_object(shared)
         train_cfg, chosen = config.train, None
         if curves and vc.judge_epochs:
             chosen, _ = crossfit_epochs(curves, minimum=config.train.supervised_epochs + 1)
@@ -306,21 +479,26 @@ def build_state(
 
         t0 = time.perf_counter()
         report("embed", 0, ds.n)
-        emb = embed(fitted.model, ds, progress=lambda d, t: report("embed", d, t))
-        embeddings[NETWORK] = _network_view(emb)
-        probs = emb.probs
+        emb = embed_sharded(fitted.model, ds, to="main",
+                            progress=lambda d, t: report("embed", d, t))
+        if main:
+            embeddings[NETWORK] = _network_view(emb)
+            probs = emb.probs
         stage_seconds["embed"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         report("knn", 0, 1)
-        judgement = judge(fold_nets, floor_parts, human, num_classes=C, config=config) if vc.network == "auto" \
-            else Judgement(mode="always", joined=True, reason="views.network is 'always'")
-        if judgement.joined:
-            graphs[NETWORK] = build_knn(embeddings[NETWORK], config=config.graph)
-            net_W = affinity(graphs[NETWORK], gamma=config.graph.gamma)
-            W = with_network(floor_parts, net_W, vc.network_weight)
-            weights = {v: w * (1 - vc.network_weight) for v, w in weights.items()}
-            weights[NETWORK] = vc.network_weight
+        with dist.together("judgement and network graph"):
+            if main:
+                judgement = judge(fold_nets, floor_parts, human, num_classes=C, config=config) \
+                    if vc.network == "auto" \
+                    else Judgement(mode="always", joined=True, reason="views.network is 'always'")
+                if judgement.joined:
+                    graphs[NETWORK] = build_knn(embeddings[NETWORK], config=config.graph)
+                    net_W = affinity(graphs[NETWORK], gamma=config.graph.gamma)
+                    W = with_network(floor_parts, net_W, vc.network_weight)
+                    weights = {v: w * (1 - vc.network_weight) for v, w in weights.items()}
+                    weights[NETWORK] = vc.network_weight
         judgement.seconds = time.perf_counter() - t0
         if curves:
             judgement.curve = np.mean(np.asarray(curves), axis=0).tolist()
@@ -331,12 +509,17 @@ def build_state(
 
     t0 = time.perf_counter()
     report("propagate", 0, 1)
-    result = floor if W is floor_W else propagate(W, human, num_classes=C,
-                                                  config=config.propagation)
-    report("propagate", 1, 1)
-    stage_seconds["propagate"] = propagate_seconds + time.perf_counter() - t0
-    embeddings["combined"] = _combined_embedding(embeddings, weights)
-    graphs["combined"] = strongest_neighbours(W, config.graph.k)
+    with dist.together("propagation"):
+        if main:
+            result = floor if W is floor_W else propagate(W, human, num_classes=C,
+                                                          config=config.propagation)
+            report("propagate", 1, 1)
+            stage_seconds["propagate"] = propagate_seconds + time.perf_counter() - t0
+            embeddings["combined"] = _combined_embedding(embeddings, weights)
+            graphs["combined"] = strongest_neighbours(W, config.graph.k)
+    if not main:  # the round is rank 0's; this rank trained and embedded with it
+        return BuiltState(state=None, fitted=fitted, floor=None, judgement=judgement,
+                          stage_seconds=stage_seconds)
     state = LoopState(round=no, embeddings=embeddings, probs=np.asarray(probs, dtype=np.float32),
                       graphs=graphs, weights=weights, affinity=W, result=result,
                       human=human.copy())

@@ -15,12 +15,25 @@ when they fit, small tensors go through pinned memory, which rows are human-labe
 the host, and the loss and accuracy figures are summed on the device and read once per epoch;
 Adam is fused, AMP (bf16, else fp16 with loss scaling) is on, and ``train.batch_size`` 0 means
 128 (32 on a CPU). On the CPU the same code runs with every tensor in place, deterministically.
+
+Under ``torchrun`` (a ``speler.distributed`` world of more than one rank) every rank calls ``fit``
+with the same arguments and the ranks train one model with DistributedDataParallel: every rank draws
+the epoch's members and order with the same seed (the class-balanced pseudo-label draw of a single
+process), runs every world-th of the epoch's batches (``_rank_steps``, padded so that every rank
+takes the same number of steps) with augmentations from a generator of its own, and DDP averages
+the gradients, so a step sees world × batch_size samples and an epoch takes 1/world of the steps.
+The epoch's figures are all-reduced and the held-out figures are rank 0's, so every rank keeps the
+same history, best epoch and early stop; the returned model is the plain module (its checkpoint
+loads without torchrun). Bad input on any rank fails every rank before the first exchange, and
+ranks given different inputs are refused (they would take different numbers of steps). With one
+process none of this runs: results are bit for bit as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -34,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from speler import distributed as dist
 from speler.config import TrainConfig
 from speler.data.layouts import Layout
 from speler.data.schema import SequenceSet
@@ -343,6 +357,19 @@ def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
     return out
 
 
+def _rank_steps(batches: list[np.ndarray], rank: int, world: int) -> list[tuple[np.ndarray, bool]]:
+    """This rank's steps through an epoch's ``batches``: (batch, whether it counts in the epoch's
+    figures). One process: every batch, counted. Under DDP: batches rank, rank + world, ... of the
+    list padded to a multiple of ``world`` by repeating its first batches, so that every rank takes
+    the same number of steps (DDP averages the ranks' gradients at each); the repeats train but are
+    not counted."""
+    if world == 1:
+        return [(b, True) for b in batches]
+    steps = -(-len(batches) // world)
+    return [(batches[i % len(batches)], i < len(batches))
+            for i in range(rank, steps * world, world)]
+
+
 def _batch_loss(out, target: torch.Tensor, human: torch.Tensor, other: torch.Tensor,
                 weight: torch.Tensor, *, prior: torch.Tensor | None,
                 config: TrainConfig) -> dict[str, torch.Tensor]:
@@ -411,31 +438,41 @@ def fit(
     when there is nothing to train on, ConfigError for bad settings, CheckpointError for a bad init.
     """
     t_start = time.perf_counter()
-    if not isinstance(ds, SequenceSet):
-        raise DataFormatError(f"fit expects a SequenceSet, got {type(ds).__name__}")
-    _check_finite(ds, "fit")
-    n, k = ds.n, ds.num_classes
-    if k < 1:
-        raise LabelError(f"fit: dataset {ds.where} has no classes to learn")
-    y = _as_labels(labels, n, k, "labels")
-    pseudo = (np.full(n, -1, dtype=np.int64) if pseudo_labels is None
-              else _as_labels(pseudo_labels, n, k, "pseudo_labels"))
-    if pseudo_weights is None:
-        weights = np.where(pseudo >= 0, 1.0, 0.0).astype(np.float32)
-    else:
-        weights = np.asarray(pseudo_weights, dtype=np.float64)
-        if weights.shape != (n,) or not np.isfinite(weights).all() or (weights < 0).any():
-            raise LabelError(f"pseudo_weights must be finite floats >= 0 of shape ({n},),"
-                             f" got shape {weights.shape}")
-        weights = weights.astype(np.float32)
-    pseudo_idx = np.flatnonzero((pseudo >= 0) & (weights > 0) & (y < 0))
-    if not (y >= 0).any() and len(pseudo_idx) == 0:
-        raise LabelError("fit: no human labels and no weighted pseudo-labels to train on")
-    warm = init is not None and _check_init(init, ds, config)
-    device = select_device(config.device)
-    cuda = device.startswith("cuda")
-    amp = config.amp and cuda
-    batch_size = batch_size_for(config, device)
+    # under torchrun a rank with bad input fails every rank here, before any exchange
+    with dist.together("training input"):
+        if not isinstance(ds, SequenceSet):
+            raise DataFormatError(f"fit expects a SequenceSet, got {type(ds).__name__}")
+        _check_finite(ds, "fit")
+        n, k = ds.n, ds.num_classes
+        if k < 1:
+            raise LabelError(f"fit: dataset {ds.where} has no classes to learn")
+        y = _as_labels(labels, n, k, "labels")
+        pseudo = (np.full(n, -1, dtype=np.int64) if pseudo_labels is None
+                  else _as_labels(pseudo_labels, n, k, "pseudo_labels"))
+        if pseudo_weights is None:
+            weights = np.where(pseudo >= 0, 1.0, 0.0).astype(np.float32)
+        else:
+            weights = np.asarray(pseudo_weights, dtype=np.float64)
+            if weights.shape != (n,) or not np.isfinite(weights).all() or (weights < 0).any():
+                raise LabelError(f"pseudo_weights must be finite floats >= 0 of shape ({n},),"
+                                 f" got shape {weights.shape}")
+            weights = weights.astype(np.float32)
+        pseudo_idx = np.flatnonzero((pseudo >= 0) & (weights > 0) & (y < 0))
+        if not (y >= 0).any() and len(pseudo_idx) == 0:
+            raise LabelError("fit: no human labels and no weighted pseudo-labels to train on")
+        warm = init is not None and _check_init(init, ds, config)
+        device = select_device(config.device)
+        cuda = device.startswith("cuda")
+        amp = config.amp and cuda
+        batch_size = batch_size_for(config, device)
+    world, rank = dist.world_size(), dist.rank()  # under torchrun: DDP (see the module docstring)
+    if world > 1:  # DDP needs the same steps on every rank: refuse ranks given different inputs
+        digest = hashlib.sha256(repr((ds.fingerprint(), dataclasses.asdict(config), warm)).encode())
+        for a in (y, pseudo, weights, np.asarray([] if holdout is None else holdout, np.int64)):
+            digest.update(a.tobytes())
+        if len(set(dist.all_gather_object(digest.hexdigest()))) > 1:
+            raise LabelError("fit under torchrun: the ranks were given different data, labels,"
+                             " pseudo-labels, weights, hold-out or config; give all the same")
 
     devices = [torch.device(device).index or 0] if cuda else []
     with _threads(config.num_threads), torch.random.fork_rng(devices=devices):
@@ -453,6 +490,11 @@ def fit(
         if warm:
             model.load_state_dict(init.model.state_dict())
         model.to(device)
+        net: nn.Module = model  # what the steps run: the model, or its DDP wrapper under torchrun
+        if world > 1:
+            where = torch.device(device)
+            local = torch.cuda.current_device() if cuda and where.index is None else where.index
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
         if device.startswith("cuda"):
             torch.backends.cudnn.benchmark = True
         # fused: one kernel for every parameter's update on CUDA (not offered on the CPU path)
@@ -466,6 +508,10 @@ def fit(
         counts += np.bincount(pseudo[pseudo_idx], weights=weights[pseudo_idx], minlength=k)
         prior = losses.log_prior(counts).to(device) if config.balanced_loss else None
         gen = torch.Generator().manual_seed(config.seed + 1)
+        # the epoch's members and order come from ``gen`` alike on every rank; each rank augments
+        # its own batches from a generator of its own (one process: ``gen`` for both, as ever)
+        aug_gen = gen if world == 1 else torch.Generator().manual_seed(
+            int(np.random.SeedSequence([config.seed, rank]).generate_state(1)[0]))
         augment = _Augment(ds) if config.augment else None
         rows = _Rows(ds.x, device)  # on the GPU once when it fits
         len_all = torch.from_numpy(ds.lengths.astype(np.int64))  # the augmentation draws on the CPU
@@ -479,7 +525,10 @@ def fit(
         history: list[dict] = []
         best_key, best_epoch, best_state, stale = None, 0, None, 0
         for epoch in range(epochs):
-            if cancel is not None and cancel():
+            stop_now = cancel is not None and cancel()
+            if world > 1:  # a rank that stops alone would leave the others waiting in a step
+                stop_now = bool(dist.all_reduce_array(np.array([int(stop_now)]), "max")[0])
+            if stop_now:
                 raise CancelledError(f"training cancelled before epoch {epoch + 1}/{epochs}")
             t0 = time.perf_counter()
             members = train_idx
@@ -499,26 +548,31 @@ def fit(
             sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
             seen = 0
-            for part in _batches(order, batch_size):
+            for part, counted in _rank_steps(_batches(order, batch_size), rank, world):
                 xb = rows.take(part)
                 if augment is not None:
-                    xb = augment(xb, len_all[torch.from_numpy(part)], gen)
+                    xb = augment(xb, len_all[torch.from_numpy(part)], aug_gen)
                 # which rows are human-labeled is known here, on the host
                 hb = _upload(torch.from_numpy(np.flatnonzero(human_all[part])), device)
                 ob = _upload(torch.from_numpy(np.flatnonzero(~human_all[part])), device)
                 ti = _upload(torch.from_numpy(part), device)
                 tb, wb = target[ti], w_all[ti]
                 with _autocast(device, amp):
-                    out = model(xb)
+                    out = net(xb)
                 terms = _batch_loss(out, tb, hb, ob, wb, prior=prior, config=config)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(terms["loss"]).backward()
                 scaler.step(opt)
                 scaler.update()
+                if not counted:
+                    continue
                 with torch.no_grad():
                     sums += torch.stack([terms[key].detach() for key in keys]).double() * len(part)
                     correct += (out.probs.argmax(-1)[hb] == tb[hb]).sum()
                 seen += hb.numel()
+            if world > 1:  # the epoch's figures over every rank's batches
+                total = dist.all_reduce_array(np.append(sums.cpu().numpy(), [int(correct), seen]))
+                sums, correct, seen = torch.from_numpy(total[:-2]), int(total[-2]), int(total[-1])
             if sched is not None:
                 sched.step()
             if len(order):
@@ -531,6 +585,8 @@ def fit(
             if len(hold_idx):
                 acc, nll = _evaluate(model, rows, hold_idx, y[hold_idx],
                                      batch_size=max(batch_size, 64), amp=amp)
+                if world > 1:  # rank 0's figures: every rank keeps the same best epoch and stop
+                    acc, nll = dist.broadcast_object((acc, nll))
                 row.update(holdout_acc=acc, holdout_loss=nll)
                 key = (acc, -nll)
                 # with the caller's holdout the curve is theirs: train on, keep the last epoch
@@ -559,6 +615,7 @@ def fit(
         else:
             best_epoch, best_metric = len(history), float("nan")
         model.eval()
+        del net  # the DDP wrapper; the plain module is returned
     seconds = time.perf_counter() - t_start
     logger.info("fit: %d epochs, best %d (holdout %.3f), %.1f s on %s", len(history), best_epoch,
                 best_metric, seconds, device)

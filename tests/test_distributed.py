@@ -1,11 +1,16 @@
 """Rounds under torchrun, on the CPU: 2 ranks (and once 3) spawned here (gloo, 127.0.0.1, a free port) against
-the single-process results: helpers, kNN (exactly), propagation (1e-5), embedding, failing together.
+the single-process results: helpers, kNN (exactly), propagation (1e-5), embedding, failing together,
+DDP training; then ``torchrun -m speler`` itself: a round, propagate and train, and a failing rank.
 Every spawn has a deadline; a hang fails the test instead of blocking the suite."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +32,8 @@ DEADLINE_S = 90.0
 N, DIM, K, CLASSES = 601, 16, 10, 4  # odd n: shards of unequal size
 TINY = TrainConfig(channels=8, blocks=1, freq_channels=8, embed_dim=12, epochs=1, batch_size=8,
                    num_threads=1, device="cpu")
+FIT = TrainConfig(channels=8, blocks=1, freq_channels=8, embed_dim=12, epochs=6, batch_size=8,
+                  supervised_epochs=1, patience=10, holdout=0.4, num_threads=1, device="cpu")
 EMBED_BATCH = 16
 
 
@@ -190,6 +197,55 @@ def _ranks_uneven(out: str, cuts: list[int]) -> None:
         np.savez(Path(out) / "uneven.npz", idx=graph.indices, sims=graph.sims, scores=scores)
 
 
+def _fit_set():
+    from factories import make_skeleton_set
+
+    return make_skeleton_set(n=96, classes=CLASSES, frames=12, persons=2, labeled=0.6, seed=3)
+
+
+def _fit_inputs(ds):
+    """Human labels, and the true class as an ω-weighted pseudo-label of every other sample."""
+    pseudo = np.where(ds.y < 0, ds.y_true, -1)
+    return ds.y, pseudo, np.where(pseudo >= 0, 0.8, 0.0).astype(np.float32)
+
+
+def _state_digest(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode() + v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _ranks_fit(out: str) -> None:
+    """DDP fit on 2 ranks: each saves its history, its state after every epoch (a digest taken
+    when the epoch's BatchNorm statistics are recomputed, i.e. every epoch's end) and its final
+    state; rank 0 also the checkpoint and its model's embeddings."""
+    from speler import train
+
+    me = dist.rank()
+    digests = []
+    original = train._recalibrate_batch_norm
+
+    def recalibrate(model, *args, **kwargs):
+        original(model, *args, **kwargs)
+        digests.append(_state_digest(model))
+
+    train._recalibrate_batch_norm = recalibrate
+    ds = _fit_set()
+    labels, pseudo, weights = _fit_inputs(ds)
+    res = train.fit(ds, labels, config=FIT, pseudo_labels=pseudo, pseudo_weights=weights)
+    assert isinstance(res.model, train.SpelerNet)  # the plain module, not the DDP wrapper
+    history = [{k: v for k, v in row.items() if k != "seconds"} for row in res.history]
+    torch.save({"history": history, "digests": digests, "best_epoch": res.best_epoch,
+                "state": res.model.state_dict()}, Path(out) / f"fit{me}.pt")
+    if me == 0:
+        train.save_checkpoint(Path(out) / "checkpoint.pt", res, config=FIT, ds=ds)
+        emb = train.embed(res.model, ds, batch_size=EMBED_BATCH)
+        np.savez(Path(out) / "fit_embed.npz", time=emb.time, freq=emb.freq, probs=emb.probs)
+
+
 # --- the tests -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
@@ -261,6 +317,199 @@ def test_a_rank_that_raises_fails_every_rank_with_its_message(tmp_path):
         assert "NaN" in text
         text = (tmp_path / f"search{r}.txt").read_text()
         assert text == "rank 1 failed in kNN search: MemoryError: no room for the scores", text
+
+
+def test_ddp_fit_keeps_every_rank_identical_and_its_checkpoint_loads_in_one_process(tmp_path):
+    from speler.train import embed, fit, load_checkpoint
+
+    _spawn(_ranks_fit, str(tmp_path))
+    got = [torch.load(tmp_path / f"fit{r}.pt", weights_only=True) for r in range(WORLD)]
+    # the same model on both ranks after every epoch and at the end, and the same history
+    assert len(got[0]["digests"]) == FIT.epochs and got[0]["digests"] == got[1]["digests"]
+    assert got[0]["state"].keys() == got[1]["state"].keys()
+    for k, v in got[0]["state"].items():
+        assert torch.equal(v, got[1]["state"][k]), k
+    assert got[0]["history"] == got[1]["history"] and got[0]["best_epoch"] == got[1]["best_epoch"]
+    history = got[0]["history"]
+    assert len(history) == FIT.epochs and "holdout_acc" in history[0]
+    # the loss falls: the human-label terms from the start, the whole loss once the pseudo-labels
+    # joined (epoch 2, after FIT.supervised_epochs)
+    assert history[-1]["ce"] < history[0]["ce"] and history[-1]["loss"] < history[1]["loss"]
+    # the epochs drew the members a single process draws (the class-balanced pseudo-label draw)
+    ds = _fit_set()
+    labels, pseudo, weights = _fit_inputs(ds)
+    one = fit(ds, labels, config=FIT, pseudo_labels=pseudo, pseudo_weights=weights)
+    assert [(r["samples"], r["pseudo_samples"]) for r in history] == \
+        [(r["samples"], r["pseudo_samples"]) for r in one.history]
+    assert history[-1]["pseudo_samples"] > 0
+    # rank 0's checkpoint loads here, without torchrun, and embeds as rank 0's model did
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt", ds)
+    for k, v in got[0]["state"].items():
+        assert torch.equal(ckpt.model.state_dict()[k], v), k
+    emb = embed(ckpt.model, ds, batch_size=EMBED_BATCH)
+    want = np.load(tmp_path / "fit_embed.npz")
+    for f in ("time", "freq", "probs"):
+        np.testing.assert_allclose(getattr(emb, f), want[f], rtol=1e-5, atol=1e-6)
+
+
+def test_rank_steps_cover_the_epoch_once_with_equal_step_counts():
+    from speler.train import _batches, _rank_steps
+
+    order = np.arange(77)
+    for size in (8, 16, 100):
+        batches = _batches(order, size)
+        assert _rank_steps(batches, 0, 1) == [(b, True) for b in batches]
+        for world in (2, 3, 4):
+            steps = [_rank_steps(batches, r, world) for r in range(world)]
+            assert len({len(s) for s in steps}) == 1  # DDP: the same number of steps everywhere
+            counted = np.concatenate([b for s in steps for b, c in s if c])
+            assert sorted(counted.tolist()) == order.tolist()
+            assert sum(c for s in steps for _, c in s) == len(batches)
+    assert _rank_steps([], 1, 2) == []
+
+
+# --- rounds under torchrun ----------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+# the default bundled sample, small settings; 50 human labels: the network is judged on 2 folds,
+# so a round trains 3 networks (DDP) and embeds them (sharded)
+SMALL = ["views.rocket_features=500", "views.judge_min_labels=4", "train.epochs=3",
+         "train.supervised_epochs=1", "train.channels=8", "train.blocks=1",
+         "train.freq_channels=8", "train.embed_dim=12", "train.warm_epochs=2"]
+RANK1_CORRUPT = """\
+# torchrun runs this as rank 0 and rank 1; rank 1's copy of the data has a NaN (a node whose disk
+# returned bad bytes), the rest is ``python -m speler``
+import os
+import sys
+
+import numpy as np
+
+from speler.data.schema import SequenceSet
+
+if os.environ["RANK"] == "1":
+    load = SequenceSet.load.__func__
+
+    def corrupt(cls, path):
+        ds = load(cls, path)
+        ds.x[3, 0, 0, 0, 0] = np.nan
+        return ds
+
+    SequenceSet.load = classmethod(corrupt)
+
+from speler.cli import main
+
+sys.exit(main())
+"""
+
+
+def _import_small(root: Path, name: str) -> None:
+    from speler.cli import main
+
+    sets = [a for kv in SMALL for a in ("--set", kv)]
+    assert main(["--root", str(root), "import", "--sample", "synthetic_actions", "--project",
+                 name, *sets]) == 0
+
+
+def _torchrun(*argv, script: Path | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m speler ARGV`` (or SCRIPT ARGV) on 127.0.0.1, a free port."""
+    env = {k: v for k, v in os.environ.items() if k not in dist.ENV_KEYS}
+    env.update(OMP_NUM_THREADS="1", SPELER_DIST_TIMEOUT="60",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    what = [str(script)] if script is not None else ["-m", "speler"]
+    cmd = [str(TORCHRUN), "--nnodes", "1", "--nproc_per_node", str(WORLD), "--rdzv-backend",
+           "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", *what, *map(str, argv)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _keys(tree):
+    """The shape of a JSON tree: its keys, recursively (values left out)."""
+    if isinstance(tree, dict):
+        return {k: _keys(v) for k, v in tree.items()}
+    return type(tree).__name__ if tree is None or isinstance(tree, (str, bool)) else "value"
+
+
+@pytest.mark.slow
+def test_a_round_under_torchrun_writes_what_a_single_process_round_writes(tmp_path):
+    from speler.cli import main
+    from speler.project import Project
+    from speler.train import load_checkpoint
+
+    assert TORCHRUN.is_file()
+    for name in ("ranks", "one"):
+        _import_small(tmp_path, name)
+    done = _torchrun("--root", tmp_path, "round", "ranks")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("round 000 done") == 1  # rank 0 alone prints
+    assert "suggestions:" in done.stdout and "error" not in done.stderr.lower()
+    assert main(["--root", str(tmp_path), "round", "one"]) == 0
+
+    folders = {n: tmp_path / n / "rounds" / "000" for n in ("ranks", "one")}
+    assert sorted(p.name for p in folders["ranks"].iterdir()) == \
+        sorted(p.name for p in folders["one"].iterdir())
+    assert not [p for p in (tmp_path / "ranks" / "rounds").iterdir() if p.name != "000"]
+    metrics = {n: json.loads((f / "metrics.json").read_text()) for n, f in folders.items()}
+    assert _keys(metrics["ranks"]) == _keys(metrics["one"])
+    for key in ("n", "human_labels", "human_per_class"):
+        assert metrics["ranks"][key] == metrics["one"][key]
+    assert len(metrics["ranks"]["judgement"]["folds"]) == 2  # the cross-fitted networks ran
+    for n, f in folders.items():
+        with np.load(f / "propagation.npz") as a, np.load(folders["one"] / "propagation.npz") as b:
+            assert a.files == b.files
+        with np.load(f / "embeddings.npz") as a, np.load(folders["one"] / "embeddings.npz") as b:
+            assert a.files == b.files and a["probs"].shape == b["probs"].shape
+        with Project.open(tmp_path, n) as project:
+            assert [(r.no, r.status) for r in project.store.rounds()] == [(0, "done")]
+            load_checkpoint(f / "checkpoint.pt", project.data)  # loads without torchrun
+    # the same exports: same columns, same samples, a propagated label for every unlabeled one
+    tables = {}
+    for n in ("ranks", "one"):
+        assert main(["--root", str(tmp_path), "export", n, "--out",
+                     str(tmp_path / f"{n}.csv")]) == 0
+        with open(tmp_path / f"{n}.csv", newline="") as fh:
+            tables[n] = list(csv.DictReader(fh))
+    assert tables["ranks"][0].keys() == tables["one"][0].keys()
+    assert [r["id"] for r in tables["ranks"]] == [r["id"] for r in tables["one"]]
+    assert [r["source"] for r in tables["ranks"]] == [r["source"] for r in tables["one"]]
+
+    # a second round (warm-started from the first's checkpoint), then propagate and train
+    done = _torchrun("--root", tmp_path, "round", "ranks")
+    assert done.returncode == 0 and "round 001 done" in done.stdout, done.stderr[-3000:]
+    done = _torchrun("--root", tmp_path, "propagate", "ranks")
+    assert done.returncode == 0 and done.stdout.count("propagation on round 001") == 1, \
+        done.stderr[-3000:]
+    done = _torchrun("--root", tmp_path, "train", "ranks", "--out", tmp_path / "t.pt")
+    assert done.returncode == 0 and done.stdout.count("checkpoint:") == 1, done.stderr[-3000:]
+    with Project.open(tmp_path, "ranks") as project:
+        assert [(r.no, r.status) for r in project.store.rounds()] == [(0, "done"), (1, "done")]
+        load_checkpoint(tmp_path / "t.pt", project.data)
+
+
+def test_a_rank_that_fails_under_torchrun_fails_the_run_and_leaves_the_store_untouched(tmp_path):
+    from speler.project import Project
+
+    _import_small(tmp_path, "p")
+    project_dir = tmp_path / "p"
+    with Project.open(tmp_path, "p") as project:
+        labels_before = project.store.current_labels().label.copy()
+    store_before = (project_dir / "store.sqlite").read_bytes()
+    script = tmp_path / "rank1_corrupt.py"
+    script.write_text(RANK1_CORRUPT)
+    done = _torchrun("--root", tmp_path, "round", "p", script=script)
+    assert done.returncode != 0
+    line = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(line) == 1, done.stderr[-3000:]  # one error line, from rank 0, naming rank 1
+    assert line[0].startswith("error: rank 1 failed in training input: DataFormatError: fit: "
+                              "sample 3 (id "), line
+    assert "non-finite values" in line[0] and "round 000 done" not in done.stdout
+    # nothing written: no round in the store, no round folder, the same labels, the same bytes
+    assert (project_dir / "store.sqlite").read_bytes() == store_before
+    assert list((project_dir / "rounds").iterdir()) == []
+    with Project.open(tmp_path, "p") as project:
+        assert project.store.rounds() == []
+        np.testing.assert_array_equal(project.store.current_labels().label, labels_before)
+    # a command that does not run under torchrun is refused on every rank
+    done = _torchrun("--root", tmp_path, "info", "p")
+    assert done.returncode != 0 and "info does not run under torchrun" in done.stderr
 
 
 # --- one process, no torchrun: world of one, nothing initialised -------------------------------
