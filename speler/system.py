@@ -1,4 +1,4 @@
-"""What the machine offers: memory still free, and whether a process is still alive.
+"""What the machine offers: memory still free, cores not busy, and whether a process is alive.
 
 Memory is asked before large allocations: work that cannot fit is refused up front with a message
 saying how much it needs and how much is free, instead of a MemoryError halfway through (or the
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import time
 from pathlib import Path
 
 from speler.errors import SpelerError
@@ -93,3 +94,28 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def free_cores(*, samples: int = 5, interval: float = 0.01, loadavg: str = "/proc/loadavg") -> int:
+    """Cores this process may use that no other task is running on right now (at least 1).
+
+    The cores in this process's CPU affinity, minus the tasks other than the caller that are
+    runnable at this moment (the 4th field of /proc/loadavg, the median of ``samples`` readings
+    ``interval`` s apart; the kernel counts the reading thread itself). Where that cannot be read
+    (not Linux), all the cores in the affinity. Training uses it for its thread count: on this
+    project's 2-core machine 2 threads trained 1.4x faster than 1 when idle and 2.2x slower when
+    another process kept one core busy (``fit`` on the bundled sample, 8 epochs: idle 3.8 s with
+    2 threads, 5.2 s with 1; one core busy 12.7 s with 2, 5.8 s with 1).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    readings = []
+    for i in range(max(1, samples)):
+        try:
+            running = int(Path(loadavg).read_text().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return max(1, cores)
+        readings.append(running)
+        if i + 1 < samples:
+            time.sleep(interval)
+    others = max(0, sorted(readings)[len(readings) // 2] - 1)
+    return max(1, cores - others)

@@ -54,6 +54,7 @@ from speler.data.schema import SequenceSet
 from speler.errors import CancelledError, CheckpointError, ConfigError, DataFormatError, LabelError
 from speler.models import losses
 from speler.models.net import ARCH_FIELDS, SpelerNet, build_model, paper_config
+from speler.system import free_cores
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +156,12 @@ def _as_labels(arr, n: int, k: int, name: str) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _threads(n: int):
+def _threads(n: int, device: str = "cpu"):
+    """torch's CPU thread count for a while: ``n``, or for 0 on a CPU the cores no other task
+    is busy on when it starts (``speler.system.free_cores``, at most torch's own setting)."""
     old = torch.get_num_threads()
+    if n == 0 and not str(device).startswith("cuda"):
+        n = min(old, free_cores())
     if n > 0:
         torch.set_num_threads(n)
     try:
@@ -475,7 +480,7 @@ def fit(
                              " pseudo-labels, weights, hold-out or config; give all the same")
 
     devices = [torch.device(device).index or 0] if cuda else []
-    with _threads(config.num_threads), torch.random.fork_rng(devices=devices):
+    with _threads(config.num_threads, device), torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
         if holdout is None:
             train_idx, hold_idx = _holdout_split(y, config.holdout, config.seed)
@@ -677,7 +682,7 @@ def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int | None = None,
     model.to(device).eval()
     rows = _Rows(ds.x, device)
     outputs = []  # per batch: (B, d_t + d_f + 2 C) float32 on the device
-    with torch.inference_mode():
+    with torch.inference_mode(), _threads(0, device):
         for start in range(0, ds.n, batch_size):
             stop = min(start + batch_size, ds.n)
             xb = rows.slice(start, stop)

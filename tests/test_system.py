@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from speler.errors import DataFormatError
-from speler.system import available_bytes, check_fits, pid_alive
+from speler.system import available_bytes, check_fits, free_cores, pid_alive
 
 
 def test_available_memory_is_known_and_checked_before_allocating():
@@ -29,3 +29,16 @@ def test_pid_alive():
                            capture_output=True, text=True, check=True)
     assert not pid_alive(int(child.stdout))
     assert not pid_alive(0) and not pid_alive(-5)
+
+
+def test_free_cores_counts_the_other_runnable_tasks(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    fake = tmp_path / "loadavg"
+    fake.write_text("0.50 0.40 0.30 1/321 4242\n")  # only the reader itself is running
+    assert free_cores(loadavg=str(fake), samples=1) == cores
+    fake.write_text(f"3.00 2.00 1.00 {cores + 5}/321 4242\n")  # more runnable tasks than cores
+    assert free_cores(loadavg=str(fake), samples=3, interval=0) == 1
+    if cores >= 2:
+        fake.write_text("1.00 1.00 1.00 2/321 4242\n")  # one other task: one core left for us
+        assert free_cores(loadavg=str(fake), samples=1) == cores - 1
+    assert free_cores(loadavg=str(tmp_path / "missing")) == cores  # not Linux: every core
