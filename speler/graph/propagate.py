@@ -84,7 +84,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -431,8 +431,9 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
         solved[warm_start.labels[moved & prev_lab]] = False
     S = normalized_operator(W, w)
     t_solve = time.perf_counter()
-    M, iters, converged, residual, products = _block_cg(S, B, config, X0, progress, "propagation",
-                                                        solved=solved)
+    solve = _block_cg(S, B, config, X0, progress, "propagation", solved=solved)
+    M, iters, converged, residual, products = (solve.X, solve.iterations, solve.converged,
+                                               solve.residual, solve.products)
     if solved is not None and solved.any():
         residual = max(residual, float(warm_start.residual))
     t_solve = time.perf_counter() - t_solve
@@ -496,8 +497,9 @@ def _balance(W, labels, C, config, prior, predictions, warm_start, B):
         memberships = _row_normalize(np.asarray(warm_start, dtype=np.float32))
     elif predictions is None:
         # only the argmax / soft class of the first pass is used: a loose tolerance is enough
-        M0, first_iters, _, _, _ = _block_cg(normalized_operator(W), B, config, None, None,
-                                             "first pass", tol=max(config.tol, FIRST_PASS_TOL))
+        first = _block_cg(normalized_operator(W), B, config, None, None, "first pass",
+                          tol=max(config.tol, FIRST_PASS_TOL))
+        M0, first_iters = first.X, first.iterations
         memberships = _row_normalize(M0)
     if prior is None and config.balance_prior == "labels":
         prior = label_prior(labels, C)
@@ -567,14 +569,24 @@ def _numbered_back(r: PropagationResult, order: np.ndarray) -> PropagationResult
     )
 
 
-def _block_cg(S, B, config, X0, progress, what, tol=None, solved=None):
+class CGSolve(NamedTuple):
+    """What a block conjugate-gradient solve returns."""
+
+    X: np.ndarray  # float32 (n, C), the solution
+    iterations: int
+    converged: bool  # every column met the tolerance
+    residual: float  # largest relative residual ||b - A x|| / ||b|| over the columns
+    products: int  # sparse matrix-vector products (one per active column per iteration)
+
+
+def _block_cg(S, B, config, X0, progress, what, tol=None, solved=None) -> CGSolve:
     """Solve (I - αS) X = B for all C columns of B at once (float32, torch CPU kernels).
 
     Conjugate gradient run independently per column but in one loop: each iteration does one
     sparse × dense-block product S @ P on the columns still active, plus a few fused in-place
     vector updates. A column stops when its residual norm is ≤ tol · ||b_c|| (a zero column is
     solved by 0 at once); stopped columns leave the block, so later products get narrower.
-    Returns (X float32 (n, C), iterations, converged, largest relative residual, products).
+    Returns a ``CGSolve``.
     """
     import torch
 
@@ -666,7 +678,7 @@ def _block_cg_torch(S, B, config, X0, progress, what, tol, solved, device="cpu")
                f"residual {residual:.2e} > tol {tol:.1e} in {active.size} of {C} classes")
         logger.warning(msg)
         warnings.warn(msg, PropagationWarning, stacklevel=4)
-    return X.numpy(), iters, converged, residual, products
+    return CGSolve(X.numpy(), iters, converged, residual, products)
 
 
 def _block_cg_on_device(S, B, config, X0, progress, what, tol, solved, device):
@@ -749,7 +761,7 @@ def _block_cg_on_device(S, B, config, X0, progress, what, tol, solved, device):
                f"residual {residual:.2e} > tol {tol:.1e} in {active.size} of {C} classes")
         logger.warning(msg)
         warnings.warn(msg, PropagationWarning, stacklevel=4)
-    return X.cpu().numpy(), iters, converged, residual, products
+    return CGSolve(X.cpu().numpy(), iters, converged, residual, products)
 
 
 def _torch_csr(S: sp.csr_matrix, device="cpu"):
