@@ -254,6 +254,27 @@ def test_locality_order_gives_the_same_answer(monkeypatch):
     assert (ordered.labels == plain.labels).all() and (ordered.reliable == plain.reliable).all()
 
 
+def test_locality_order_is_kept_with_its_graph_and_redone_when_the_graph_changes(monkeypatch):
+    import speler.graph.propagate as prop
+
+    _, _, W, labels = _problem(n=300, seed=18)
+    monkeypatch.setattr(prop, "_REORDER_MIN_N", 0)
+    calls = []
+    order_of = prop._locality_order
+    monkeypatch.setattr(prop, "_locality_order", lambda G: calls.append(1) or order_of(G))
+    cfg = PropagationConfig(reorder=True)
+    first = propagate(W, labels, num_classes=4, config=cfg)
+    propagate(W, np.where(np.arange(300) == 7, 0, labels), num_classes=4, config=cfg)
+    assert len(calls) == 1  # the second propagation on the same graph reused the order
+    other = W.copy()  # another graph object: its own order, nothing shared through the module
+    propagate(other, labels, num_classes=4, config=cfg)
+    assert len(calls) == 2
+    W.data *= 2.0  # the same object with other weights: the order is computed again
+    again = propagate(W, labels, num_classes=4, config=cfg)
+    assert len(calls) == 3
+    np.testing.assert_array_equal(again.labels, first.labels)  # S is scale-free
+
+
 def test_non_convergence_is_a_warning_and_a_flag():
     _, _, W, labels = _problem(seed=8)
     with pytest.warns(PropagationWarning, match="stopped after 2 iterations"):

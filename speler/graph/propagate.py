@@ -82,7 +82,6 @@ import logging
 import math
 import time
 import warnings
-import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
@@ -512,7 +511,7 @@ def _balance(W, labels, C, config, prior, predictions, warm_start, B):
     return w, prior, M0, first_iters
 
 
-_ORDER_CACHE: dict[int, tuple] = {}  # id(W) -> (weak ref to W, fingerprint, order, W renumbered)
+_ORDER_ATTR = "_speler_locality_order"  # kept on the caller's graph object, not in this module
 
 
 def _checksum(M: np.ndarray) -> float:
@@ -528,20 +527,19 @@ def _fingerprint(W: sp.csr_matrix) -> tuple:
 
 def _cached_order(original, W: sp.csr_matrix) -> tuple[np.ndarray, sp.csr_matrix]:
     """The locality order of W and W renumbered by it, computed once per graph object (the
-    re-propagations after each new label reuse them). The caller's matrix is referenced weakly."""
-    key = id(original)
+    re-propagations after each new label reuse them): kept as an attribute of the caller's matrix
+    ``original``, so it lives and dies with that graph and no state is shared between callers;
+    recomputed when the graph's contents changed (its fingerprint)."""
     stamp = _fingerprint(W)
-    hit = _ORDER_CACHE.get(key)
-    if hit is not None and hit[0]() is original and hit[1] == stamp:  # same object, unchanged
-        return hit[2], hit[3]
+    hit = getattr(original, _ORDER_ATTR, None)
+    if hit is not None and hit[0] == stamp:
+        return hit[1], hit[2]
     order = _locality_order(W)
     Wp = W[order][:, order].tocsr()
     Wp.sort_indices()
-    for k in [k for k, v in _ORDER_CACHE.items() if v[0]() is None]:
-        del _ORDER_CACHE[k]
     try:
-        _ORDER_CACHE[key] = (weakref.ref(original), stamp, order, Wp)
-    except TypeError:  # not weakly referenceable: no cache
+        setattr(original, _ORDER_ATTR, (stamp, order, Wp))
+    except AttributeError:  # an object that takes no attributes: no cache
         pass
     return order, Wp
 
