@@ -22,6 +22,7 @@ import numpy as np
 
 from speler import loop
 from speler.config import Config
+from speler.selection import Suggestion
 from speler.data.schema import SequenceSet
 from speler.errors import ProjectError
 from speler.project import Project, check_name, default_root
@@ -213,6 +214,19 @@ class Annotator:
                                      strategy=strategy or cfg.strategy, seed=seed,
                                      config=self.config)
             return [s for s in picks if s.id not in skip][:n]
+
+    def suggestion_for(self, sample_id: str, *, reason: str) -> Suggestion:
+        """Sample ``sample_id`` as a suggestion (the live state's guess, runner-up, energy and
+        margin, no score), e.g. to show a sample again after its label was undone."""
+        with self._lock:
+            state = self.require_state("describing a sample")
+            i = self.project.store.sample_index(sample_id)
+            res = state.result
+            order = np.argsort(-np.asarray(res.scores[i]), kind="stable")
+            return Suggestion(index=i, id=sample_id, score=float("nan"), reason=reason,
+                              predicted=int(res.labels[i]),
+                              runner_up=int(order[1]) if len(order) > 1 else -1,
+                              energy=float(res.energy[i]), margin=float(res.margin[i]))
 
     def suggest_after(self, sample_id: str, label_name: str, *, n: int | None = None,
                       strategy: str | None = None, seed: int = 0,

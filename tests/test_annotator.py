@@ -169,3 +169,14 @@ def test_set_config_saves_and_the_live_state_follows_as_a_fresh_annotator_would(
     finally:
         ann.set_config(before)
         ann.undo()
+
+
+def test_suggestion_for_describes_a_sample_from_the_live_state(annotated):
+    _, ann = annotated
+    pick = ann.suggest(n=1)[0]
+    again = ann.suggestion_for(pick.id, reason="you undid its label")
+    assert (again.index, again.id, again.predicted) == (pick.index, pick.id, pick.predicted)
+    assert again.reason == "you undid its label" and again.score != again.score  # NaN: no rank
+    assert again.energy == pytest.approx(pick.energy) and again.margin == pytest.approx(pick.margin)
+    with pytest.raises(Exception, match="no-such-id"):
+        ann.suggestion_for("no-such-id", reason="x")

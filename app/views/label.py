@@ -119,16 +119,9 @@ def _queue(state_, classes: tuple[str, ...]) -> list:
     st.session_state["front"] = front
     if not front:
         return queue
-    res = state_.result
-    extra = []
-    for sid in front:
-        i = project.store.sample_index(sid)
-        order = np.argsort(-np.asarray(res.scores[i]), kind="stable")
-        extra.append(Suggestion(
-            index=i, id=sid, score=float("nan"),
-            reason=st.session_state.get("reasons", {}).get(sid, "you undid its label"),
-            predicted=int(res.labels[i]), runner_up=int(order[1]) if len(order) > 1 else -1,
-            energy=float(res.energy[i]), margin=float(res.margin[i])))
+    reasons = st.session_state.get("reasons", {})
+    extra = [annotator.suggestion_for(sid, reason=reasons.get(sid, "you undid its label"))
+             for sid in front]
     return extra + [s for s in queue if s.id not in set(front)]
 
 
