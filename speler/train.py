@@ -171,6 +171,18 @@ def _threads(n: int, device: str = "cpu"):
             torch.set_num_threads(old)
 
 
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool):
+    """cuDNN autotuning on for a while (CUDA training: fixed batch shapes), restored after, so a
+    fit leaves no process-wide setting behind."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = old or on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
 # --- device placement ---------------------------------------------------------------------------
 CPU_BATCH, CUDA_BATCH = 32, 128  # train.batch_size 0: the device's batch (CUDA: the paper's)
 EMBED_BATCH_CPU, EMBED_BATCH_CUDA = 128, 1024  # embed's default batch
@@ -480,7 +492,8 @@ def fit(
                              " pseudo-labels, weights, hold-out or config; give all the same")
 
     devices = [torch.device(device).index or 0] if cuda else []
-    with _threads(config.num_threads, device), torch.random.fork_rng(devices=devices):
+    with _threads(config.num_threads, device), torch.random.fork_rng(devices=devices), \
+            _cudnn_benchmark(cuda):
         torch.manual_seed(config.seed)
         if holdout is None:
             train_idx, hold_idx = _holdout_split(y, config.holdout, config.seed)
@@ -500,8 +513,6 @@ def fit(
             where = torch.device(device)
             local = torch.cuda.current_device() if cuda and where.index is None else where.index
             net = nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
-        if device.startswith("cuda"):
-            torch.backends.cudnn.benchmark = True
         # fused: one kernel for every parameter's update on CUDA (not offered on the CPU path)
         opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                **({"fused": True} if cuda else {}))

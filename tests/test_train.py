@@ -419,3 +419,9 @@ def test_thread_count_zero_follows_the_free_cores(monkeypatch):
     with train_mod._threads(3):
         assert torch.get_num_threads() == 3  # an explicit count is kept
     assert torch.get_num_threads() == before
+
+
+def test_fit_leaves_no_process_wide_setting_behind(actions):
+    before = (torch.get_num_threads(), torch.backends.cudnn.benchmark)
+    fit(actions, actions.y, config=dataclasses.replace(FAST, epochs=1, num_threads=0))
+    assert (torch.get_num_threads(), torch.backends.cudnn.benchmark) == before
