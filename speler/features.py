@@ -3,9 +3,6 @@
 Three views, all from the preprocessed tensor x float32 (N, C, T, V, M) alone (no label is read):
 
 - ``plain``: every sample flattened, each coordinate standardised over the samples, PCA.
-- ``rocket_diff``: the ``rocket`` transform (its own random draw) of the first differences over
-  time (velocities, for skeletons), as MultiRocket (Tan, Dempster, Bergmeir and Webb, 2022) adds
-  the first-difference series to MiniRocket's. Left out when T < 2.
 - ``rocket``: random convolutional kernel features in the manner of MiniRocket (Dempster, Schmidt
   and Webb, KDD 2021). Each sample is a multivariate series of D = C·V·M channels over T frames.
   The 84 kernels of length 9 have weight -1 at six taps and +2 at three (every choice of three of
@@ -17,8 +14,11 @@ Three views, all from the preprocessed tensor x float32 (N, C, T, V, M) alone (n
   feature is the proportion of positive values (PPV) of (convolution - bias). Half the
   (dilation, kernel) pairs are zero-padded, the other half read only the frames where the kernel
   fits. PPV features are then standardised and reduced by PCA.
+- ``rocket_diff``: the ``rocket`` transform (its own random draw) of the first differences over
+  time (velocities, for skeletons), as MultiRocket (Tan, Dempster, Bergmeir and Webb, 2022) adds
+  the first-difference series to MiniRocket's. Left out when T < 2.
 
-Both views end L2-normalised (kNN uses cosine similarity). Everything is deterministic for a
+All views end L2-normalised (kNN uses cosine similarity). Everything is deterministic for a
 seed. Written in torch, so the transform needs no numba and runs on a GPU as well.
 
 Why these views: on the real sets in ../shared/data and on sets outside it, propagation on the
@@ -27,7 +27,7 @@ and the sum of both views' normalised graphs (``speler.graph.knn.combine_affinit
 steadier of the two across sets (benchmarks/round_quality.py). Adding the first-difference view
 at half weight raised the floor's macro-F1 (five sets, 5 seeds, labels-prior balance) by +1.3 /
 +0.1 / +1.2 / +2.9 points at π=10 γ=5 % / π=10 10 % / π=50 5 % / π=50 10 %, better in 66 of the
-100 set × setting × seed cases and worse in 27; alone it was 6-9 points below the floor. A
+100 set × setting × seed cases and worse in 27; alone it was 6-10 points below the floor. A
 log-amplitude Fourier view at half weight gave +1.2 / +1.9 / -1.0 / +1.7 (57 better, 38 worse)
 and was not kept.
 """
