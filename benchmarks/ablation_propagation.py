@@ -191,7 +191,8 @@ def run_one(x, y, split, gcfg: GraphConfig, pcfg: PropagationConfig) -> dict:
         "accuracy_labels": float((bal.labels[unl] == ys[unl]).mean()),
         "accuracy_argmax_M_over_p_once": float((once_labels[unl] == ys[unl]).mean()),
         "accuracy_argmax_M_over_p_twice": float((twice_labels[unl] == ys[unl]).mean()),
-        "iterations": bal.iterations, "first_pass_iterations": bal.first_pass_iterations,
+        "iterations": bal.solve.iterations,
+        "first_pass_iterations": bal.solve.first_pass_iterations,
     })
     out["+ energy"] = row
     out["LabelSpreading"] = metrics(label_spreading(xs, lab), ys, unl, rare)

@@ -212,9 +212,9 @@ def main() -> None:
     entry: dict = {"n": a.n, "dim": a.dim, "k": a.k, "classes": a.classes,
                    "reordered": not a.no_reorder, "nnz": int(W.nnz), "settings": args,
                    "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
-                   "plain": {"build_knn_s": plain_knn_s, "propagate_s": ref.seconds,
-                             "propagate_solve_s": ref.solve_seconds,
-                             "iterations": ref.iterations}}
+                   "plain": {"build_knn_s": plain_knn_s, "propagate_s": ref.solve.seconds,
+                             "propagate_solve_s": ref.solve.solve_seconds,
+                             "iterations": ref.solve.iterations}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         np.save(work / "x.npy", x)

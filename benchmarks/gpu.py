@@ -236,7 +236,7 @@ def graph_and_propagation(x: np.ndarray, labels: np.ndarray, y: np.ndarray, C: i
     out["graph_plus_cg_s"] = out["knn_s"] + out["affinity_s"] + out["operator_s"] + out["cg_s"]
     if library_propagate:
         r, out["propagate_s"] = timed(lambda: propagate(W, labels, num_classes=C, config=pcfg))
-        out["propagate_iterations"] = r.iterations
+        out["propagate_iterations"] = r.solve.iterations
     return out
 
 

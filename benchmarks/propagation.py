@@ -182,18 +182,19 @@ def run(n: int, args, gcfg: GraphConfig, pcfg: PropagationConfig, bandwidth: flo
         with PeakRSS() as mem:
             r = propagate(W, labels, num_classes=C, config=cfg)
         res[name] = r
-        per_iter = r.solve_seconds / max(1, r.iterations)
-        out[name] = {"seconds": r.seconds, "solve_seconds": r.solve_seconds,
-                     "iterations": r.iterations,
-                     "first_pass_iterations": r.first_pass_iterations, "products": r.products,
-                     "converged": r.converged, "peak_rss_gb": mem.peak / 1e9,
+        s = r.solve
+        per_iter = s.solve_seconds / max(1, s.iterations)
+        out[name] = {"seconds": s.seconds, "solve_seconds": s.solve_seconds,
+                     "iterations": s.iterations,
+                     "first_pass_iterations": s.first_pass_iterations, "products": s.products,
+                     "converged": s.converged, "peak_rss_gb": mem.peak / 1e9,
                      "rss_increase_gb": (mem.peak - mem.start) / 1e9,
                      "seconds_per_iteration": per_iter,
                      "reliable_share": float(r.reliable[labels < 0].mean()),
                      "reliable_precision": float((r.labels[r.reliable] == y[r.reliable]).mean())
                      if r.reliable.any() else float("nan"),
                      **quality(r.labels, y, labels, tail)}
-        print(f"  {name}: {r.seconds:.1f} s, {r.iterations}+{r.first_pass_iterations} it, "
+        print(f"  {name}: {s.seconds:.1f} s, {s.iterations}+{s.first_pass_iterations} it, "
               f"macro-F1 {out[name]['macro_f1']:.3f}", flush=True)
 
     # one iteration's memory-bandwidth bound, against the time per iteration of the plain solve
@@ -220,17 +221,18 @@ def run(n: int, args, gcfg: GraphConfig, pcfg: PropagationConfig, bandwidth: flo
     cold = propagate(W, new, num_classes=C, config=pcfg,
                      warm_start=replace(bal, scores=np.zeros_like(bal.scores)))
     full = propagate(W, new, num_classes=C, config=pcfg)
-    out["warm_start"] = {"seconds": warm.seconds, "iterations": warm.iterations,
-                         "products": warm.products, "cold_seconds": cold.seconds,
-                         "cold_iterations": cold.iterations, "cold_products": cold.products,
-                         "full_seconds": full.seconds,
+    ws, cs = warm.solve, cold.solve
+    out["warm_start"] = {"seconds": ws.seconds, "iterations": ws.iterations,
+                         "products": ws.products, "cold_seconds": cs.seconds,
+                         "cold_iterations": cs.iterations, "cold_products": cs.products,
+                         "full_seconds": full.solve.seconds,
                          "max_rel_diff": float(np.abs(warm.scores - cold.scores).max()
                                                / np.abs(cold.scores).max()),
                          "labels_changed_vs_full": int((warm.labels != full.labels).sum()),
                          "peak_rss_gb": mem.peak / 1e9}
-    print(f"  warm start after one label: {warm.seconds:.2f} s ({warm.products} products) vs "
-          f"cold {cold.seconds:.2f} s ({cold.products}), full {full.seconds:.2f} s", flush=True)
-    del warm, cold, full, res
+    print(f"  warm start after one label: {ws.seconds:.2f} s ({ws.products} products) vs "
+          f"cold {cs.seconds:.2f} s ({cs.products}), full {full.solve.seconds:.2f} s", flush=True)
+    del warm, cold, full, res, ws, cs
 
     if n <= args.ls_max:
         t = time.perf_counter()

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speler.config import GraphConfig, PropagationConfig, SelectionConfig  # noqa: E402
 from speler.graph.knn import KnnGraph, affinity, build_knn  # noqa: E402
-from speler.graph.propagate import PropagationResult, propagate  # noqa: E402
+from speler.graph.propagate import PropagationResult, SolveInfo, propagate  # noqa: E402
 from speler.selection import STRATEGIES, suggest  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "selection_speed.json"
@@ -69,7 +69,7 @@ def make_inputs(n: int, classes: int, dim: int, k: int, labeled: float, real_gra
             reliable=np.zeros(n, dtype=bool), weights=np.zeros(n, dtype=np.float32),
             thresholds=np.zeros(classes, dtype=np.float32), prior=prior.astype(np.float32),
             connected=np.ones(n, dtype=bool), labeled=is_labeled,
-            iterations=0, converged=True, residual=0.0, seconds=0.0)
+            solve=SolveInfo(iterations=0, converged=True, residual=0.0, seconds=0.0))
     setup = time.perf_counter() - t0
     logits = rng.normal(size=(n, classes)).astype(np.float32)
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))

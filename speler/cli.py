@@ -393,8 +393,9 @@ def _run_propagate(args: argparse.Namespace) -> int:
         rel = np.bincount(res.labels[res.reliable], minlength=len(classes))
         views = " + ".join(f"{v} {w:.2f}" for v, w in state.weights.items())
         _out(f"propagation on round {state.round:03d}'s graph ({views}), up to date with "
-             f"{int((state.human >= 0).sum())} human labels: the last solve took {res.iterations} "
-             f"conjugate-gradient iterations{'' if res.converged else ' (NOT converged)'}",
+             f"{int((state.human >= 0).sum())} human labels: the last solve took "
+             f"{res.solve.iterations} conjugate-gradient iterations"
+             f"{'' if res.solve.converged else ' (NOT converged)'}",
              *_table(["class", "human", "predicted", "reliable", "tau"],
                      [(c, human[i], pred[i], rel[i], f"{res.thresholds[i]:.2f}")
                       for i, c in enumerate(classes)]))

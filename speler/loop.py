@@ -51,7 +51,7 @@ from speler.features import label_free_views
 from speler.graph.knn import (
     KnnGraph, affinity, build_knn, combine_affinities, strongest_neighbours,
 )
-from speler.graph.propagate import PropagationResult, propagate
+from speler.graph.propagate import PropagationResult, SolveInfo, propagate
 from speler.metrics import label_quality
 from speler.project import DATA_FILE, Project
 from speler.round_metrics import (
@@ -683,8 +683,9 @@ def _round_metrics(ds, human, built: BuiltState) -> RoundMetrics:
         train=None if fitted is None else TrainMetrics(
             best_epoch=fitted.best_epoch, best_metric=fitted.best_metric, device=fitted.device,
             seconds=fitted.seconds, epochs=len(fitted.history), warm_started=fitted.warm_started),
-        propagation=PropagationMetrics(iterations=res.iterations, converged=bool(res.converged),
-                                       residual=float(res.residual)),
+        propagation=PropagationMetrics(iterations=res.solve.iterations,
+                                       converged=bool(res.solve.converged),
+                                       residual=float(res.solve.residual)),
         knn={v: KnnMetrics(method=g.method, recall=g.recall, k=int(g.indices.shape[1]))
              for v, g in state.graphs.items() if v != "combined"},
         quality=quality,
@@ -693,16 +694,20 @@ def _round_metrics(ds, human, built: BuiltState) -> RoundMetrics:
 
 def _save_state(folder: Path, state: LoopState) -> None:
     """embeddings.npz (every view and probs) and propagation.npz (the result's array and number
-    fields, the human labels, each view's kNN lists and weight in the graph)."""
+    fields, the human labels, each view's kNN lists and weight in the graph). The fields of the
+    result's ``solve`` are stored flat, under their own names (``combined.iterations``, ...), as
+    before they moved into ``SolveInfo``."""
     np.savez(folder / "embeddings.npz", probs=state.probs,
              **{f"view.{v}": e for v, e in state.embeddings.items() if v != "combined"})
     arrays = {"human": state.human}
-    for f in dataclasses.fields(state.result):
-        value = getattr(state.result, f.name)
-        # arrays and plain numbers only: unset optional fields and in-memory bookkeeping
-        # (e.g. the solved system's fingerprint) are not stored, so no object arrays
-        if isinstance(value, (np.ndarray, np.generic, int, float, bool)):
-            arrays[f"combined.{f.name}"] = np.asarray(value)
+    for obj in (state.result, state.result.solve):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            # arrays and plain numbers only: unset optional fields and in-memory bookkeeping
+            # (e.g. the solved system's fingerprint, the ``solve`` object itself) are not
+            # stored, so no object arrays
+            if isinstance(value, (np.ndarray, np.generic, int, float, bool)):
+                arrays[f"combined.{f.name}"] = np.asarray(value)
     for v, w in state.weights.items():
         arrays[f"{v}.weight"] = np.asarray(w)
         arrays[f"{v}.knn_indices"] = state.graphs[v].indices
@@ -711,14 +716,20 @@ def _save_state(folder: Path, state: LoopState) -> None:
 
 
 def _load_result(z, name: str) -> PropagationResult:
-    values = {}
-    for f in dataclasses.fields(PropagationResult):
-        key = f"{name}.{f.name}"
-        if key not in z.files:
-            continue
-        v = z[key]
-        values[f.name] = v.item() if v.ndim == 0 else v
-    return PropagationResult(**values)
+    """The result saved by ``_save_state``; the ``solve`` fields are stored flat (the names the
+    result's own fields had before ``SolveInfo``), so rounds of any version load."""
+    def values(cls, skip=()):
+        out = {}
+        for f in dataclasses.fields(cls):
+            key = f"{name}.{f.name}"
+            if f.name in skip or key not in z.files:
+                continue
+            v = z[key]
+            out[f.name] = v.item() if v.ndim == 0 else v
+        return out
+
+    return PropagationResult(**values(PropagationResult, skip=("solve",)),
+                             solve=SolveInfo(**values(SolveInfo)))
 
 
 # --- state between rounds ------------------------------------------------------------------------

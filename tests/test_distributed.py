@@ -274,12 +274,12 @@ def test_propagation_on_two_ranks_equals_single_process(two_ranks):
     ref = propagate(W, labels, num_classes=CLASSES, config=PropagationConfig())
     for mode in ("halo", "allgather"):
         np.testing.assert_allclose(two_ranks[mode], ref.scores, rtol=0, atol=1e-5)
-    assert two_ranks["iters"][0] == two_ranks["iters"][1] == ref.iterations
+    assert two_ranks["iters"][0] == two_ranks["iters"][1] == ref.solve.iterations
     warm = propagate(W, labels, num_classes=CLASSES, warm_start=0.5 * ref.scores)
     np.testing.assert_allclose(two_ranks["warm"], warm.scores, rtol=0, atol=1e-5)
     # the halo sends fewer bytes than gathering all of P, and both were counted each iteration
     halo, full = two_ranks["halo_bytes"], two_ranks["full_bytes"]
-    assert len(halo) == len(full) == ref.iterations and (halo > 0).all()
+    assert len(halo) == len(full) == ref.solve.iterations and (halo > 0).all()
     assert halo.sum() < full.sum()
     assert 0 < int(two_ranks["halo_rows"]) <= N - 301
 
@@ -567,8 +567,8 @@ def test_single_process_knn_propagation_and_embedding_match_the_plain_functions(
         want = propagate(W, labels, num_classes=CLASSES, config=cfg, **kw)
         got = pdist.propagate_scores(W_rows, labels, lo=0, num_classes=CLASSES, config=cfg, **kw)
         np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=1e-6)
-        assert got.solve.iterations == want.iterations
-        np.testing.assert_allclose(got.balance_weights, want.balance_weights, rtol=1e-6)
+        assert got.solve.iterations == want.solve.iterations
+        np.testing.assert_allclose(got.balance_weights, want.solve.balance_weights, rtol=1e-6)
     ds = _skeletons()
     model = _model(ds)
     a, b = embed_sharded(model, ds, batch_size=EMBED_BATCH), embed(model, ds, batch_size=EMBED_BATCH)

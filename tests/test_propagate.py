@@ -55,7 +55,7 @@ def test_plain_propagation_equals_dense_closed_form(alpha):
     cfg = PropagationConfig(alpha=alpha, balance=False, tol=1e-8, max_iter=1000)
     r = propagate(W, labels, num_classes=4, config=cfg)
     M = _dense_solution(_dense_normalized(W), labels, 4, alpha)
-    assert r.converged and r.scores.dtype == np.float32 and r.scores.shape == (300, 4)
+    assert r.solve.converged and r.scores.dtype == np.float32 and r.scores.shape == (300, 4)
     assert np.abs(r.scores - M).max() <= 1e-5 * np.abs(M).max()
 
 
@@ -71,7 +71,7 @@ def test_balanced_propagation_equals_dense_closed_form(balance_prior):
     who = np.where(labels >= 0, labels, pred)
     M = _dense_solution(_dense_normalized(W, p[who] ** -0.5), labels, 4, 0.9)
     np.testing.assert_allclose(r.prior, p, rtol=1e-6)
-    assert r.first_pass_iterations == 0  # predictions given: no unbalanced pass
+    assert r.solve.first_pass_iterations == 0  # predictions given: no unbalanced pass
     assert np.abs(r.scores - M).max() <= 1e-5 * np.abs(M).max()
     lab = labels >= 0
     assert (r.labels[lab] == labels[lab]).all()
@@ -205,13 +205,14 @@ def test_warm_start_gives_the_same_answer_with_less_work():
         warm = propagate(W, new, warm_start=first.scores, **kw)
         assert np.abs(warm.scores - cold.scores).max() <= 1e-5 * np.abs(cold.scores).max()
         assert (warm.labels == cold.labels).all()
-        assert warm.iterations <= cold.iterations and warm.products < cold.products
+        assert warm.solve.iterations <= cold.solve.iterations
+        assert warm.solve.products < cold.solve.products
     # with unchanged balance weights only the new label's column is not solved yet
     new = labels.copy()
     new[node] = 2
     warm = propagate(W, new, num_classes=4, config=cfg, predictions=pred, prior=first.prior,
                      warm_start=first.scores)
-    assert warm.products < 2 * warm.iterations  # about one column active throughout
+    assert warm.solve.products < 2 * warm.solve.iterations  # about one column active throughout
 
 
 def test_warm_start_from_a_result_keeps_its_balance():
@@ -222,12 +223,12 @@ def test_warm_start_from_a_result_keeps_its_balance():
     new = labels.copy()
     new[node] = 1
     warm = propagate(W, new, num_classes=4, config=cfg, warm_start=first)
-    assert warm.first_pass_iterations == 0 and warm.products < 2 * warm.iterations
-    np.testing.assert_array_equal(warm.balance_weights, first.balance_weights)
+    assert warm.solve.first_pass_iterations == 0 and warm.solve.products < 2 * warm.solve.iterations
+    np.testing.assert_array_equal(warm.solve.balance_weights, first.solve.balance_weights)
     np.testing.assert_array_equal(warm.prior, first.prior)
     p = first.prior.astype(np.float64)
-    M = _dense_solution(_dense_normalized(W, first.balance_weights.astype(np.float64)), new, 4,
-                        cfg.alpha)
+    w = first.solve.balance_weights.astype(np.float64)
+    M = _dense_solution(_dense_normalized(W, w), new, 4, cfg.alpha)
     assert np.abs(warm.scores - M).max() <= 1e-5 * np.abs(M).max()
     assert warm.labels[node] == 1 and p.shape == (4,)
     # edited scores void the fingerprint: nothing is taken as solved, the answer stays exact
@@ -237,10 +238,9 @@ def test_warm_start_from_a_result_keeps_its_balance():
     # another α is another system: nothing may be skipped
     other = PropagationConfig(tol=1e-7, alpha=0.9)
     warm9 = propagate(W, new, num_classes=4, config=other, warm_start=first)
-    M9 = _dense_solution(_dense_normalized(W, first.balance_weights.astype(np.float64)), new, 4,
-                         0.9)
+    M9 = _dense_solution(_dense_normalized(W, w), new, 4, 0.9)
     assert np.abs(warm9.scores - M9).max() <= 1e-5 * np.abs(M9).max()
-    assert warm9.products > 2 * warm9.iterations
+    assert warm9.solve.products > 2 * warm9.solve.iterations
 
 
 def test_locality_order_gives_the_same_answer(monkeypatch):
@@ -280,7 +280,7 @@ def test_non_convergence_is_a_warning_and_a_flag():
     with pytest.warns(PropagationWarning, match="stopped after 2 iterations"):
         r = propagate(W, labels, num_classes=4,
                       config=PropagationConfig(alpha=0.99, balance=False, max_iter=2))
-    assert not r.converged and r.iterations == 2 and r.residual > 1e-6
+    assert not r.solve.converged and r.solve.iterations == 2 and r.solve.residual > 1e-6
     assert np.isfinite(r.scores).all()
 
 

@@ -9,7 +9,7 @@ import pytest
 from speler.config import GraphConfig, PropagationConfig, SelectionConfig
 from speler.errors import ConfigError, DataFormatError
 from speler.graph.knn import KnnGraph, affinity, build_knn
-from speler.graph.propagate import PropagationResult, propagate
+from speler.graph.propagate import PropagationResult, SolveInfo, propagate
 from speler.selection import STRATEGIES, Suggestion, suggest
 
 ALL = sorted(STRATEGIES)
@@ -28,7 +28,7 @@ def _result(scores, *, labels=None, margin=None, energy=None) -> PropagationResu
         reliable=np.zeros(n, dtype=bool), weights=np.zeros(n, dtype=np.float32),
         thresholds=np.zeros(c, dtype=np.float32), prior=np.full(c, 1.0 / c, dtype=np.float32),
         connected=np.ones(n, dtype=bool), labeled=np.zeros(n, dtype=bool),
-        iterations=0, converged=True, residual=0.0, seconds=0.0,
+        solve=SolveInfo(iterations=0, converged=True, residual=0.0, seconds=0.0),
     )
 
 

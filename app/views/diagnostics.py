@@ -179,7 +179,7 @@ with st.expander("Propagation details"):
         "round": live.round,
         "reliable propagated labels": int(np.sum(res.reliable & (live.human < 0))),
         "views in the graph (weight)": live.weights,
-        "CG iterations": res.iterations,
-        "converged": bool(res.converged),
+        "CG iterations": res.solve.iterations,
+        "converged": bool(res.solve.converged),
     }
     st.json(info)

@@ -28,7 +28,7 @@ Pipeline (``propagate``), all on a sparse affinity W (``knn.affinity``), never a
    from ``warm_start`` when given. From 20k samples everything runs on the graph renumbered in
    reverse Cuthill-McKee order (computed once per graph object and cached): about 2x faster
    products, and the single-column products of a warm start stop being latency-bound. Not
-   reaching ``tol`` within ``max_iter`` is a warning and ``converged=False``. Labels:
+   reaching ``tol`` within ``max_iter`` is a warning and ``solve.converged=False``. Labels:
    ``argmax_c M_ic`` (human label where given); a sample no seed reaches gets the most frequent
    class of p, margin 0, energy 0 and is never reliable.
 5. Energy, scale-robust, prior removed once. The paper's ``E_i = -logsumexp_j(M_ij / p_j)``
@@ -103,6 +103,37 @@ class PropagationWarning(UserWarning):
     """Conjugate gradient stopped at its iteration cap before reaching the tolerance."""
 
 
+@dataclass(frozen=True)
+class SolveInfo:
+    """How a propagation was solved (``PropagationResult.solve``): the solver's figures and what a
+    warm start from the result needs, as opposed to the propagation's outputs.
+
+    iterations, converged, residual: CG iterations, whether every column met ``tol``, and the
+        largest relative residual ||r_c|| / ||b_c||; first_pass_iterations for the unbalanced
+        pass that supplied the predictions (0 when none ran).
+    seconds: wall time of the whole call.
+    products: sparse matrix-vector products of the final solve (one per active column per
+        iteration): the work, which a warm start after a few new labels cuts to the few columns
+        whose seeds changed.
+    solve_seconds: wall time of the conjugate-gradient loop of the final solve.
+    balance_weights: float32 (n,), node weights p_c(i)^-1/2 of the balance (1 without balance);
+        passing the result as ``warm_start`` reuses them.
+    system: fingerprint of the solved system (graph, α, tol, balance, sum of the scores); a warm
+        start from the result on the same system skips the classes whose seeds did not change
+        (any change to the result's scores voids it).
+    """
+
+    iterations: int
+    converged: bool
+    residual: float
+    seconds: float
+    first_pass_iterations: int = 0
+    products: int = 0
+    solve_seconds: float = 0.0
+    balance_weights: np.ndarray | None = None
+    system: tuple | None = None
+
+
 @dataclass
 class PropagationResult:
     """Output of one propagation (n samples, C classes).
@@ -117,19 +148,9 @@ class PropagationResult:
     prior: float32 (C,), class proportions p used by the balance and the energy.
     connected: bool (n,), reached by at least one seed (non-zero score row).
     labeled: bool (n,), human-labeled (the seeds).
-    iterations, converged, residual: CG iterations, whether every column met ``tol``, and the
-        largest relative residual ||r_c|| / ||b_c||; first_pass_iterations for the unbalanced
-        pass that supplied the predictions (0 when none ran).
-    products: sparse matrix-vector products of the final solve (one per active column per
-        iteration): the work, which a warm start after a few new labels cuts to the few columns
-        whose seeds changed.
-    balance_weights: float32 (n,), node weights p_c(i)^-1/2 of the balance (1 without balance);
-        passing this result as ``warm_start`` reuses them.
-    solve_seconds: wall time of the conjugate-gradient loop of the final solve.
-    system: fingerprint of the solved system (graph, α, tol, balance, sum of the scores); a warm
-        start from this result on the same system skips the classes whose seeds did not change
-        (any change to the result's scores voids it).
-    seconds: wall time of the whole call; tau_hat: τ̂ used for the thresholds.
+    solve: the solver's bookkeeping (``SolveInfo``: iterations, convergence, timings, and the
+        balance weights and system fingerprint that a warm start reuses).
+    tau_hat: τ̂ used for the thresholds (with them: ``combine`` recomputes τ_c from it).
     """
 
     scores: np.ndarray
@@ -142,16 +163,8 @@ class PropagationResult:
     prior: np.ndarray
     connected: np.ndarray
     labeled: np.ndarray
-    iterations: int
-    converged: bool
-    residual: float
-    seconds: float
-    first_pass_iterations: int = 0
+    solve: SolveInfo
     tau_hat: float = -9.5
-    products: int = 0
-    balance_weights: np.ndarray | None = None
-    solve_seconds: float = 0.0
-    system: tuple | None = None
 
     @property
     def normalized(self) -> np.ndarray:
@@ -184,7 +197,7 @@ def propagate(
         so no unbalanced first pass runs. A previous PropagationResult (instant feedback after a
         few new labels): its scores, and its balance weights and prior are kept as they were,
         so the classes whose seeds did not change are solved already and only the others
-        iterate (``products`` counts the work).
+        iterate (``solve.products`` counts the work).
     progress: called with (iteration, max_iter) during the solve.
 
     Raises DataFormatError for a malformed W, LabelError for bad labels / no labeled sample,
@@ -201,7 +214,7 @@ def propagate(
     if predictions is not None:
         predictions = _validated_predictions(predictions, n, C)
     if isinstance(warm_start, PropagationResult):
-        if warm_start.scores.shape != (n, C) or warm_start.balance_weights is None:
+        if warm_start.scores.shape != (n, C) or warm_start.solve.balance_weights is None:
             raise DataFormatError(
                 f"propagate: warm_start result has scores {warm_start.scores.shape}, expected "
                 f"{(n, C)} from a propagate() call on the same samples"
@@ -222,7 +235,8 @@ def propagate(
     del W
     if isinstance(warm_start, PropagationResult):
         warm_start = replace(warm_start, scores=warm_start.scores[order],
-                             balance_weights=warm_start.balance_weights[order],
+                             solve=replace(warm_start.solve,
+                                           balance_weights=warm_start.solve.balance_weights[order]),
                              labels=warm_start.labels[order], labeled=warm_start.labeled[order])
     elif warm_start is not None:
         warm_start = warm_start[order]
@@ -230,7 +244,7 @@ def propagate(
                         None if predictions is None else predictions[order], warm_start,
                         progress, start, system)
     result = _numbered_back(result, order)
-    result.seconds = time.perf_counter() - start
+    result.solve = replace(result.solve, seconds=time.perf_counter() - start)
     return result
 
 
@@ -243,7 +257,8 @@ def combine(time_result: PropagationResult, freq_result: PropagationResult) -> P
       sample); thresholds: ``τ_c = τ̂ · I(n_c / max n)`` recomputed from the combined labels;
       reliable: ``E^t_i ≤ τ_{q_i}`` or ``E^f_i ≤ τ_{q_i}`` (the paper's OR, with q the combined
       pseudo-label), i.e. ``min(E^t_i, E^f_i) ≤ τ_{q_i}``; weights: ω from that energy;
-    - prior: mean of the two; iterations / residual: the larger; converged: both; seconds: sum.
+    - prior: mean of the two; solve: iterations / residual the larger, converged both, seconds
+      and products the sum; no balance weights or system (it cannot warm-start a propagation).
     """
     a, b = time_result, freq_result
     if a.scores.shape != b.scores.shape:
@@ -265,15 +280,18 @@ def combine(time_result: PropagationResult, freq_result: PropagationResult) -> P
     energy = np.minimum(a.energy, b.energy).astype(np.float32)
     thresholds = class_thresholds(a.tau_hat, np.bincount(labels, minlength=C))
     reliable = (~human) & connected & (energy <= thresholds[labels]) & (energy < 0)
+    sa, sb = a.solve, b.solve
     return PropagationResult(
         scores=scores.astype(np.float32), labels=labels, margin=_margin(scores), energy=energy,
         reliable=reliable, weights=_loss_weights(energy, reliable), thresholds=thresholds,
         prior=prior.astype(np.float32), connected=connected, labeled=human.copy(),
-        iterations=max(a.iterations, b.iterations), converged=a.converged and b.converged,
-        residual=max(a.residual, b.residual), seconds=a.seconds + b.seconds,
-        first_pass_iterations=max(a.first_pass_iterations, b.first_pass_iterations),
-        tau_hat=a.tau_hat, products=a.products + b.products,
-        balance_weights=None, system=None,
+        solve=SolveInfo(
+            iterations=max(sa.iterations, sb.iterations), converged=sa.converged and sb.converged,
+            residual=max(sa.residual, sb.residual), seconds=sa.seconds + sb.seconds,
+            first_pass_iterations=max(sa.first_pass_iterations, sb.first_pass_iterations),
+            products=sa.products + sb.products, balance_weights=None, system=None,
+        ),
+        tau_hat=a.tau_hat,
     )
 
 
@@ -411,7 +429,7 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
         if isinstance(warm_start, PropagationResult):
             # instant feedback: the graph weights stay those of the previous full propagation,
             # so only the classes whose seeds changed are solved again
-            w = warm_start.balance_weights.astype(np.float64)
+            w = warm_start.solve.balance_weights.astype(np.float64)
             if prior is None:
                 prior = warm_start.prior.astype(np.float64)
         else:
@@ -420,8 +438,8 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
                 X0 = M0
             del M0
     solved = None
-    if (isinstance(warm_start, PropagationResult) and warm_start.system is not None
-            and warm_start.system == (*system, _checksum(warm_start.scores))):
+    if (isinstance(warm_start, PropagationResult) and warm_start.solve.system is not None
+            and warm_start.solve.system == (*system, _checksum(warm_start.scores))):
         # same graph, weights, α and tol: a class whose seeds are unchanged is solved already
         prev_lab = warm_start.labeled
         moved = (lab != prev_lab) | (lab & prev_lab & (labels != warm_start.labels))
@@ -434,7 +452,7 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
     M, iters, converged, residual, products = (solve.X, solve.iterations, solve.converged,
                                                solve.residual, solve.products)
     if solved is not None and solved.any():
-        residual = max(residual, float(warm_start.residual))
+        residual = max(residual, float(warm_start.solve.residual))
     t_solve = time.perf_counter() - t_solve
     del S
     connected = M.max(axis=1) > 0 if C else np.zeros(n, dtype=bool)
@@ -453,11 +471,15 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
     return PropagationResult(
         scores=M, labels=out_labels, margin=margin, energy=energy, reliable=reliable,
         weights=weights, thresholds=thresholds, prior=np.asarray(prior, dtype=np.float32),
-        connected=connected, labeled=lab, iterations=iters, converged=converged, residual=residual,
-        seconds=time.perf_counter() - start, first_pass_iterations=first_iters,
-        tau_hat=float(config.tau_hat), products=products,
-        balance_weights=(np.ones(n) if w is None else w).astype(np.float32),
-        solve_seconds=t_solve, system=(*system, _checksum(M)),
+        connected=connected, labeled=lab,
+        solve=SolveInfo(
+            iterations=iters, converged=converged, residual=residual,
+            seconds=time.perf_counter() - start, first_pass_iterations=first_iters,
+            products=products, solve_seconds=t_solve,
+            balance_weights=(np.ones(n) if w is None else w).astype(np.float32),
+            system=(*system, _checksum(M)),
+        ),
+        tau_hat=float(config.tau_hat),
     )
 
 
@@ -515,7 +537,7 @@ _ORDER_ATTR = "_speler_locality_order"  # kept on the caller's graph object, not
 
 
 def _checksum(M: np.ndarray) -> float:
-    """Sum of the scores: ties a result's ``system`` to the scores it was computed with."""
+    """Sum of the scores: ties a result's ``solve.system`` to the scores it was computed with."""
     return float(np.asarray(M).sum(dtype=np.float64))
 
 
@@ -563,7 +585,7 @@ def _numbered_back(r: PropagationResult, order: np.ndarray) -> PropagationResult
         r, scores=back(r.scores), labels=back(r.labels), margin=back(r.margin),
         energy=back(r.energy), reliable=back(r.reliable), weights=back(r.weights),
         connected=back(r.connected), labeled=back(r.labeled),
-        balance_weights=back(r.balance_weights),
+        solve=replace(r.solve, balance_weights=back(r.solve.balance_weights)),
     )
 
 
