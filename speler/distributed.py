@@ -121,8 +121,14 @@ def init(*, backend: str | None = None, timeout_s: float | None = None) -> bool:
 
 
 def destroy() -> None:
-    """Leave the default process group (no-op when none is active)."""
+    """Leave the default process group (no-op when none is active), all ranks together: a rank
+    that tears its group down while another still finishes its last exchange can abort the
+    process ("terminate called without an active exception")."""
     if active():
+        try:
+            _dist().barrier()
+        except Exception:  # another rank is gone already: leave anyway
+            pass
         _dist().destroy_process_group()
 
 
