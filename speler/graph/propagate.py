@@ -632,28 +632,41 @@ def _block_cg_torch(S, B, config, X0, progress, what, tol, solved, device="cpu")
 
     if torch.device(device).type != "cpu":
         return _block_cg_on_device(S, B, config, X0, progress, what, tol, solved, device)
+    St = _torch_csr(S)
+    return _cg_loop(lambda P: torch.sparse.mm(St, P), _dots, B, X0, config, tol, solved,
+                    progress, what)
+
+
+def _cg_loop(product, dots, B, X0, config, tol, solved, progress, what, *, mark=None,
+             stacklevel=5) -> CGSolve:
+    """The block CG loop on float32 torch CPU tensors: ``product(P)`` = S P for a block P of the
+    rows at hand, ``dots(a, b)`` = column-wise dot products (float64 numpy). One process passes
+    S's product and ``_dots``; ``propagate_distributed`` its halo product and all-reduced dots,
+    and ``mark()``, called at the start of each iteration and once after the loop (to count the
+    bytes each iteration sends). ``stacklevel`` points the PropagationWarning at the caller."""
+    import torch
+
     alpha = float(config.alpha)
     n, C = B.shape
-    St = _torch_csr(S)
     Bt = torch.from_numpy(np.ascontiguousarray(B, dtype=np.float32))
-    bnorm = np.sqrt(_dots(Bt, Bt))
+    bnorm = np.sqrt(dots(Bt, Bt))
     if X0 is None:
         X = torch.zeros((n, C), dtype=torch.float32)
         R = Bt.clone()
     else:
         X = torch.from_numpy(np.array(X0, dtype=np.float32, order="C", copy=True))
         if solved is None or not solved.any():
-            R = Bt - X + alpha * torch.sparse.mm(St, X)
+            R = Bt - X + alpha * product(X)
         else:  # residuals only where needed: columns the caller knows are solved stay as they are
             R = torch.zeros((n, C), dtype=torch.float32)
             todo = torch.from_numpy(np.flatnonzero(~solved))
             Xt = X[:, todo].contiguous()
-            R[:, todo] = Bt[:, todo] - Xt + alpha * torch.sparse.mm(St, Xt)
+            R[:, todo] = Bt[:, todo] - Xt + alpha * product(Xt)
     zero = torch.from_numpy(bnorm == 0)
     X[:, zero] = 0.0
     R[:, zero] = 0.0
     thr = tol * bnorm
-    rs = _dots(R, R)
+    rs = dots(R, R)
     active = np.flatnonzero((bnorm > 0) & (np.sqrt(rs) > thr))
     act = torch.from_numpy(active)
     Xa, Ra = X[:, act].contiguous(), R[:, act].contiguous()
@@ -662,17 +675,19 @@ def _block_cg_torch(S, B, config, X0, progress, what, tol, solved, device="cpu")
     iters = 0
     products = 0
     while active.size and iters < config.max_iter:
+        if mark is not None:
+            mark()
         iters += 1
         products += int(active.size)
-        AP = torch.sparse.mm(St, P)
+        AP = product(P)
         AP.mul_(-alpha).add_(P)  # AP = P - α S P
-        pap = _dots(P, AP)
+        pap = dots(P, AP)
         a = np.where(pap > 0, rsa / np.where(pap > 0, pap, 1.0), 0.0)
         a32 = torch.from_numpy(a.astype(np.float32))
         Xa.addcmul_(P, a32)
         Ra.addcmul_(AP, -a32)
         del AP
-        rs_new = _dots(Ra, Ra)
+        rs_new = dots(Ra, Ra)
         beta = np.where(rsa > 0, rs_new / np.where(rsa > 0, rsa, 1.0), 0.0)
         rsa = rs_new
         if progress is not None:
@@ -687,6 +702,8 @@ def _block_cg_torch(S, B, config, X0, progress, what, tol, solved, device="cpu")
             Xa, Ra, P = Xa[:, keep].contiguous(), Ra[:, keep].contiguous(), P[:, keep].contiguous()
             rsa, beta = rsa[still], beta[still]
         P.mul_(torch.from_numpy(beta.astype(np.float32))).add_(Ra)  # P = R + β P
+    if mark is not None:
+        mark()
     if active.size:
         X[:, torch.from_numpy(active)] = Xa
         rs[active] = rsa
@@ -697,7 +714,7 @@ def _block_cg_torch(S, B, config, X0, progress, what, tol, solved, device="cpu")
         msg = (f"{what}: conjugate gradient stopped after {iters} iterations with relative "
                f"residual {residual:.2e} > tol {tol:.1e} in {active.size} of {C} classes")
         logger.warning(msg)
-        warnings.warn(msg, PropagationWarning, stacklevel=4)
+        warnings.warn(msg, PropagationWarning, stacklevel=stacklevel)
     return CGSolve(X.numpy(), iters, converged, residual, products)
 
 

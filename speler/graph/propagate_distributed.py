@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,7 +40,7 @@ from speler.config import PropagationConfig
 from speler.errors import ConfigError, DataFormatError, LabelError
 from speler.graph.knn_distributed import ShardedKnn
 from speler.graph.propagate import (
-    FIRST_PASS_TOL, PropagationWarning, balance_weights, estimate_prior, label_prior,
+    FIRST_PASS_TOL, _cg_loop, _torch_csr, balance_weights, estimate_prior, label_prior,
 )
 
 logger = logging.getLogger(__name__)
@@ -214,19 +213,6 @@ class DistributedCG:
     seconds: float = 0.0
 
 
-def _torch_csr(S: sp.csr_matrix):
-    import torch
-
-    with warnings.catch_warnings():  # "CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(S.indptr.astype(np.int64)),
-            torch.from_numpy(S.indices.astype(np.int64)),
-            torch.from_numpy(np.ascontiguousarray(S.data, dtype=np.float32)),
-            size=S.shape, check_invariants=False,
-        )
-
-
 def _dots(a, b) -> np.ndarray:
     """Column-wise dot products over all ranks' rows (float32 products summed in float64)."""
     local = np.einsum("ij,ij->j", a.numpy(), b.numpy(), dtype=np.float64)
@@ -272,9 +258,7 @@ def _block_cg(S_rows, B, lo, config, X0, tol, solved, exchange, plan, progress, 
 
     start = time.perf_counter()
     before = dist.traffic.total
-    alpha = float(config.alpha)
-    rows, C = B.shape
-    hi = lo + rows
+    hi = lo + B.shape[0]
     if plan is None:
         plan = halo_plan(S_rows, lo, hi, mode=exchange)
     St = _torch_csr(local_operator(S_rows, plan))
@@ -282,75 +266,14 @@ def _block_cg(S_rows, B, lo, config, X0, tol, solved, exchange, plan, progress, 
     def product(P):  # S P on the local rows, from the local rows of P
         return torch.sparse.mm(St, plan.extend(P))
 
-    Bt = torch.from_numpy(np.ascontiguousarray(B, dtype=np.float32))
-    bnorm = np.sqrt(_dots(Bt, Bt))
-    if X0 is None:
-        X = torch.zeros((rows, C), dtype=torch.float32)
-        R = Bt.clone()
-    else:
-        X = torch.from_numpy(np.array(X0, dtype=np.float32, order="C", copy=True))
-        if solved is None or not solved.any():
-            R = Bt - X + alpha * product(X)
-        else:
-            R = torch.zeros((rows, C), dtype=torch.float32)
-            todo = torch.from_numpy(np.flatnonzero(~solved))
-            Xt = X[:, todo].contiguous()
-            R[:, todo] = Bt[:, todo] - Xt + alpha * product(Xt)
-    zero = torch.from_numpy(bnorm == 0)
-    X[:, zero] = 0.0
-    R[:, zero] = 0.0
-    thr = tol * bnorm
-    rs = _dots(R, R)
-    active = np.flatnonzero((bnorm > 0) & (np.sqrt(rs) > thr))
-    act = torch.from_numpy(active)
-    Xa, Ra = X[:, act].contiguous(), R[:, act].contiguous()
-    P = Ra.clone()
-    rsa = rs[active]
-    iters = 0
-    products = 0
-    setup = dist.traffic.total - before
-    per_iter: list[int] = []
-    while active.size and iters < config.max_iter:
-        mark = dist.traffic.total
-        iters += 1
-        products += int(active.size)
-        AP = product(P)
-        AP.mul_(-alpha).add_(P)  # AP = P - α S P
-        pap = _dots(P, AP)
-        a = np.where(pap > 0, rsa / np.where(pap > 0, pap, 1.0), 0.0)
-        a32 = torch.from_numpy(a.astype(np.float32))
-        Xa.addcmul_(P, a32)
-        Ra.addcmul_(AP, -a32)
-        del AP
-        rs_new = _dots(Ra, Ra)
-        beta = np.where(rsa > 0, rs_new / np.where(rsa > 0, rsa, 1.0), 0.0)
-        rsa = rs_new
-        if progress is not None:
-            progress(iters, config.max_iter)
-        still = np.sqrt(rs_new) > thr[active]  # the same on every rank: all-reduced numbers
-        if not still.all():
-            done = torch.from_numpy(~still)
-            X[:, torch.from_numpy(active[~still])] = Xa[:, done]
-            rs[active[~still]] = rs_new[~still]
-            keep = torch.from_numpy(still)
-            active = active[still]
-            Xa, Ra, P = Xa[:, keep].contiguous(), Ra[:, keep].contiguous(), P[:, keep].contiguous()
-            rsa, beta = rsa[still], beta[still]
-        P.mul_(torch.from_numpy(beta.astype(np.float32))).add_(Ra)  # P = R + β P
-        per_iter.append(dist.traffic.total - mark)
-    if active.size:
-        X[:, torch.from_numpy(active)] = Xa
-        rs[active] = rsa
-    rel = np.sqrt(rs) / np.where(bnorm > 0, bnorm, 1.0)
-    residual = float(rel.max()) if C else 0.0
-    converged = active.size == 0
-    if not converged:
-        msg = (f"{what}: conjugate gradient stopped after {iters} iterations with relative "
-               f"residual {residual:.2e} > tol {tol:.1e} in {active.size} of {C} classes")
-        logger.warning(msg)
-        warnings.warn(msg, PropagationWarning, stacklevel=4)
-    return DistributedCG(X=X.numpy(), iterations=iters, converged=converged, residual=residual,
-                         products=products, bytes_per_iteration=per_iter, setup_bytes=setup,
+    marks: list[int] = []
+    solve = _cg_loop(product, _dots, B, X0, config, tol, solved, progress, what,
+                     mark=lambda: marks.append(dist.traffic.total))
+    setup = marks[0] - before
+    per_iter = np.diff(marks).astype(int).tolist()
+    return DistributedCG(X=solve.X, iterations=solve.iterations, converged=solve.converged,
+                         residual=solve.residual, products=solve.products,
+                         bytes_per_iteration=per_iter, setup_bytes=setup,
                          halo_rows=plan.halo_rows, seconds=time.perf_counter() - start)
 
 
