@@ -225,13 +225,14 @@ def label_free_views(x: np.ndarray, *, views: tuple[str, ...] = VIEWS, dim: int 
             out[v] = plain_view(x, dim=dim, seed=seed)
         elif v == "rocket":
             out[v] = rocket_view(x, dim=dim, num_features=rocket_features, seed=seed)
-        elif np.shape(x)[2] < 2:
-            logger.warning("view %s left out: the samples have %d frame(s), no difference over "
-                           "time", v, np.shape(x)[2])
-        else:
+        else:  # rocket_diff
             x = _check_x(x, "rocket_diff view")
-            out[v] = rocket_view(np.diff(x, axis=2), dim=dim, num_features=rocket_features,
-                                 seed=seed + 1)
+            if x.shape[2] < 2:
+                logger.warning("view %s left out: the samples have %d frame(s), no difference "
+                               "over time", v, x.shape[2])
+            else:
+                out[v] = rocket_view(np.diff(x, axis=2), dim=dim, num_features=rocket_features,
+                                     seed=seed + 1)
     if progress is not None:
         progress(len(views), len(views))
     return out

@@ -123,6 +123,8 @@ def test_difference_view_differs_from_rocket_and_is_left_out_of_single_frames(ca
     with caplog.at_level("WARNING"):
         out = label_free_views(single, dim=8, rocket_features=200)
     assert set(out) == {"plain", "rocket"} and "rocket_diff left out" in caplog.text
+    with pytest.raises(DataFormatError, match=r"rocket_diff view: expected x of shape"):
+        label_free_views(ds.x[:, :, 0, 0, 0], views=("rocket_diff",))  # not (N, C, T, V, M)
 
 
 def test_views_config_is_checked_when_built():
