@@ -184,6 +184,7 @@ class PropagationConfig:
     reorder: bool = True  # solve in reverse Cuthill-McKee order (cache locality) from 20k samples
     threads: int = 1  # torch threads for the solver (0 = torch's setting); memory-bound, and
     # extra threads only fight the app/trainer for cores (10x slower on a busy 2-core machine)
+    device: str = "auto"  # the CG solve: "auto" (CUDA when torch sees one), "cpu", "cuda[:N]"
 
     def __post_init__(self) -> None:
         _check(self, "propagation", [
@@ -193,6 +194,9 @@ class PropagationConfig:
             ("tol", self.tol > 0, "> 0"), ("max_iter", self.max_iter >= 1, ">= 1"),
             ("tau_hat", self.tau_hat <= 0, "<= 0 (energies are negative)"),
             ("threads", self.threads >= 0, ">= 0"),
+            ("device", self.device in ("auto", "cpu", "cuda") or (
+                self.device.startswith("cuda:") and self.device[5:].isdigit()),
+             "'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ])
 
 

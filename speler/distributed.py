@@ -94,10 +94,19 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def default_backend() -> str:
+    """NCCL when every rank of this node has a GPU of its own (NCCL refuses two ranks on one
+    device), else gloo (CPU tensors; training still uses a GPU where there is one)."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local else "gloo"
+
+
 def init(*, backend: str | None = None, timeout_s: float | None = None) -> bool:
     """Join the default process group when launched by torchrun; returns whether one is active.
 
-    backend: "nccl" or "gloo" (default: NCCL when CUDA is available, else gloo). With NCCL the
+    backend: "nccl" or "gloo" (default: ``default_backend()``). With NCCL the
     CUDA device is LOCAL_RANK. timeout_s: how long a collective may wait for its peers
     (default ``DEFAULT_TIMEOUT_S``, or the SPELER_DIST_TIMEOUT environment variable). Calling it
     again, or without torchrun, does nothing.
@@ -110,7 +119,7 @@ def init(*, backend: str | None = None, timeout_s: float | None = None) -> bool:
 
     dist = _dist()
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = default_backend()
     if timeout_s is None:
         timeout_s = float(os.environ.get("SPELER_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     if backend == "nccl":

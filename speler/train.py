@@ -365,8 +365,16 @@ def _autocast(device: str, enabled: bool):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
-    """Consecutive batches; a last batch smaller than half a batch joins the one before."""
+def _batches(order: np.ndarray, size: int, *, fixed: bool = False) -> list[np.ndarray]:
+    """Consecutive batches; a last batch smaller than half a batch joins the one before.
+
+    ``fixed`` (CUDA): every batch has exactly ``size`` rows, the last one filled up with the
+    epoch's first samples, so cuDNN tunes its kernels for one shape instead of one per epoch's
+    remainder (a set smaller than a batch is one batch of its own size)."""
+    if fixed and len(order) > size:
+        fill = -len(order) % size
+        order = np.concatenate([order, order[:fill]])
+        return [order[i:i + size] for i in range(0, len(order), size)]
     out = [order[i:i + size] for i in range(0, len(order), size)]
     if len(out) > 1 and len(out[-1]) < max(2, size // 2):
         last = out.pop()
@@ -564,7 +572,8 @@ def fit(
             sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
             seen = 0
-            for part, counted in _rank_steps(_batches(order, batch_size), rank, world):
+            for part, counted in _rank_steps(_batches(order, batch_size, fixed=device != "cpu"),
+                                              rank, world):
                 xb = rows.take(part)
                 if augment is not None:
                     xb = augment(xb, len_all[torch.from_numpy(part)], aug_gen)

@@ -415,13 +415,14 @@ def _import_small(root: Path, name: str) -> None:
                  name, *sets]) == 0
 
 
-def _torchrun(*argv, script: Path | None = None) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 -m speler ARGV`` (or SCRIPT ARGV) on 127.0.0.1, a free port."""
+def _torchrun(*argv, script: Path | None = None, world: int = WORLD) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node WORLD -m speler ARGV`` (or SCRIPT ARGV) on 127.0.0.1, a free
+    port."""
     env = {k: v for k, v in os.environ.items() if k not in dist.ENV_KEYS}
     env.update(OMP_NUM_THREADS="1", SPELER_DIST_TIMEOUT="60",
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
     what = [str(script)] if script is not None else ["-m", "speler"]
-    cmd = [str(TORCHRUN), "--nnodes", "1", "--nproc_per_node", str(WORLD), "--rdzv-backend",
+    cmd = [str(TORCHRUN), "--nnodes", "1", "--nproc_per_node", str(world), "--rdzv-backend",
            "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", *what, *map(str, argv)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -487,6 +488,54 @@ def test_a_round_under_torchrun_writes_what_a_single_process_round_writes(tmp_pa
     with Project.open(tmp_path, "ranks") as project:
         assert [(r.no, r.status) for r in project.store.rounds()] == [(0, "done"), (1, "done")]
         load_checkpoint(tmp_path / "t.pt", project.data)
+
+
+NCCL_ROUND = """\
+# torchrun runs this as the one rank of a CUDA machine: the group must be NCCL, its collectives
+# must work on the GPU, then a round runs as ``python -m speler`` would
+import sys
+
+import numpy as np
+import torch
+
+from speler import distributed as dist
+from speler.cli import main
+
+assert dist.init(timeout_s=60)
+assert torch.distributed.get_backend() == "nccl", torch.distributed.get_backend()
+assert dist.all_reduce_array(np.array([2.0, 3.0])).tolist() == [2.0, 3.0]
+print("backend nccl ok", flush=True)
+dist.destroy()
+sys.exit(main())
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_rank_on_a_gpu_runs_a_round_over_nccl(tmp_path):
+    """Only one GPU is lent here: NCCL can be checked with one rank (two ranks on one device
+    fall back to gloo, ``dist.default_backend``)."""
+    from speler.project import Project
+
+    _import_small(tmp_path, "gpu")
+    script = tmp_path / "nccl_round.py"
+    script.write_text(NCCL_ROUND)
+    done = _torchrun("--root", tmp_path, "round", "gpu", script=script, world=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "backend nccl ok" in done.stdout and "round 000 done" in done.stdout
+    with Project.open(tmp_path, "gpu") as project:
+        assert [(r.no, r.status) for r in project.store.rounds()] == [(0, "done")]
+
+
+def test_the_default_backend_is_gloo_when_ranks_would_share_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert dist.default_backend() == "gloo"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert dist.default_backend() == "nccl"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dist.default_backend() == "gloo"
 
 
 def test_a_rank_that_fails_under_torchrun_fails_the_run_and_leaves_the_store_untouched(tmp_path):

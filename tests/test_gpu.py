@@ -191,3 +191,35 @@ def test_a_training_step_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(terms["loss"]).item()
+
+
+def test_propagation_device_is_checked():
+    from speler.errors import ConfigError
+    from speler.graph.propagate import solver_device
+
+    with pytest.raises(ConfigError, match="propagation.device"):
+        PropagationConfig(device="gpu")
+    assert solver_device("cpu") == "cpu"
+    assert solver_device("auto") == ("cuda" if HAS_CUDA else "cpu")
+    if not HAS_CUDA:
+        with pytest.raises(ConfigError, match="sees no CUDA device"):
+            solver_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_propagate_on_cuda_equals_the_cpu():
+    """The whole propagation (balance pass, solve, energies) with its CG on CUDA."""
+    from speler.graph.propagate import propagate
+
+    x = _clusters(3000, 16, seed=4, centers=5)
+    W = affinity(build_knn(x, config=GraphConfig(index="flat", use_gpu=False), k=10))
+    rng = np.random.default_rng(4)
+    labels = np.full(len(x), -1)
+    seeds = rng.choice(len(x), size=60, replace=False)
+    labels[seeds] = rng.integers(0, 5, size=60)
+    cpu = propagate(W, labels, num_classes=5, config=PropagationConfig(device="cpu"))
+    gpu = propagate(W, labels, num_classes=5, config=PropagationConfig(device="cuda"))
+    np.testing.assert_allclose(gpu.scores, cpu.scores, rtol=1e-4, atol=1e-6)
+    assert (gpu.labels == cpu.labels).mean() >= 0.999
+    np.testing.assert_allclose(gpu.energy, cpu.energy, rtol=1e-3, atol=1e-4)

@@ -89,6 +89,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from speler.config import PropagationConfig
+from speler.errors import ConfigError
 from speler.errors import ConfigError, DataFormatError, LabelError
 
 logger = logging.getLogger(__name__)
@@ -600,7 +601,8 @@ class CGSolve(NamedTuple):
 
 
 def _block_cg(S, B, config, X0, progress, what, tol=None, solved=None) -> CGSolve:
-    """Solve (I - αS) X = B for all C columns of B at once (float32, torch CPU kernels).
+    """Solve (I - αS) X = B for all C columns of B at once (float32 torch kernels, on the CPU or,
+    by ``config.device``, on CUDA: ``solver_device``).
 
     Conjugate gradient run independently per column but in one loop: each iteration does one
     sparse × dense-block product S @ P on the columns still active, plus a few fused in-place
@@ -611,6 +613,9 @@ def _block_cg(S, B, config, X0, progress, what, tol=None, solved=None) -> CGSolv
     import torch
 
     tol = config.tol if tol is None else tol
+    device = solver_device(config.device)
+    if device != "cpu":  # no thread setting: the host only waits for the device
+        return _block_cg_torch(S, B, config, X0, progress, what, tol, solved, device=device)
     threads = torch.get_num_threads()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -618,6 +623,19 @@ def _block_cg(S, B, config, X0, progress, what, tol=None, solved=None) -> CGSolv
         return _block_cg_torch(S, B, config, X0, progress, what, tol, solved)
     finally:
         torch.set_num_threads(threads)
+
+
+def solver_device(preference: str) -> str:
+    """Where the CG runs: ``PropagationConfig.device``, "auto" meaning CUDA when torch sees a
+    device (the same answers within float32 rounding, tests/test_gpu.py), else the CPU."""
+    import torch
+
+    if preference == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if preference.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"propagation.device is {preference!r} but torch sees no CUDA device;"
+                          " use 'auto' or 'cpu'")
+    return preference
 
 
 def _dots(a, b) -> np.ndarray:
