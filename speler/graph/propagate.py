@@ -89,7 +89,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from speler.config import PropagationConfig
-from speler.errors import ConfigError
 from speler.errors import ConfigError, DataFormatError, LabelError
 
 logger = logging.getLogger(__name__)
