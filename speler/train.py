@@ -571,7 +571,7 @@ def fit(
             keys = ("loss", "ce", "contrastive", "pseudo")
             sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
-            seen = 0
+            seen = rows_done = 0  # human-labeled rows scored, rows trained on (padding too)
             for part, counted in _rank_steps(_batches(order, batch_size, fixed=device != "cpu"),
                                               rank, world):
                 xb = rows.take(part)
@@ -595,15 +595,18 @@ def fit(
                     sums += torch.stack([terms[key].detach() for key in keys]).double() * len(part)
                     correct += (out.probs.argmax(-1)[hb] == tb[hb]).sum()
                 seen += hb.numel()
+                rows_done += len(part)
             if world > 1:  # the epoch's figures over every rank's batches
-                total = dist.all_reduce_array(np.append(sums.cpu().numpy(), [int(correct), seen]))
-                sums, correct, seen = torch.from_numpy(total[:-2]), int(total[-2]), int(total[-1])
+                total = dist.all_reduce_array(np.append(sums.cpu().numpy(),
+                                                        [int(correct), seen, rows_done]))
+                sums, correct = torch.from_numpy(total[:-3]), int(total[-3])
+                seen, rows_done = int(total[-2]), int(total[-1])
             if sched is not None:
                 sched.step()
             if len(order):
                 _recalibrate_batch_norm(model, rows, np.sort(order[:BN_SAMPLES]),
                                         batch_size=max(batch_size, 64), amp=amp)
-            row = {key: val / max(1, len(order)) for key, val in zip(keys, sums.tolist())}
+            row = {key: val / max(1, rows_done) for key, val in zip(keys, sums.tolist())}
             row.update(epoch=epoch + 1, train_acc=int(correct) / seen if seen else float("nan"),
                        samples=len(order), pseudo_samples=len(order) - len(train_idx))
             stop = False

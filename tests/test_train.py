@@ -425,3 +425,18 @@ def test_fit_leaves_no_process_wide_setting_behind(actions):
     before = (torch.get_num_threads(), torch.backends.cudnn.benchmark)
     fit(actions, actions.y, config=dataclasses.replace(FAST, epochs=1, num_threads=0))
     assert (torch.get_num_threads(), torch.backends.cudnn.benchmark) == before
+
+
+def test_fixed_batches_have_one_shape_and_cover_every_sample():
+    """On CUDA every batch has the same size (one cuDNN plan): the last one is filled up with the
+    epoch's first samples; a set smaller than a batch stays one batch of its own size."""
+    from speler.train import _batches
+
+    order = np.random.default_rng(0).permutation(100)
+    fixed = _batches(order, 32, fixed=True)
+    assert [len(b) for b in fixed] == [32] * 4
+    np.testing.assert_array_equal(np.concatenate(fixed)[:100], order)
+    np.testing.assert_array_equal(fixed[-1][4:], order[:28])
+    assert [len(b) for b in _batches(order, 25, fixed=True)] == [25] * 4  # no padding needed
+    assert [len(b) for b in _batches(order[:20], 32, fixed=True)] == [20]
+    assert [len(b) for b in _batches(order, 32)] == [32, 32, 36]  # the CPU's rule: remainder joins
