@@ -41,7 +41,7 @@ class TrainConfig:
     embed_dim: int = 64  # size of each branch's embedding
     epochs: int = 40  # max epochs per round
     supervised_epochs: int = 5  # epochs on human labels only before pseudo-labels join
-    batch_size: int = 0  # 0 = by device: 32 on a CPU, 128 on CUDA (train.batch_size_for)
+    batch_size: int = 0  # 0 = by device: 32 on a CPU, 256 on CUDA (train.batch_size_for)
     lr: float = 1e-3  # Adam learning rate
     weight_decay: float = 1e-4
     patience: int = 10  # early stopping on the held-out slice of human labels

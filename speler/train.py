@@ -184,7 +184,7 @@ def _cudnn_benchmark(on: bool):
 
 
 # --- device placement ---------------------------------------------------------------------------
-CPU_BATCH, CUDA_BATCH = 32, 128  # train.batch_size 0: the device's batch (CUDA: the paper's)
+CPU_BATCH, CUDA_BATCH = 32, 256  # train.batch_size 0: the device's batch
 EMBED_BATCH_CPU, EMBED_BATCH_CUDA = 128, 1024  # embed's default batch
 DEVICE_SHARE = 0.25  # a dataset is copied to the GPU at once when it takes <= this share of the
 # free GPU memory (training also needs room for activations), else batch by batch

@@ -391,7 +391,7 @@ def test_batch_size_zero_is_chosen_by_device():
 
     assert TrainConfig().batch_size == 0
     assert batch_size_for(TrainConfig(), "cpu") == CPU_BATCH == 32
-    assert batch_size_for(TrainConfig(), "cuda:0") == CUDA_BATCH == 128
+    assert batch_size_for(TrainConfig(), "cuda:0") == CUDA_BATCH == 256
     assert batch_size_for(TrainConfig(batch_size=48), "cuda") == 48
     with pytest.raises(ConfigError, match=r"train.batch_size must be 0 \(by device\) or >= 2"):
         TrainConfig(batch_size=1)
