@@ -358,8 +358,8 @@ def normalized_operator(W: sp.csr_matrix, node_weights: np.ndarray | None = None
     pos = deg > 0
     g[pos] = w[pos] / np.sqrt(deg[pos])
     S = W.copy()
-    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(W.indptr))
-    S.data = (W.data.astype(np.float64) * g[rows] * g[W.indices]).astype(np.float32)
+    S.data = (W.data.astype(np.float64) * np.repeat(g, np.diff(W.indptr))
+              * g[W.indices]).astype(np.float32)
     return S
 
 
