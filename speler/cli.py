@@ -6,11 +6,11 @@ and only here: a SpelerError (bad input) becomes one line ``error: ...`` on stde
 Ctrl-C exits 130 (the library leaves nothing half-written).
 
 Under ``torchrun --nproc_per_node N [--nnodes M ...] -m speler COMMAND`` (``RANK_COMMANDS``: round,
-train, propagate) every rank runs the command in one process group (``_run_command``): rank 0
-alone opens the project's store, writes and prints; the others get what they need from it and
-share the training (DDP) and embedding; a failure on any rank ends every rank with the same
-``error: rank R failed in STAGE: ...`` (printed by rank 0) and exit code 2. A plain ``python -m
-speler`` is untouched by this.
+train, propagate, simulate) every rank runs the command in one process group (``_run_command``):
+rank 0 alone opens the project's store, writes and prints; the others get what they need from it
+(``simulate``: every rank reads the data itself) and share the training (DDP) and embedding; a
+failure on any rank ends every rank with the same ``error: rank R failed in STAGE: ...`` (printed
+by rank 0) and exit code 2. A plain ``python -m speler`` is untouched by this.
 """
 
 from __future__ import annotations
@@ -512,8 +512,10 @@ def _run_doubts(args: argparse.Namespace) -> int:
 def _add_simulate(p: argparse.ArgumentParser) -> None:
     from speler.selection import STRATEGIES
 
-    p.add_argument("path", nargs="?", help="fully labeled file or folder (or use --sample)")
-    p.add_argument("--sample", help="a bundled sample (already long-tailed and partially labeled)")
+    source = p.add_mutually_exclusive_group(required=True)  # checked before any rank starts
+    source.add_argument("path", nargs="?", help="fully labeled file or folder (or use --sample)")
+    source.add_argument("--sample",
+                        help="a bundled sample (already long-tailed and partially labeled)")
     p.add_argument("--format", help="force a reader")
     p.add_argument("--imbalance", type=float, default=10.0, help="protocol imbalance π for PATH")
     p.add_argument("--labeled", type=float, default=0.1, help="protocol labeled ratio γ for PATH")
@@ -528,12 +530,49 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    from speler.data.transforms import preprocess
+    """Under torchrun every rank reads the data itself (a PATH must be on a filesystem every node
+    sees) and runs the simulation (``speler.simulate``: it checks that the ranks' data agree);
+    rank 0 alone prints and writes."""
     from speler.simulate import simulate
 
     cfg = apply_overrides(Config(), args.set)
-    if (args.path is None) == (args.sample is None):
-        raise _UsageError("simulate: give PATH or --sample, not both")
+    main = dist.is_main()
+    with dist.together("reading the data"):
+        ds, name = _simulation_data(args, cfg, show=main)
+    with _Progress("simulating") if main else contextlib.nullcontext() as bar:
+        res = simulate(ds, strategies=args.strategies, rounds=args.rounds, budget=args.budget,
+                       seed=args.seed, config=cfg, retrain_every=args.retrain_every, name=name,
+                       progress=bar)
+    if main:
+        rows = []
+        for s, curve in sorted(res.curves.items(), key=lambda kv: -res.auc[kv[0]]):
+            rows.append((s, f"{res.auc[s]:.4f}", f"{curve[0]['macro_f1']:.4f}",
+                         f"{curve[-1]['macro_f1']:.4f}", f"{curve[-1]['accuracy']:.4f}",
+                         f"{curve[-1]['tail_recall']:.4f}", curve[-1]["labels"]))
+        _out(f"{name}: n={ds.n}, {ds.num_classes} classes, {int((ds.y >= 0).sum())} labels to "
+             f"start, {args.rounds} rounds x {args.budget}",
+             *_table(["strategy", "AUC macro-F1", "start", "final macro-F1", "final acc",
+                      "tail recall", "labels"], rows))
+    out = None
+    with dist.together("writing the curves"):
+        if main and args.out:
+            from speler.annotator import write_simulation
+            from speler.viz import curves_figure
+
+            out = write_simulation(args.out, res, budget=args.budget)
+            fig = curves_figure({s: ([c["labels"] for c in cv], [c["macro_f1"] for c in cv])
+                                 for s, cv in res.curves.items()}, y_title="macro-F1")
+            fig.write_html(out.with_suffix(".html"), include_plotlyjs="cdn")
+    if out is not None:
+        _out(f"wrote {out} and {out.with_suffix('.html')}")
+    return EXIT_OK
+
+
+def _simulation_data(args: argparse.Namespace, cfg: Config, *, show: bool) -> tuple:
+    """(the preprocessed dataset, its name) from --sample or PATH (made long-tailed and partially
+    labeled by the protocol); ``show``: draw the reading progress bar."""
+    from speler.data.transforms import preprocess
+
     if args.sample:
         from speler.data.samples import load_sample
 
@@ -542,33 +581,11 @@ def _run_simulate(args: argparse.Namespace) -> int:
         from speler.data.protocol import make_partial
         from speler.formats import read
 
-        with _Progress("reading") as bar:
+        with _Progress("reading") if show else contextlib.nullcontext() as bar:
             ds = read(args.path, format=args.format, progress=bar)
         ds = make_partial(ds, imbalance=args.imbalance, labeled_ratio=args.labeled, seed=args.seed)
         name = Path(args.path).name
-    ds = preprocess(ds, cfg.preprocess)
-    with _Progress("simulating") as bar:
-        res = simulate(ds, strategies=args.strategies, rounds=args.rounds, budget=args.budget,
-                       seed=args.seed, config=cfg, retrain_every=args.retrain_every, name=name,
-                       progress=bar)
-    rows = []
-    for s, curve in sorted(res.curves.items(), key=lambda kv: -res.auc[kv[0]]):
-        rows.append((s, f"{res.auc[s]:.4f}", f"{curve[0]['macro_f1']:.4f}", f"{curve[-1]['macro_f1']:.4f}",
-                     f"{curve[-1]['accuracy']:.4f}", f"{curve[-1]['tail_recall']:.4f}", curve[-1]["labels"]))
-    _out(f"{name}: n={ds.n}, {ds.num_classes} classes, {int((ds.y >= 0).sum())} labels to start, "
-         f"{args.rounds} rounds x {args.budget}",
-         *_table(["strategy", "AUC macro-F1", "start", "final macro-F1", "final acc", "tail recall",
-                  "labels"], rows))
-    if args.out:
-        from speler.annotator import write_simulation
-        from speler.viz import curves_figure
-
-        out = write_simulation(args.out, res, budget=args.budget)
-        fig = curves_figure({s: ([c["labels"] for c in cv], [c["macro_f1"] for c in cv])
-                             for s, cv in res.curves.items()}, y_title="macro-F1")
-        fig.write_html(out.with_suffix(".html"), include_plotlyjs="cdn")
-        _out(f"wrote {out} and {out.with_suffix('.html')}")
-    return EXIT_OK
+    return preprocess(ds, cfg.preprocess), name
 
 
 # -- registry ------------------------------------------------------------------------------------
@@ -601,7 +618,7 @@ COMMANDS: list[Command] = [
 ]
 
 
-RANK_COMMANDS = ("round", "train", "propagate")  # the commands that run under torchrun
+RANK_COMMANDS = ("round", "train", "propagate", "simulate")  # those that run under torchrun
 
 
 def _no_traceback_for_bad_input(record: logging.LogRecord) -> bool:

@@ -8,10 +8,20 @@ is the annotator's merit, not the graph's; counting it as correct would inflate 
 label ``budget`` more samples from the strategy's suggestions. With ``retrain_every`` > 0 the
 model is retrained (with energy-weighted pseudo-labels) every that many rounds, as a real project
 does; 0 keeps the round-0 model, which isolates what the query strategy itself contributes.
+
+Under torchrun (``python -m speler simulate`` launched by torchrun, more than one rank) every rank
+calls ``simulate`` with the same data (checked: a rank whose data differ from rank 0's fails every
+rank) and every rank takes part in each ``build_state`` (the trainings with DDP, the embedding
+sharded); the rest, the re-propagations, the scores and the choice of each round's samples, is rank
+0's (it alone holds the round's state), which hands the chosen samples to the others so that
+every rank reveals the same labels and trains on the same ones. Each step is a
+``distributed.together`` stage: a failure on any rank fails every rank. Every rank returns rank
+0's result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from speler import distributed as dist
 from speler.config import Config
 from speler.data.schema import SequenceSet
 from speler.errors import DataFormatError
@@ -55,49 +66,83 @@ def simulate(
     progress: Callable[[int, int], None] | None = None,
 ) -> SimulationResult:
     """Run the simulation; see the module docstring."""
-    if ds.y_true is None or (ds.y_true < 0).any():
-        raise DataFormatError(f"{ds.where}: simulation needs y_true for every sample")
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise DataFormatError(f"unknown strategy {unknown[0]!r}; known: {', '.join(STRATEGIES)}")
+    with dist.together("simulation input"):
+        if ds.y_true is None or (ds.y_true < 0).any():
+            raise DataFormatError(f"{ds.where}: simulation needs y_true for every sample")
+        unknown = [s for s in strategies if s not in STRATEGIES]
+        if unknown:
+            raise DataFormatError(f"unknown strategy {unknown[0]!r}; known: {', '.join(STRATEGIES)}")
+    _check_same_inputs(ds, strategies=strategies, rounds=rounds, budget=budget, seed=seed,
+                       config=config, retrain_every=retrain_every)
+    main = dist.is_main()  # one process: always; under torchrun the state is rank 0's
     started = time.perf_counter()
     tail = tail_classes(np.bincount(ds.y_true, minlength=ds.num_classes))
     t0 = time.perf_counter()
-    views = floor_views(ds, config)
+    views = None
+    with dist.together("label-free views"):
+        if main:  # build_state uses them on rank 0 only
+            views = floor_views(ds, config)
     base_state = _train_state(ds, ds.y.copy(), config=config, pseudo=None, views=views)
     result = SimulationResult(dataset=name or ds.where, train_seconds=time.perf_counter() - t0)
     total = len(strategies) * (rounds + 1)
     done = 0
     for strategy in strategies:
         human = ds.y.copy()
-        state = base_state
+        state = base_state  # None on the ranks other than 0
         curve = []
         for r in range(rounds + 1):
-            if r > 0 and retrain_every and r % retrain_every == 0:
+            retrain = r > 0 and retrain_every and r % retrain_every == 0
+            if retrain:  # every rank: the training is shared
                 state = _train_state(ds, human, config=config, pseudo=state, views=views)
-            elif r > 0:
-                state = update_state(state, human, num_classes=ds.num_classes, config=config)
-            # scored on the samples nobody has labeled yet: human labels are not the graph's merit
-            q = label_quality(ds.y_true, state.result.labels, num_classes=ds.num_classes,
-                              mask=human < 0, tail=tail)
-            q.update(round=r, labels=int((human >= 0).sum()))
-            curve.append(q)
+            picked = None
+            with dist.together("simulated round"):
+                if main:
+                    if r > 0 and not retrain:
+                        state = update_state(state, human, num_classes=ds.num_classes,
+                                             config=config)
+                    # scored on the samples nobody has labeled yet: human labels are not the
+                    # graph's merit
+                    q = label_quality(ds.y_true, state.result.labels, num_classes=ds.num_classes,
+                                      mask=human < 0, tail=tail)
+                    q.update(round=r, labels=int((human >= 0).sum()))
+                    curve.append(q)
+                    if r < rounds:
+                        picks = suggest_for(state, human, ds, n=budget, strategy=strategy,
+                                            seed=seed + r, config=config)
+                        picked = np.array([s.index for s in picks], dtype=np.int64)
             done += 1
             if progress:
                 progress(done, total)
             if r == rounds:
                 break
-            picks = suggest_for(state, human, ds, n=budget, strategy=strategy, seed=seed + r,
-                                config=config)
-            idx = np.array([s.index for s in picks], dtype=np.int64)
+            # rank 0's choice on every rank: the same labels revealed, the same next training
+            idx = dist.broadcast_object(picked)
             if len(idx) == 0:
                 break
             human[idx] = ds.y_true[idx]
-        result.curves[strategy] = curve
-        result.auc[strategy] = curve_area(curve)
-        logger.info("%s %s: AUC %.4f", result.dataset, strategy, result.auc[strategy])
+        if main:
+            result.curves[strategy] = curve
+            result.auc[strategy] = curve_area(curve)
+            logger.info("%s %s: AUC %.4f", result.dataset, strategy, result.auc[strategy])
     result.seconds = time.perf_counter() - started
-    return result
+    return dist.broadcast_object(result)
+
+
+def _check_same_inputs(ds: SequenceSet, **settings) -> None:
+    """Under torchrun: every rank's data (values, labels, truth) and settings must be rank 0's,
+    else the ranks would choose, reveal or train on different samples; a rank that differs fails
+    every rank (DataFormatError). One process: nothing to check."""
+    if dist.world_size() == 1:
+        return
+    h = hashlib.sha256(repr((ds.fingerprint(), sorted(settings.items()))).encode())
+    for a in (ds.x, ds.y, ds.y_true):
+        h.update(np.ascontiguousarray(a))  # the buffer itself, no copy when contiguous
+    mine = h.hexdigest()
+    theirs = dist.broadcast_object(mine)
+    with dist.together("checking the data"):
+        if mine != theirs:
+            raise DataFormatError(f"{ds.where}: rank {dist.rank()}'s data or settings differ from"
+                                  f" rank 0's; give every rank the same")
 
 
 def curve_area(curve: list[dict], key: str = "macro_f1") -> float:

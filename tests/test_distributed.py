@@ -631,3 +631,89 @@ def test_bad_inputs_are_refused_with_a_clear_message():
         build_knn_sharded(np.ones((1, 3)), k=1)
     with pytest.raises(ValueError, match="one per rank"):
         dist.all_to_all_arrays([np.zeros(1), np.zeros(1)])
+
+
+# --- simulations under torchrun -------------------------------------------------------------------
+# two strategies that read only the graph (random, speler) and one that reads the network's softmax
+# (entropy); 2 rounds of 5 labels from the 50 the sample starts with
+SIMULATE = ["simulate", "--sample", "synthetic_actions", "--rounds", "2", "--budget", "5",
+            "--strategies", "random", "speler", "entropy", *[a for kv in SMALL for a in ("--set", kv)]]
+RANK0_SUGGEST_FAILS = """\
+# torchrun runs this as rank 0 and rank 1; rank 0's second choice of samples fails in the middle
+# of the simulation (rank 1 is then waiting for it), the rest is ``python -m speler``
+import os
+import sys
+
+from speler import simulate
+
+if os.environ["RANK"] == "0":
+    suggest_for = simulate.suggest_for
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("no room for the suggestions")
+        return suggest_for(*args, **kwargs)
+
+    simulate.suggest_for = failing
+
+from speler.cli import main
+
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_a_simulation_under_torchrun_draws_the_curves_of_a_single_process_one(tmp_path):
+    from speler.cli import main
+
+    done = _torchrun(*SIMULATE, "--out", tmp_path / "ranks.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    # rank 0 alone prints the table and writes the curves
+    assert done.stdout.count("AUC macro-F1") == 1 and done.stdout.count("wrote ") == 1
+    assert done.stdout.count("synthetic_actions: n=740, 11 classes, 50 labels to start") == 1
+    assert "error" not in done.stderr.lower()
+    assert (tmp_path / "ranks.html").is_file()
+    assert main([*SIMULATE, "--out", str(tmp_path / "one.json")]) == 0
+    got, want = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ranks", "one"))
+    assert set(got["curves"]) == set(want["curves"]) == {"random", "speler", "entropy"}
+    for curves in (got["curves"], want["curves"]):
+        for curve in curves.values():  # the same rounds, the same labels revealed
+            assert [(c["round"], c["labels"], c["n"]) for c in curve] == \
+                [(r, 50 + 5 * r, 740 - 50 - 5 * r) for r in range(3)]
+    # round 0 is the floor (the network stays out of the graph at this size: its cross-fitted
+    # score is far below the floor's), so it is the same for every strategy in both runs, and
+    # the strategies that read only the graph choose the same samples: the same curves, exactly
+    for s in ("random", "speler"):
+        assert got["curves"][s] == want["curves"][s], s
+        assert got["auc"][s] == want["auc"][s], s
+    # entropy ranks by the network's softmax, which DDP changes (each rank augments its own part
+    # of every batch): the same start, then its own picks
+    assert got["curves"]["entropy"][0] == want["curves"]["entropy"][0] == want["curves"]["random"][0]
+    assert got["dataset"] == want["dataset"] and got["budget"] == want["budget"] == 5
+
+
+def test_a_simulation_with_a_failing_rank_under_torchrun_fails_every_rank_in_one_line(tmp_path):
+    # rank 1's copy of the data has a NaN: refused before any work, naming rank 1
+    script = tmp_path / "rank1_corrupt.py"
+    script.write_text(RANK1_CORRUPT)
+    done = _torchrun(*SIMULATE, "--out", tmp_path / "sim.json", script=script)
+    assert done.returncode != 0
+    line = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(line) == 1, done.stderr[-3000:]  # one error line, from rank 0, naming rank 1
+    assert line[0].startswith("error: rank 1 failed in checking the data: DataFormatError: "), line
+    assert line[0].endswith("rank 1's data or settings differ from rank 0's; give every rank "
+                            "the same"), line
+    assert "AUC" not in done.stdout and not (tmp_path / "sim.json").exists()
+    # rank 0 fails in the middle of the simulation, while rank 1 waits for its choice of samples
+    script = tmp_path / "rank0_suggest_fails.py"
+    script.write_text(RANK0_SUGGEST_FAILS)
+    done = _torchrun("simulate", "--sample", "synthetic_actions", "--rounds", "2", "--budget", "5",
+                     "--strategies", "random", "--set", "views.network=never", "--set",
+                     "views.rocket_features=500", "--out", tmp_path / "sim.json", script=script)
+    assert done.returncode != 0
+    line = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]
+    assert line == ["error: rank 0 failed in simulated round: RuntimeError: no room for the "
+                    "suggestions"], done.stderr[-3000:]
+    assert "AUC" not in done.stdout and not (tmp_path / "sim.json").exists()
