@@ -178,7 +178,9 @@ class PropagationConfig:
     balance: bool = True  # spectral balance w_ij (p_c(i) p_c(j))^-1/2
     balance_prior: str = "labels"  # p_c: share of the human labels ("labels") or of the labels
     # and the first pass's predictions ("predictions"); see speler/graph/propagate.py
-    tol: float = 1e-6  # CG relative residual tolerance
+    tol: float = 1e-4  # CG relative residual tolerance. 1e-4 rather than 1e-6: the same labels
+    # for all 10,630 samples of 100 runs on the five real sets (protocol splits, the floor
+    # graph), 2 samples changing reliability, and the final solve in 7.3 iterations, not 12.2
     max_iter: int = 200  # CG iteration cap
     tau_hat: float = -9.5  # base energy threshold; energies are scaled so the median sample is -10
     reorder: bool = True  # solve in reverse Cuthill-McKee order (cache locality) from 20k samples
