@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from speler.data.layouts import get_layout
 from speler.data.schema import SequenceSet
 from speler.store import LabelStore
 

@@ -312,8 +312,6 @@ def test_commands_refuse_project_paths(capsys, tmp_path, skeleton_set):
 
 def test_ctrl_c_while_overwrite_deletes_the_old_project_says_where_it_is(capsys, project,
                                                                         monkeypatch):
-    import shutil
-
     code, _, err = run(capsys, "--root", project, "label", "demo", "skel_005", "action3")
     assert code == 0, err
     interrupt_rmtree(monkeypatch, ".old-demo-")

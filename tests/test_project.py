@@ -175,8 +175,6 @@ def test_ctrl_c_while_deleting_the_replaced_project_keeps_its_labels(tmp_path, s
                                                                     monkeypatch):
     """Ctrl-C after the new project is in place, while the old one is being deleted: the error
     says where the old folder went, and its label store (human labels) is still whole there."""
-    import shutil
-
     with Project.create(tmp_path, "p", skeleton_set, preprocess=False) as p:
         p.store.add_label("skel_005", "action3", source="human", annotator="ann")
     interrupt_rmtree(monkeypatch, ".old-p-")
