@@ -255,3 +255,49 @@ def test_a_network_that_cannot_be_judged_is_not_trained():
     assert not built.judgement.joined and "too few human labels" in built.judgement.reason
     assert set(built.state.weights) == {"plain", "rocket", "rocket_diff"}
     np.testing.assert_array_equal(built.state.result.labels, built.floor.labels)
+
+
+def test_the_judge_admits_a_network_the_held_out_labels_cannot_fault_and_refuses_one_they_can():
+    """Balanced accuracy on held-out human labels decides: a network view that changes nothing
+    there (a tie) joins, one that predicts them worse stays out, one that predicts them better
+    joins; the scores and folds it saw are kept."""
+    from speler.config import ViewsConfig
+    from speler.graph.knn import affinity, build_knn, combine_affinities
+    from speler.graph.propagate import propagate
+    from speler.loop import _judge_folds, judge
+
+    rng = np.random.default_rng(0)
+    C, n = 4, 240
+    y = np.repeat(np.arange(C), n // C)
+    means = rng.standard_normal((C, 16)) * 3
+    clean = (means[y] + rng.standard_normal((n, 16))).astype(np.float32)
+    blurred = (clean + 4.0 * rng.standard_normal((n, 16))).astype(np.float32)  # the floor's view
+    groups = rng.permutation(y)  # clusters as tight as the classes', blind to them
+    mixed = (means[groups] + rng.standard_normal((n, 16))).astype(np.float32)
+    human = np.full(n, -1)
+    for c in range(C):
+        human[rng.choice(np.flatnonzero(y == c), 6, replace=False)] = c
+    cfg = apply_overrides(Config(), ["views.judge_min_labels=4", "views.judge_folds=2"])
+    graph = lambda x: affinity(build_knn(x, config=cfg.graph), gamma=cfg.graph.gamma)  # noqa: E731
+    floor_parts = [(graph(blurred), 1.0)]
+    floor_W = combine_affinities(floor_parts)
+    folds = _judge_folds(human, ViewsConfig(judge_min_labels=4, judge_folds=2))
+    assert len(folds) == 2
+
+    def verdict(view):
+        nets = []
+        for held in folds:
+            human_a = human.copy()
+            human_a[held] = -1
+            floor_a = propagate(floor_W, human_a, num_classes=C, config=cfg.propagation)
+            nets.append((held, human_a, floor_a, view))
+        return judge(nets, floor_parts, human, num_classes=C, config=cfg)
+
+    tie = verdict(blurred)  # the floor's own view: the same graph, the same held-out predictions
+    assert tie.with_network == pytest.approx(tie.floor) and tie.joined, tie.reason
+    worse = verdict(mixed)  # every cluster a mix of all classes
+    assert worse.with_network < worse.floor and not worse.joined, worse.reason
+    assert "stays out" in worse.reason and worse.held_out == len(np.concatenate(folds))
+    better = verdict(clean)
+    assert better.with_network > better.floor and better.joined, better.reason
+    assert [f["held_out"] for f in better.folds] == [len(f) for f in folds]
