@@ -636,7 +636,9 @@ def judge(fold_nets: list, floor_parts: list, human: np.ndarray, *, num_classes:
     joined = net_score >= floor_score and not lost
     reason = (f"{'joins' if joined else 'stays out'}: balanced accuracy on {len(t)} held-out human "
               f"labels {net_score:.3f} with the network vs {floor_score:.3f} on the floor alone"
-              + (f"; worse in fold {', '.join(map(str, lost))}" if lost else ""))
+              + (f"; worse in fold {', '.join(map(str, lost))}" if lost else "")
+              + ("; a tie: the held-out labels see no harm" if joined and net_score == floor_score
+                 else ""))
     return Judgement(mode="auto", joined=joined, reason=reason, held_out=int(len(t)),
                      floor=floor_score, with_network=net_score, folds=folds)
 

@@ -295,6 +295,7 @@ def test_the_judge_admits_a_network_the_held_out_labels_cannot_fault_and_refuses
 
     tie = verdict(blurred)  # the floor's own view: the same graph, the same held-out predictions
     assert tie.with_network == pytest.approx(tie.floor) and tie.joined, tie.reason
+    assert "a tie" in tie.reason
     worse = verdict(mixed)  # every cluster a mix of all classes
     assert worse.with_network < worse.floor and not worse.joined, worse.reason
     assert "stays out" in worse.reason and worse.held_out == len(np.concatenate(folds))
