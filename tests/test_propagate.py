@@ -275,6 +275,30 @@ def test_locality_order_is_kept_with_its_graph_and_redone_when_the_graph_changes
     np.testing.assert_array_equal(again.labels, first.labels)  # S is scale-free
 
 
+def test_a_graph_is_checked_once_and_again_when_its_contents_change(monkeypatch):
+    """The re-propagation after each label hands the same graph: its (transpose) symmetry check
+    runs once per graph object and again when the matrix changed, so an edit that breaks it is
+    still refused."""
+    import speler.graph.propagate as prop
+
+    _, _, W, labels = _problem(n=300, seed=19)
+    checks = []
+    check = prop.validated_graph
+    monkeypatch.setattr(prop, "validated_graph", lambda G: checks.append(1) or check(G))
+    first = propagate(W, labels, num_classes=4)
+    new = labels.copy()
+    new[np.flatnonzero(labels < 0)[0]] = 1  # one more human label
+    again = propagate(W, new, num_classes=4)
+    assert len(checks) == 1 and not np.array_equal(again.scores, first.scores)
+    propagate(W.copy(), labels, num_classes=4)  # another object: checked on its own
+    assert len(checks) == 2
+    i = int(np.flatnonzero(W.indptr[1:] > W.indptr[:-1])[0])
+    W.data[W.indptr[i]] *= 3.0  # one direction of one edge: no longer symmetric
+    with pytest.raises(DataFormatError, match="symmetric"):
+        propagate(W, labels, num_classes=4)
+    assert len(checks) == 3
+
+
 def test_non_convergence_is_a_warning_and_a_flag():
     _, _, W, labels = _problem(seed=8)
     with pytest.warns(PropagationWarning, match="stopped after 2 iterations"):

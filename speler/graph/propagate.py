@@ -95,7 +95,10 @@ logger = logging.getLogger(__name__)
 
 ENERGY_MEDIAN = -10.0  # energy of the median unlabeled sample (the scale of τ̂)
 _SHARPNESS = 10.0  # u is multiplied by this inside logsumexp: close to a max, not a plain sum
-FIRST_PASS_TOL = 1e-3  # relative residual of the unbalanced pass that supplies predictions
+FIRST_PASS_TOL = 1e-2  # relative residual of the unbalanced pass that supplies predictions:
+# it only gives each unlabeled sample its soft class. 1e-2 rather than 1e-3: on the five real
+# sets' 100 protocol runs the same mean macro-F1 (0.661), 99.98 % of the labels unchanged; on 1M
+# synthetic points 195 labels of 1M changed, accuracy 0.9419 -> 0.9418, 5 iterations instead of 8
 _REORDER_MIN_N = 20_000  # below this the dense block fits in cache anyway
 _ENERGY_CHUNK = 16_384  # rows per block of the energy's float64 temporaries
 
@@ -206,7 +209,7 @@ def propagate(
     """
     start = time.perf_counter()
     original = W
-    W = validated_graph(W)
+    W = _validated_once(W)
     n = W.shape[0]
     labels = _validated_labels(labels, n, num_classes)
     C = int(num_classes)
@@ -542,6 +545,7 @@ def _balance(W, labels, C, config, prior, predictions, warm_start, B):
 
 
 _ORDER_ATTR = "_speler_locality_order"  # kept on the caller's graph object, not in this module
+_VALID_ATTR = "_speler_validated"  # likewise: the checked graph, for the re-propagations
 
 
 def _checksum(M: np.ndarray) -> float:
@@ -877,6 +881,29 @@ def _loss_weights(energy: np.ndarray, reliable: np.ndarray) -> np.ndarray:
         if top > 0:
             w[reliable] = neg / top
     return w
+
+
+def _validated_once(W) -> sp.csr_matrix:
+    """``validated_graph(W)``, remembered on the caller's CSR matrix like the locality order: the
+    re-propagation after each new label hands the same graph again, and checking its symmetry
+    costs a transpose (2.2 s of a 40-s propagation at 1M nodes). Checked again when the matrix's
+    contents changed (their fingerprint); other inputs are checked every time."""
+    if not (sp.issparse(W) and W.format == "csr" and W.ndim == 2):
+        return validated_graph(W)
+
+    def stamp():
+        return (W.shape, W.dtype.str, W.nnz, float(W.data.sum(dtype=np.float64)),
+                int(W.indices.sum(dtype=np.int64)), int(W.indptr.sum(dtype=np.int64)))
+
+    hit = getattr(W, _VALID_ATTR, None)
+    if hit is not None and hit[0] == stamp():
+        return hit[1]
+    checked = validated_graph(W)
+    try:  # stamped after the check, which may have tidied W itself (sorted, duplicates summed)
+        setattr(W, _VALID_ATTR, (stamp(), checked))
+    except AttributeError:  # an object that takes no attributes: no cache
+        pass
+    return checked
 
 
 def validated_graph(W) -> sp.csr_matrix:
