@@ -230,14 +230,15 @@ def propagate(
                 f"propagate: warm_start must be a finite array of shape {(n, C)}, got "
                 f"{warm_start.shape}"
             )
-    system = (_fingerprint(W), float(config.alpha), float(config.tol), bool(config.balance))
+    graph_stamp = _fingerprint(W)
+    system = (graph_stamp, float(config.alpha), float(config.tol), bool(config.balance))
     # the CPU's caches gain from the locality order; on a GPU the order costs more than it saves
     # (1M nodes: the order ~2 s on the host, the whole CUDA solve 0.5 s)
     if not (config.reorder and n >= _REORDER_MIN_N and solver_device(config.device) == "cpu"):
         return _propagate(W, labels, C, config, prior, predictions, warm_start, progress, start,
                           system)
     # everything runs on the graph renumbered for locality; the answer is numbered back
-    order, Wp = _cached_order(original, W)
+    order, Wp = _cached_order(original, W, graph_stamp)
     del W
     if isinstance(warm_start, PropagationResult):
         warm_start = replace(warm_start, scores=warm_start.scores[order],
@@ -554,28 +555,39 @@ def _checksum(M: np.ndarray) -> float:
 
 
 def _fingerprint(W: sp.csr_matrix) -> tuple:
-    """Cheap O(nnz) identity of a validated graph (shape, pattern and weights sums)."""
+    """Cheap O(nnz) identity of a CSR graph (shape, pattern and weights sums)."""
     return (W.shape[0], W.nnz, float(W.data.sum(dtype=np.float64)),
             int(W.indices.sum(dtype=np.int64)))
 
 
-def _cached_order(original, W: sp.csr_matrix) -> tuple[np.ndarray, sp.csr_matrix]:
-    """The locality order of W and W renumbered by it, computed once per graph object (the
-    re-propagations after each new label reuse them): kept as an attribute of the caller's matrix
-    ``original``, so it lives and dies with that graph and no state is shared between callers;
-    recomputed when the graph's contents changed (its fingerprint)."""
-    stamp = _fingerprint(W)
-    hit = getattr(original, _ORDER_ATTR, None)
-    if hit is not None and hit[0] == stamp:
-        return hit[1], hit[2]
-    order = _locality_order(W)
-    Wp = W[order][:, order].tocsr()
-    Wp.sort_indices()
+def _kept_on(owner, attr: str, stamp: Callable[[], tuple], make: Callable[[], object]):
+    """``make()``, computed once per graph object: kept as attribute ``attr`` of the caller's
+    matrix ``owner`` (so it lives and dies with that graph and no state is shared between callers)
+    together with ``stamp()``, and made again when the stamp changed (the graph's contents did).
+    The stamp is taken after ``make``, which may tidy ``owner`` itself. An object that takes no
+    attributes gets no cache."""
+    hit = getattr(owner, attr, None)
+    if hit is not None and hit[0] == stamp():
+        return hit[1]
+    value = make()
     try:
-        setattr(original, _ORDER_ATTR, (stamp, order, Wp))
-    except AttributeError:  # an object that takes no attributes: no cache
+        setattr(owner, attr, (stamp(), value))
+    except AttributeError:
         pass
-    return order, Wp
+    return value
+
+
+def _cached_order(original, W: sp.csr_matrix, stamp: tuple) -> tuple[np.ndarray, sp.csr_matrix]:
+    """The locality order of W and W renumbered by it, computed once per graph object (the
+    re-propagations after each new label reuse them; ``_kept_on``); ``stamp``: W's
+    ``_fingerprint``."""
+    def make():
+        order = _locality_order(W)
+        Wp = W[order][:, order].tocsr()
+        Wp.sort_indices()
+        return order, Wp
+
+    return _kept_on(original, _ORDER_ATTR, lambda: stamp, make)
 
 
 def _locality_order(W: sp.csr_matrix) -> np.ndarray:
@@ -884,26 +896,15 @@ def _loss_weights(energy: np.ndarray, reliable: np.ndarray) -> np.ndarray:
 
 
 def _validated_once(W) -> sp.csr_matrix:
-    """``validated_graph(W)``, remembered on the caller's CSR matrix like the locality order: the
-    re-propagation after each new label hands the same graph again, and checking its symmetry
-    costs a transpose (2.2 s of a 40-s propagation at 1M nodes). Checked again when the matrix's
-    contents changed (their fingerprint); other inputs are checked every time."""
+    """``validated_graph(W)``, remembered on the caller's CSR matrix like the locality order
+    (``_kept_on``): the re-propagation after each new label hands the same graph again, and
+    checking its symmetry costs a transpose (2.2 s of a 40-s propagation at 1M nodes). Checked
+    again when the matrix's contents changed; other inputs are checked every time."""
     if not (sp.issparse(W) and W.format == "csr" and W.ndim == 2):
         return validated_graph(W)
-
-    def stamp():
-        return (W.shape, W.dtype.str, W.nnz, float(W.data.sum(dtype=np.float64)),
-                int(W.indices.sum(dtype=np.int64)), int(W.indptr.sum(dtype=np.int64)))
-
-    hit = getattr(W, _VALID_ATTR, None)
-    if hit is not None and hit[0] == stamp():
-        return hit[1]
-    checked = validated_graph(W)
-    try:  # stamped after the check, which may have tidied W itself (sorted, duplicates summed)
-        setattr(W, _VALID_ATTR, (stamp(), checked))
-    except AttributeError:  # an object that takes no attributes: no cache
-        pass
-    return checked
+    return _kept_on(W, _VALID_ATTR, lambda: (*_fingerprint(W), W.shape[1], W.dtype.str,
+                                             int(W.indptr.sum(dtype=np.int64))),
+                    lambda: validated_graph(W))
 
 
 def validated_graph(W) -> sp.csr_matrix:
