@@ -572,8 +572,8 @@ def fit(
             sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
             seen = rows_done = 0  # human-labeled rows scored, rows trained on (padding too)
-            for part, counted in _rank_steps(_batches(order, batch_size, fixed=device != "cpu"),
-                                              rank, world):
+            for part, counted in _rank_steps(_batches(order, batch_size, fixed=cuda), rank,
+                                              world):
                 xb = rows.take(part)
                 if augment is not None:
                     xb = augment(xb, len_all[torch.from_numpy(part)], aug_gen)
