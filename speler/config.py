@@ -184,8 +184,8 @@ class PropagationConfig:
     max_iter: int = 200  # CG iteration cap
     tau_hat: float = -9.5  # base energy threshold; energies are scaled so the median sample is -10
     reorder: bool = True  # solve in reverse Cuthill-McKee order (cache locality) from 20k samples
-    threads: int = 1  # torch threads for the solver (0 = torch's setting); memory-bound, and
-    # extra threads only fight the app/trainer for cores (10x slower on a busy 2-core machine)
+    threads: int = 0  # torch threads for the solver; 0 = 1 on graphs under 1M non-zeros, else
+    # the cores no other task is busy on (speler.graph.propagate.solver_threads, measured there)
     device: str = "auto"  # the CG solve: "auto" (CUDA when torch sees one), "cpu", "cuda[:N]"
 
     def __post_init__(self) -> None:

@@ -254,6 +254,39 @@ def test_locality_order_gives_the_same_answer(monkeypatch):
     assert (ordered.labels == plain.labels).all() and (ordered.reliable == plain.reliable).all()
 
 
+def test_solver_threads_follow_the_setting_the_graph_size_and_the_free_cores(monkeypatch):
+    import torch
+
+    import speler.graph.propagate as prop
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # torch's own setting, as on an idle 2-core machine
+    try:
+        monkeypatch.setattr(prop, "free_cores", lambda: 64)
+        with prop.solver_threads(3, 10) as n:
+            assert n == 3 and torch.get_num_threads() == 3  # an explicit setting, as it is
+        with prop.solver_threads(0, prop.THREADS_MIN_NNZ - 1) as n:
+            assert n == 1 and torch.get_num_threads() == 1  # a small graph: one thread
+        with prop.solver_threads(0, prop.THREADS_MIN_NNZ) as n:
+            assert n == 2  # never more than torch's own setting
+        monkeypatch.setattr(prop, "free_cores", lambda: 1)  # another task busy on a core
+        with prop.solver_threads(0, prop.THREADS_MIN_NNZ) as n:
+            assert n == 1
+        with pytest.raises(RuntimeError), prop.solver_threads(3, 10):
+            raise RuntimeError("a failed solve")
+        assert torch.get_num_threads() == 2  # restored after every solve, failed ones too
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_two_solver_threads_give_the_answer_of_one():
+    _, _, W, labels = _problem(n=300, seed=18)
+    one = propagate(W, labels, num_classes=4, config=PropagationConfig(threads=1, tol=1e-8))
+    two = propagate(W, labels, num_classes=4, config=PropagationConfig(threads=2, tol=1e-8))
+    assert np.abs(two.scores - one.scores).max() <= 1e-6 * np.abs(one.scores).max()
+    assert (two.labels == one.labels).all() and (two.reliable == one.reliable).all()
+
+
 def test_locality_order_is_kept_with_its_graph_and_redone_when_the_graph_changes(monkeypatch):
     import speler.graph.propagate as prop
 

@@ -41,6 +41,7 @@ from speler.errors import ConfigError, DataFormatError, LabelError
 from speler.graph.knn_distributed import ShardedKnn
 from speler.graph.propagate import (
     FIRST_PASS_TOL, _cg_loop, _torch_csr, balance_weights, estimate_prior, label_prior,
+    solver_threads,
 )
 
 logger = logging.getLogger(__name__)
@@ -241,16 +242,10 @@ def block_cg(
     must call it with the same C, config and tol. The algorithm, the stopping rule and the
     PropagationWarning at the iteration cap are those of ``propagate._block_cg``.
     """
-    import torch
-
-    threads = torch.get_num_threads()
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    try:
+    # threads 0 means one per rank here: the ranks on a machine share its cores already
+    with solver_threads(config.threads or 1, S_rows.nnz):
         return _block_cg(S_rows, B, lo, config, X0, config.tol if tol is None else tol, solved,
                          exchange, plan, progress, what)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _block_cg(S_rows, B, lo, config, X0, tol, solved, exchange, plan, progress, what):
