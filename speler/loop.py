@@ -58,13 +58,15 @@ from speler.round_metrics import (
     FoldScore, JudgementMetrics, KnnMetrics, LabelQuality, PropagationMetrics, QualityMetrics,
     RoundMetrics, TrainMetrics,
 )
-from speler.train import fit, load_checkpoint, save_checkpoint
+from speler.pretrain import pretrain
+from speler.train import Checkpoint, _check_init, fit, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("views", "train", "embed", "knn", "propagate", "suggest")
 StageProgress = Callable[[str, int, int], None]
 NETWORK = "network"  # name of the trained network's view
+PRETRAINED_FILE = "pretrained.pt"  # a round's self-supervised weights (train.pretrain_epochs)
 
 
 @dataclass
@@ -161,8 +163,10 @@ def run_round(
     try:
         ckpt = _previous_checkpoint(project, previous)
         init = None if ckpt is None else load_checkpoint(ckpt, ds)
+        pre = _previous_checkpoint(project, previous, PRETRAINED_FILE)
+        pretrained = None if pre is None else load_checkpoint(pre, ds)
         built = build_state(ds, human, no=no, config=cfg, previous=previous, init=init,
-                            report=report, cancel=cancel)
+                            pretrained=pretrained, report=report, cancel=cancel)
         metrics, suggestions = _write_round(project, tmp, no, built, ds=ds, human=human, cfg=cfg,
                                             started=started, report=report, cancel=cancel)
     except BaseException as exc:
@@ -192,11 +196,13 @@ def _round_inputs(project: Project, cfg: Config) -> tuple:
     return ds, human, previous
 
 
-def _previous_checkpoint(project: Project, previous: LoopState | None) -> Path | None:
-    """The network the round starts from: the previous round's checkpoint, when it saved one."""
+def _previous_checkpoint(project: Project, previous: LoopState | None,
+                         name: str = "checkpoint.pt") -> Path | None:
+    """The network the round starts from: the previous round's checkpoint, when it saved one
+    (``name``: or the pre-trained weights it kept, ``PRETRAINED_FILE``)."""
     if previous is None:
         return None
-    ckpt = project.round_dir(previous.round) / "checkpoint.pt"
+    ckpt = project.round_dir(previous.round) / name
     return ckpt if ckpt.exists() else None
 
 
@@ -209,6 +215,9 @@ def _write_round(project: Project, tmp: Path, no: int, built: BuiltState, *, ds,
     if fitted is not None:
         save_checkpoint(tmp / "checkpoint.pt", fitted, config=cfg.train, ds=ds,
                         extra={"round": no})
+    if built.pretrained is not None:  # kept for the next rounds' trainings to start from
+        save_checkpoint(tmp / PRETRAINED_FILE, built.pretrained.model, config=cfg.train, ds=ds,
+                        extra={"round": no, "pretrained": True})
     _save_state(tmp, state)
 
     t0 = time.perf_counter()
@@ -264,6 +273,7 @@ class RankInputs:
     config: Config
     no: int | None = None
     init: Path | None = None
+    pretrained: Path | None = None
 
     def load_data(self) -> SequenceSet:
         """The project's data as rank 0 has it; ProjectError when the file is another dataset."""
@@ -307,7 +317,8 @@ def _run_round_ranks(project: Project, cfg: Config, *, progress: StageProgress |
         last = project.store.last_done_round()
         return RankInputs(data=project.path / DATA_FILE, fingerprint=ds.fingerprint(),
                           human=human, config=cfg, no=0 if last is None else last + 1,
-                          init=_previous_checkpoint(project, previous))
+                          init=_previous_checkpoint(project, previous),
+                          pretrained=_previous_checkpoint(project, previous, PRETRAINED_FILE))
 
     inputs = share_inputs(read)
     started = time.perf_counter()
@@ -353,26 +364,31 @@ def _build_on_ranks(inputs: RankInputs, ds, *, previous: LoopState | None = None
     with dist.together("reading the data"):
         ds = inputs.load_data() if ds is None else ds
         init = None if inputs.init is None else load_checkpoint(inputs.init, ds)
+        pretrained = (None if inputs.pretrained is None
+                      else load_checkpoint(inputs.pretrained, ds))
     return ds, build_state(ds, inputs.human, no=inputs.no, config=inputs.config,
-                           previous=previous, init=init, report=report)
+                           previous=previous, init=init, pretrained=pretrained, report=report)
 
 
 @dataclass
 class BuiltState:
     """What ``build_state`` made: the state, the final network (None when none was trained), the
-    floor's propagation, the judgement, and seconds per stage."""
+    floor's propagation, the judgement, seconds per stage, and the self-supervised weights the
+    trainings started from (a ``Checkpoint``; None without ``train.pretrain_epochs``)."""
 
     state: LoopState
     fitted: object
     floor: PropagationResult
     judgement: Judgement
     stage_seconds: dict[str, float]
+    pretrained: object = None
 
 
 def build_state(
     ds, human: np.ndarray, *, no: int, config: Config, previous: LoopState | None = None,
     init=None, views: dict[str, np.ndarray] | None = None,
     report: StageProgress | None = None, cancel: Callable[[], bool] | None = None,
+    pretrained=None,
 ) -> BuiltState:
     """Everything a round computes before suggestions, in memory (rounds and simulations share it).
 
@@ -382,7 +398,9 @@ def build_state(
     2. unless ``views.network`` is "never", or "auto" with too few labels to judge it (then it
        could never join, and is not trained): the network is trained on the human labels plus the
        reliable, energy-weighted pseudo-labels of the floor (of ``previous``'s result in later
-       rounds: the paper's loop), warm-started from ``init``, and embedded;
+       rounds: the paper's loop), warm-started from ``init``, and embedded; with
+       ``train.pretrain_epochs`` every training (the folds' too) starts from self-supervised
+       weights: ``pretrained`` (a Checkpoint, kept by an earlier round) or pre-trained here;
     3. it joins the graph (weight ``views.network_weight``) when ``judge`` says it helps ("auto")
        or always ("always"); the final propagation runs on that graph.
     ``views``: precomputed label-free views (same samples), else computed here.
@@ -420,7 +438,7 @@ def build_state(
             floor = propagate(floor_W, human, num_classes=C, config=config.propagation)
             propagate_seconds = time.perf_counter() - t0
 
-    fitted = None
+    fitted = start = None
     embeddings = dict(views or {})
     probs = None if floor is None else floor.normalized
     judgement = Judgement(mode=vc.network, joined=False, reason="views.network is 'never'")
@@ -433,13 +451,24 @@ def build_state(
     elif vc.network != "never":
         t0 = time.perf_counter()
         epochs = config.train.epochs
-        total = epochs * (len(folds) + 1)
+        if config.train.pretrain_epochs > 0 and pretrained is not None \
+                and _check_init(pretrained, ds, config.train):
+            start = pretrained.model
+        pre_epochs = config.train.pretrain_epochs if start is None else 0
+        total = pre_epochs + epochs * (len(folds) + 1)
         done = [0]
 
         def train_progress(e: int, _total: int) -> None:
             report("train", min(total, done[0] + e), total)
 
         report("train", 0, total)
+        if pre_epochs:  # every rank the same weights: same seed, same data (DDP then syncs them)
+            start = pretrain(ds, config=config.train, progress=train_progress,
+                             cancel=cancel).model
+            done[0] += pre_epochs
+            pretrained = Checkpoint(model=start, config=config.train, classes=tuple(ds.classes),
+                                    layout_name=ds.layout.name, fingerprint=ds.fingerprint(),
+                                    extra={})
         fold_nets = []
         curves = []
         for held in folds:
@@ -452,7 +481,7 @@ def build_state(
                     shared = pseudo_labels(floor_a, human_a)
             pl, pw = dist.broadcast_object(shared)
             net = fit(ds, human, config=config.train, pseudo_labels=pl, pseudo_weights=pw,
-                      holdout=held, progress=train_progress, cancel=cancel)
+                      holdout=held, progress=train_progress, cancel=cancel, start=start)
             done[0] += epochs
             curves.append([row["holdout_acc"] for row in net.history])
             emb = embed_sharded(net.model, ds, to="main")  # None on the other ranks
@@ -469,7 +498,7 @@ def build_state(
             chosen, _ = crossfit_epochs(curves, minimum=config.train.supervised_epochs + 1)
             train_cfg = dataclasses.replace(train_cfg, epochs=chosen)
         fitted = fit(ds, human, config=train_cfg, pseudo_labels=pl, pseudo_weights=pw,
-                     init=init, progress=train_progress, cancel=cancel)
+                     init=init, progress=train_progress, cancel=cancel, start=start)
         if curves:
             # the network's own held-out figure: mean over the folds at the epoch it trained to
             at = min(len(fitted.history), len(curves[0])) - 1 if chosen is None else chosen - 1
@@ -517,14 +546,16 @@ def build_state(
             stage_seconds["propagate"] = propagate_seconds + time.perf_counter() - t0
             embeddings["combined"] = _combined_embedding(embeddings, weights)
             graphs["combined"] = strongest_neighbours(W, config.graph.k)
+    # the weights pre-trained here or given, handed on even by a round that trained nothing
+    kept = pretrained if config.train.pretrain_epochs > 0 else None
     if not main:  # the round is rank 0's; this rank trained and embedded with it
         return BuiltState(state=None, fitted=fitted, floor=None, judgement=judgement,
-                          stage_seconds=stage_seconds)
+                          stage_seconds=stage_seconds, pretrained=kept)
     state = LoopState(round=no, embeddings=embeddings, probs=np.asarray(probs, dtype=np.float32),
                       graphs=graphs, weights=weights, affinity=W, result=result,
                       human=human.copy())
     return BuiltState(state=state, fitted=fitted, floor=floor, judgement=judgement,
-                      stage_seconds=stage_seconds)
+                      stage_seconds=stage_seconds, pretrained=kept)
 
 
 def floor_views(ds, config: Config, *,

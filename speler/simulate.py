@@ -82,7 +82,8 @@ def simulate(
     with dist.together("label-free views"):
         if main:  # build_state uses them on rank 0 only
             views = floor_views(ds, config)
-    base_state = _train_state(ds, ds.y.copy(), config=config, pseudo=None, views=views)
+    base_state, pretrained = _train_state(ds, ds.y.copy(), config=config, pseudo=None,
+                                          views=views)
     result = SimulationResult(dataset=name or ds.where, train_seconds=time.perf_counter() - t0)
     total = len(strategies) * (rounds + 1)
     done = 0
@@ -93,7 +94,8 @@ def simulate(
         for r in range(rounds + 1):
             retrain = r > 0 and retrain_every and r % retrain_every == 0
             if retrain:  # every rank: the training is shared
-                state = _train_state(ds, human, config=config, pseudo=state, views=views)
+                state, _ = _train_state(ds, human, config=config, pseudo=state, views=views,
+                                        pretrained=pretrained)
             picked = None
             with dist.together("simulated round"):
                 if main:
@@ -155,7 +157,12 @@ def curve_area(curve: list[dict], key: str = "macro_f1") -> float:
     return float(np.trapezoid(y, x) / (x[-1] - x[0]))
 
 
-def _train_state(ds: SequenceSet, human: np.ndarray, *, config: Config, pseudo, views=None):
-    """A round's state for ``human`` labels (``pseudo``: the previous state, whose propagation
-    supplies the pseudo-labels, as in a project's later rounds)."""
-    return build_state(ds, human, no=0, config=config, previous=pseudo, views=views).state
+def _train_state(ds: SequenceSet, human: np.ndarray, *, config: Config, pseudo, views=None,
+                 pretrained=None):
+    """(a round's state for ``human`` labels, the self-supervised weights its trainings started
+    from or None); ``pseudo``: the previous state, whose propagation supplies the pseudo-labels,
+    as in a project's later rounds; ``pretrained``: weights an earlier training pre-trained, as a
+    project keeps them (``train.pretrain_epochs``)."""
+    built = build_state(ds, human, no=0, config=config, previous=pseudo, views=views,
+                        pretrained=pretrained)
+    return built.state, built.pretrained

@@ -445,6 +445,7 @@ def fit(
     pseudo_labels: np.ndarray | None = None, pseudo_weights: np.ndarray | None = None,
     init: Checkpoint | None = None, progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None, holdout: np.ndarray | None = None,
+    start: nn.Module | None = None,
 ) -> FitResult:
     """Train the backbone on the preprocessed ``ds`` (x float32 (N, C, T, V, M)).
 
@@ -455,6 +456,9 @@ def fit(
     architecture differs from ``config``).
     progress(epoch, epochs) after each epoch (called with (epochs, epochs) on an early stop);
     cancel() is checked before each epoch and raises CancelledError when true.
+    start: a model of the same architecture whose weights training starts from (self-supervised
+    pre-training, ``speler.pretrain``); unlike ``init`` the training is otherwise a first one
+    (``config.epochs``, supervised warm-up). Ignored when ``init`` is used.
     holdout: int indices of human-labeled samples to keep out of training and score after every
     epoch (``history[e]["holdout_acc"]``), instead of the automatic ``config.holdout`` slice; the
     model then trains every epoch and is returned as it ends (no best-epoch restore, no early
@@ -515,6 +519,12 @@ def fit(
                             frames=ds.x.shape[2], persons=ds.x.shape[4], config=config)
         if warm:
             model.load_state_dict(init.model.state_dict())
+        elif start is not None:
+            try:
+                model.load_state_dict(start.state_dict())
+            except RuntimeError as exc:
+                raise CheckpointError(f"fit: the start weights do not fit this model ({exc})"
+                                      ) from None
         model.to(device)
         net: nn.Module = model  # what the steps run: the model, or its DDP wrapper under torchrun
         if world > 1:
