@@ -57,7 +57,7 @@ def _settings() -> None:
                      index=strategies.index(cfg.selection.strategy)
                      if cfg.selection.strategy in strategies else 0,
                      key="set_strategy", disabled=busy)
-        c1.number_input("Pre-training epochs", min_value=0, max_value=500,
+        c1.number_input("Self-supervised epochs", min_value=0, max_value=500,
                         value=int(cfg.train.pretrain_epochs), key="set_pretrain", disabled=busy,
                         help=PRETRAIN_HELP)
 
