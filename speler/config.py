@@ -64,7 +64,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # "cosine" (decay to 0 over epochs) or "constant"
     warm_epochs: int = 20  # max epochs when warm-starting from the previous round (0 = epochs)
     pretrain_epochs: int = 0  # self-supervised epochs on every sample before a project's first
-    # training (speler.pretrain; 0 = none): +0.6 macro-F1 on the real sets for 3x a CPU round
+    # training (speler.pretrain; 0 = none): no gain on the five real sets, 3x a CPU round (README)
 
     def __post_init__(self) -> None:
         device = self.device.strip().lower()
