@@ -126,8 +126,8 @@ def _views_section() -> None:
         st.caption("Balanced accuracy on human labels held out of the network's training and of "
                    "the propagation's seeds (cross-fitting), per fold and over all of them pooled "
                    "(the figures in the sentence above): the network joins the label-free floor "
-                   "only when it predicts labels it never saw at least as well overall (a tie joins) "
-                   "and worse in no fold.")
+                   "only when it predicts labels it never saw at least as well overall (a tie "
+                   "joins) and worse in no fold.")
 
 
 def _start_simulation() -> None:
