@@ -9,6 +9,7 @@ none can be read (not Linux), nothing is refused.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import socket
@@ -119,3 +120,21 @@ def free_cores(*, samples: int = 5, interval: float = 0.01, loadavg: str = "/pro
             time.sleep(interval)
     others = max(0, sorted(readings)[len(readings) // 2] - 1)
     return max(1, cores - others)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's CPU thread count while the block runs: ``n``, or for 0 the cores no other task is
+    busy on as it starts (``free_cores``, at most torch's own setting); the old count is put back
+    after, a failed block included. Yields the count used. Training and propagation both set
+    their threads through it."""
+    import torch  # here, not at the top: the rest of this module is needed without torch
+
+    old = torch.get_num_threads()
+    if n == 0:
+        n = min(old, free_cores())
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(old)

@@ -54,7 +54,7 @@ from speler.data.schema import SequenceSet
 from speler.errors import CancelledError, CheckpointError, ConfigError, DataFormatError, LabelError
 from speler.models import losses
 from speler.models.net import ARCH_FIELDS, SpelerNet, build_model, paper_config
-from speler.system import free_cores
+from speler.system import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -158,17 +158,12 @@ def _as_labels(arr, n: int, k: int, name: str) -> np.ndarray:
 @contextlib.contextmanager
 def _threads(n: int, device: str = "cpu"):
     """torch's CPU thread count for a while: ``n``, or for 0 on a CPU the cores no other task
-    is busy on when it starts (``speler.system.free_cores``, at most torch's own setting)."""
-    old = torch.get_num_threads()
-    if n == 0 and not str(device).startswith("cuda"):
-        n = min(old, free_cores())
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
+    is busy on when it starts (``speler.system.torch_threads``); 0 on CUDA leaves it as it is."""
+    if n == 0 and str(device).startswith("cuda"):
         yield
-    finally:
-        if n > 0:
-            torch.set_num_threads(old)
+        return
+    with torch_threads(n):
+        yield
 
 
 @contextlib.contextmanager

@@ -258,18 +258,19 @@ def test_solver_threads_follow_the_setting_the_graph_size_and_the_free_cores(mon
     import torch
 
     import speler.graph.propagate as prop
+    import speler.system as system
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # torch's own setting, as on an idle 2-core machine
     try:
-        monkeypatch.setattr(prop, "free_cores", lambda: 64)
+        monkeypatch.setattr(system, "free_cores", lambda: 64)
         with prop.solver_threads(3, 10) as n:
             assert n == 3 and torch.get_num_threads() == 3  # an explicit setting, as it is
         with prop.solver_threads(0, prop.THREADS_MIN_NNZ - 1) as n:
             assert n == 1 and torch.get_num_threads() == 1  # a small graph: one thread
         with prop.solver_threads(0, prop.THREADS_MIN_NNZ) as n:
             assert n == 2  # never more than torch's own setting
-        monkeypatch.setattr(prop, "free_cores", lambda: 1)  # another task busy on a core
+        monkeypatch.setattr(system, "free_cores", lambda: 1)  # another task busy on a core
         with prop.solver_threads(0, prop.THREADS_MIN_NNZ) as n:
             assert n == 1
         with pytest.raises(RuntimeError), prop.solver_threads(3, 10):

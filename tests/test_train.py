@@ -406,14 +406,15 @@ def test_device_default_batch_trains_exactly_as_the_cpu_batch(actions):
 
 
 def test_thread_count_zero_follows_the_free_cores(monkeypatch):
+    import speler.system as system
     import speler.train as train_mod
 
     before = torch.get_num_threads()
-    monkeypatch.setattr(train_mod, "free_cores", lambda: 1)
+    monkeypatch.setattr(system, "free_cores", lambda: 1)
     with train_mod._threads(0):
         assert torch.get_num_threads() == 1  # another task is busy: one thread
     assert torch.get_num_threads() == before
-    monkeypatch.setattr(train_mod, "free_cores", lambda: 64)
+    monkeypatch.setattr(system, "free_cores", lambda: 64)
     with train_mod._threads(0):
         assert torch.get_num_threads() == before  # never above torch's own setting
     with train_mod._threads(3):

@@ -91,7 +91,7 @@ import scipy.sparse as sp
 
 from speler.config import PropagationConfig
 from speler.errors import ConfigError, DataFormatError, LabelError
-from speler.system import free_cores
+from speler.system import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -652,22 +652,13 @@ THREADS_MIN_NNZ = 1_000_000
 def solver_threads(setting: int, nnz: int):
     """torch's CPU threads while a solve runs: ``setting`` when > 0; for 0, 1 below
     ``THREADS_MIN_NNZ`` non-zeros, else the cores no other task is busy on
-    (``speler.system.free_cores``, at most torch's own setting). The products are memory-bound,
+    (``speler.system.torch_threads``, at most torch's own setting). The products are memory-bound,
     yet a second thread helps when its core is free: the 1M-node graph's product (36M non-zeros ×
     60 columns, 2 cores, one thread each otherwise idle) 1.18 s with 1 thread, 0.82 s with 2;
     with the other core busy training, 1.7 s with 1 and 1.4 s with 2 (then 1 is taken, leaving
     the trainer its core)."""
-    import torch
-
-    old = torch.get_num_threads()
-    n = setting
-    if n == 0:
-        n = 1 if nnz < THREADS_MIN_NNZ else min(old, free_cores())
-    torch.set_num_threads(n)
-    try:
+    with torch_threads(1 if setting == 0 and nnz < THREADS_MIN_NNZ else setting) as n:
         yield n
-    finally:
-        torch.set_num_threads(old)
 
 
 def solver_device(preference: str) -> str:
