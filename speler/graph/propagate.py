@@ -232,8 +232,8 @@ def propagate(
                 f"propagate: warm_start must be a finite array of shape {(n, C)}, got "
                 f"{warm_start.shape}"
             )
-    graph_stamp = _fingerprint(W)
-    system = (graph_stamp, float(config.alpha), float(config.tol), bool(config.balance))
+    system = _system(W, config)
+    graph_stamp = system[0]
     # the CPU's caches gain from the locality order; on a GPU the order costs more than it saves
     # (1M nodes: the order ~2 s on the host, the whole CUDA solve 0.5 s)
     if not (config.reorder and n >= _REORDER_MIN_N and solver_device(config.device) == "cpu"):
@@ -463,12 +463,29 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
     S = normalized_operator(W, w)
     t_solve = time.perf_counter()
     solve = _block_cg(S, B, config, X0, progress, "propagation", solved=solved)
-    M, iters, converged, residual, products = (solve.X, solve.iterations, solve.converged,
-                                               solve.residual, solve.products)
+    residual = solve.residual
     if solved is not None and solved.any():
         residual = max(residual, float(warm_start.solve.residual))
     t_solve = time.perf_counter() - t_solve
     del S
+    info = SolveInfo(iterations=solve.iterations, converged=solve.converged, residual=residual,
+                     seconds=0.0, first_pass_iterations=first_iters, products=solve.products,
+                     solve_seconds=t_solve,
+                     balance_weights=(np.ones(n) if w is None else w).astype(np.float32),
+                     system=system)
+    return result_from_scores(solve.X, labels, C, config, prior=prior, solve=info, start=start)
+
+
+def result_from_scores(M: np.ndarray, labels: np.ndarray, C: int, config: PropagationConfig, *,
+                       prior: np.ndarray | None, solve: SolveInfo,
+                       start: float) -> PropagationResult:
+    """The PropagationResult of the solved scores M (n, C) of the validated ``labels``: labels,
+    margin, energy, thresholds, reliability and loss weights, which need every row of M (a
+    row-sharded solve gathers M first: ``graph.sharded``). ``solve``: the solver's figures; its
+    ``system`` is the solved system without the scores' checksum (added here) or None; its
+    ``seconds`` is set from ``start`` (perf_counter) to now."""
+    n = M.shape[0]
+    lab = labels >= 0
     connected = M.max(axis=1) > 0 if C else np.zeros(n, dtype=bool)
     connected |= lab
     if prior is None and config.balance_prior == "labels":
@@ -482,17 +499,12 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
     thresholds = class_thresholds(config.tau_hat, counts)
     reliable = (~lab) & connected & (energy <= thresholds[out_labels]) & (energy < 0)
     weights = _loss_weights(energy, reliable)
+    system = None if solve.system is None else (*solve.system, _checksum(M))
     return PropagationResult(
         scores=M, labels=out_labels, margin=margin, energy=energy, reliable=reliable,
         weights=weights, thresholds=thresholds, prior=np.asarray(prior, dtype=np.float32),
         connected=connected, labeled=lab,
-        solve=SolveInfo(
-            iterations=iters, converged=converged, residual=residual,
-            seconds=time.perf_counter() - start, first_pass_iterations=first_iters,
-            products=products, solve_seconds=t_solve,
-            balance_weights=(np.ones(n) if w is None else w).astype(np.float32),
-            system=(*system, _checksum(M)),
-        ),
+        solve=replace(solve, seconds=time.perf_counter() - start, system=system),
         tau_hat=float(config.tau_hat),
     )
 
@@ -560,6 +572,22 @@ def _fingerprint(W: sp.csr_matrix) -> tuple:
     """Cheap O(nnz) identity of a CSR graph (shape, pattern and weights sums)."""
     return (W.shape[0], W.nnz, float(W.data.sum(dtype=np.float64)),
             int(W.indices.sum(dtype=np.int64)))
+
+
+def with_system(result: PropagationResult, W, config: PropagationConfig) -> PropagationResult:
+    """``result`` with ``solve.system`` naming the graph W as ``propagate`` names it, for scores
+    solved elsewhere (row-sharded) on that graph, so that a warm start from the result skips the
+    classes whose seeds did not change; a result that names its system already is returned."""
+    if result.solve.system is not None:
+        return result
+    system = (*_system(_validated_once(W), config), _checksum(result.scores))
+    return replace(result, solve=replace(result.solve, system=system))
+
+
+def _system(W: sp.csr_matrix, config: PropagationConfig) -> tuple:
+    """The solved system of a validated W, less the scores' checksum: its fingerprint, α, tol
+    and balance."""
+    return (_fingerprint(W), float(config.alpha), float(config.tol), bool(config.balance))
 
 
 def _kept_on(owner, attr: str, stamp: Callable[[], tuple], make: Callable[[], object]):
