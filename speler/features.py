@@ -167,14 +167,11 @@ def pca(x: np.ndarray, dim: int, *, seed: int = 0) -> np.ndarray:
     """Standardise the columns of x (N, F) (constant columns dropped), project on the top ``dim``
     principal components (fewer when N or F is smaller), and L2-normalise the rows; float32."""
     x = np.asarray(x, dtype=np.float64)
-    mean = x.mean(axis=0)
-    std = x.std(axis=0)
-    keep = std > 1e-8 * max(1.0, float(np.abs(mean).max(initial=0.0)))
-    if not keep.any():  # every sample identical: no direction to keep
+    z = _standardise(x, x.mean(axis=0), x.std(axis=0))
+    if z is None:  # every sample identical: no direction to keep
         return np.zeros((len(x), 1), dtype=np.float32)
-    z = (x[:, keep] - mean[keep]) / std[keep]
     n, f = z.shape
-    r = max(1, min(dim, n - 1, f))
+    r = _components(dim, n, f)
     if n <= _EXACT_PCA_MAX_N:
         gram = z @ z.T
         vals, vecs = np.linalg.eigh(gram)
@@ -186,6 +183,26 @@ def pca(x: np.ndarray, dim: int, *, seed: int = 0) -> np.ndarray:
             torch.manual_seed(seed)
             u, s, _ = torch.svd_lowrank(zt, q=min(r + 10, n, f), niter=4)
         proj = (u[:, :r] * s[:r]).double().numpy()
+    return _unit_rows(proj)
+
+
+def _standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray | None:
+    """Rows x float64 (rows, F) with ``mean`` and ``std`` of each column over all the samples →
+    the columns that are not constant (std above 1e-8 of max(1, largest |mean|)), standardised;
+    None when every column is constant."""
+    keep = std > 1e-8 * max(1.0, float(np.abs(mean).max(initial=0.0)))
+    if not keep.any():
+        return None
+    return (x[:, keep] - mean[keep]) / std[keep]
+
+
+def _components(dim: int, n: int, f: int) -> int:
+    """How many principal components ``pca`` keeps of n samples × f standardised columns."""
+    return max(1, min(dim, n - 1, f))
+
+
+def _unit_rows(proj: np.ndarray) -> np.ndarray:
+    """float32 rows of ``proj`` scaled to unit L2 norm (zero rows stay zero)."""
     norms = np.linalg.norm(proj, axis=1, keepdims=True)
     return (proj / np.maximum(norms, 1e-12)).astype(np.float32)
 
@@ -201,12 +218,22 @@ def rocket_view(x: np.ndarray, *, dim: int = 128, num_features: int = 10_000, se
     """float32 (N, ≤ dim): random-kernel PPV features (see the module docstring), standardised,
     PCA, L2-normalised."""
     x = _check_x(x, "rocket view")
-    if num_features < 84:
-        raise ConfigError(f"views.rocket_features must be >= 84 (one per kernel), got {num_features}")
+    check_settings(("rocket",), num_features)
     series = _as_series(x)
     transform = RocketTransform(series, num_features=num_features, seed=seed)
     feats = transform.transform(series, progress=progress)
     return pca(feats, dim, seed=seed)
+
+
+def check_settings(views: tuple[str, ...], rocket_features: int) -> None:
+    """ConfigError for an unknown view name, or for fewer than 84 random-kernel features (one per
+    kernel) when a ``rocket`` view is asked for."""
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise ConfigError(f"unknown label-free view {unknown[0]!r}; known: {', '.join(VIEWS)}")
+    if rocket_features < 84 and any(v.startswith("rocket") for v in views):
+        raise ConfigError(f"views.rocket_features must be >= 84 (one per kernel), got "
+                          f"{rocket_features}")
 
 
 def label_free_views(x: np.ndarray, *, views: tuple[str, ...] = VIEWS, dim: int = 128,
@@ -214,9 +241,7 @@ def label_free_views(x: np.ndarray, *, views: tuple[str, ...] = VIEWS, dim: int 
                      progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """{view name: float32 (N, d)} for the named ``views`` of x float32 (N, C, T, V, M);
     ``rocket_diff`` is left out (with a warning) when x has fewer than 2 frames."""
-    unknown = [v for v in views if v not in VIEWS]
-    if unknown:
-        raise ConfigError(f"unknown label-free view {unknown[0]!r}; known: {', '.join(VIEWS)}")
+    check_settings(views, rocket_features)
     out: dict[str, np.ndarray] = {}
     for i, v in enumerate(views):
         if progress is not None:
