@@ -495,13 +495,25 @@ def _drop_self(
 
 def _recall(x: np.ndarray, idx: np.ndarray, sims: np.ndarray, k: int, config: GraphConfig) -> float:
     """Mean recall@k of (idx, sims) on a random sample of queries, against exact search."""
-    n = x.shape[0]
-    q = int(min(n, max(1, config.recall_queries)))
-    rng = np.random.default_rng(config.seed + 1)
-    queries = np.sort(rng.choice(n, size=q, replace=False))
+    queries = _recall_queries(x.shape[0], config)
     faiss = _faiss()
     s_ex, i_ex = faiss.knn(x[queries], x, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    found = _recall_found(idx[queries], sims[queries], i_ex, s_ex, queries, k)
+    return float(found.mean() / k)
+
+
+def _recall_queries(n: int, config: GraphConfig) -> np.ndarray:
+    """The sorted sample ids whose neighbours the recall check compares (seeded by config.seed)."""
+    q = int(min(n, max(1, config.recall_queries)))
+    rng = np.random.default_rng(config.seed + 1)
+    return np.sort(rng.choice(n, size=q, replace=False))
+
+
+def _recall_found(idx: np.ndarray, sims: np.ndarray, i_ex: np.ndarray, s_ex: np.ndarray,
+                  queries: np.ndarray, k: int) -> np.ndarray:
+    """Neighbours found per query (int (q,), at most k): idx/sims (q, k) are the graph's lists of
+    the ``queries``, i_ex/s_ex (q, k + 1) their exact top k + 1 (the query itself included)."""
     i_ex, s_ex = _drop_self(i_ex, s_ex, k, ids=queries)
     kth = s_ex[:, -1:] - 1e-5  # ties at the k-th similarity count as found
-    found = (sims[queries] >= kth) & (idx[queries] >= 0)
-    return float(np.minimum(found.sum(axis=1), k).mean() / k)
+    found = (sims >= kth) & (idx >= 0)
+    return np.minimum(found.sum(axis=1), k)
