@@ -350,6 +350,28 @@ def all_to_all_arrays(parts: list[np.ndarray], kind: str = "all_to_all") -> list
     return out  # type: ignore[return-value]
 
 
+def reshard(a: np.ndarray, n: int, kind: str = "reshard") -> np.ndarray:
+    """This rank's rows ``shard_range(n)`` of an n-row array that the ranks hold in another
+    contiguous split (each rank ``a``: its rows, in rank order, any lengths summing to n).
+
+    Only the rows that change owner travel (``all_to_all_arrays``): e.g. after a split aligned to
+    batches, the few rows around each boundary. Without a process group: ``a`` itself.
+    """
+    a = np.asarray(a)
+    if not active() or world_size() == 1:
+        return a
+    sizes = np.array(all_gather_object(len(a)), dtype=np.int64)
+    if int(sizes.sum()) != n:
+        raise ValueError(f"reshard: the ranks hold {int(sizes.sum())} rows in all, expected {n}")
+    lo = int(sizes[:rank()].sum())
+    hi = lo + len(a)
+    parts = []
+    for start, stop in shard_ranges(n):
+        a0, b0 = max(lo, start), min(hi, stop)
+        parts.append(a[a0 - lo:b0 - lo] if b0 > a0 else a[:0])
+    return np.concatenate(all_to_all_arrays(parts, kind=kind), axis=0)
+
+
 def isend(t, peer: int, kind: str = "p2p"):
     """Start sending tensor ``t`` to ``peer``; counted in ``traffic``; returns the work handle."""
     traffic.add(kind, t.numel() * t.element_size())

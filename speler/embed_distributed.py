@@ -3,7 +3,9 @@
 Each rank runs ``train.embed`` on its contiguous shard of the samples (``distributed.shard_ranges``
 aligned to the batch size, so every shard but the last is made of whole batches and the forward
 passes are those of a single-process ``embed``), then the shards are gathered in sample order, on
-every rank (``to="all"``) or on rank 0 only (``to="main"``, None elsewhere). Every rank must hold
+every rank (``to="all"``), on rank 0 only (``to="main"``, None elsewhere), or left sharded
+(``to="rows"``: this rank's rows ``distributed.shard_range(n)``, the split the round's graph
+stages use, after moving the rows around the batch-aligned boundaries). Every rank must hold
 the same model weights (e.g. loaded from the same checkpoint) and the same SequenceSet (each rank
 reads only its shard of ``ds.x``). Without a process group it is ``train.embed``.
 """
@@ -31,8 +33,8 @@ def embed_sharded(model: nn.Module, ds: SequenceSet, *, batch_size: int | None =
     progress(done, shard size) on each rank for its shard. Errors on any rank (bad input, a
     model that does not fit) are raised on every rank (distributed.RankFailedError).
     """
-    if to not in ("all", "main"):
-        raise ConfigError(f"embed_sharded: to must be 'all' or 'main', got {to!r}")
+    if to not in ("all", "main", "rows"):
+        raise ConfigError(f"embed_sharded: to must be 'all', 'main' or 'rows', got {to!r}")
     if not dist.active() or dist.world_size() == 1:
         return embed(model, ds, batch_size=batch_size, device=device, progress=progress)
     with dist.together("embedding"):
@@ -48,7 +50,10 @@ def embed_sharded(model: nn.Module, ds: SequenceSet, *, batch_size: int | None =
         keep = hi - lo
         block = np.concatenate([getattr(out, f)[:keep] for f in FIELDS], axis=1)
         widths = [getattr(out, f).shape[1] for f in FIELDS]
-    whole = dist.all_gather_array(block) if to == "all" else dist.gather_array(block, dst=0)
+    if to == "rows":
+        whole = dist.reshard(block, ds.n, kind="embedding")
+    else:
+        whole = dist.all_gather_array(block) if to == "all" else dist.gather_array(block, dst=0)
     if whole is None:
         return None
     cut = np.cumsum(widths)[:-1]

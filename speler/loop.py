@@ -17,9 +17,10 @@ the store and the previous round stay exactly as they were. Human labels are wri
 transactions and never touched by a round.
 
 Under torchrun (``python -m speler`` launched by ``torchrun``, more than one rank) rank 0 runs
-``run_round`` and the other ranks ``join_round``: they share the training (DDP) and the embedding,
-rank 0 alone does the graph work and alone reads and writes the store, and it starts writing only
-once every stage succeeded on every rank (``_run_round_ranks``).
+``run_round`` and the other ranks ``join_round``: they share every stage (the views, kNN graphs
+and propagations row-sharded by ``graph.sharded``, the training with DDP, the embedding sharded),
+rank 0 alone holds the round's whole state and alone reads and writes the store, and it starts
+writing only once every stage succeeded on every rank (``_run_round_ranks``).
 
 Between rounds, ``read_state`` reads a finished round back and ``update_state`` re-runs only the
 propagation for new human labels (warm-started conjugate gradient on the kept graph, no
@@ -48,10 +49,11 @@ from speler.data.schema import SequenceSet
 from speler.embed_distributed import embed_sharded
 from speler.errors import CancelledError, ConfigError, LabelError, ProjectError
 from speler.features import label_free_views
+from speler.graph import sharded
 from speler.graph.knn import (
-    KnnGraph, affinity, build_knn, combine_affinities, strongest_neighbours,
+    KnnGraph, affinity, combine_affinities, strongest_neighbours,
 )
-from speler.graph.propagate import PropagationResult, SolveInfo, propagate
+from speler.graph.propagate import PropagationResult, SolveInfo, propagate, with_system
 from speler.metrics import label_quality
 from speler.project import DATA_FILE, Project
 from speler.round_metrics import (
@@ -297,9 +299,8 @@ def _run_round_ranks(project: Project, cfg: Config, *, progress: StageProgress |
     """``run_round`` on rank 0 of a torchrun, the other ranks running ``join_round`` beside it.
 
     Rank 0 alone reads and writes the store and the round folder. It reads the project and hands
-    the others what they need (``share_inputs``), every rank runs ``build_state`` (training with DDP
-    and embedding sharded over the ranks; views, kNN graphs and propagations on rank 0 alone,
-    enough at this size), and only when every stage succeeded on every rank does rank 0 start the
+    the others what they need (``share_inputs``), every rank runs ``build_state`` (every stage
+    shared over the ranks, rank 0 finishing with the whole state), and only when every stage succeeded on every rank does rank 0 start the
     round in the store and write it as one process does (``_write_round``, the same crash-safe
     folder and commit). Every stage is a ``distributed.together`` stage: a failure on any rank
     raises the same RankFailedError on every rank, and before the writing it leaves the store and
@@ -348,7 +349,7 @@ def _run_round_ranks(project: Project, cfg: Config, *, progress: StageProgress |
 
 def join_round() -> BuiltState:
     """A rank other than 0 of a torchrun round, while rank 0 runs ``run_round``: it gets the
-    round's inputs from rank 0, trains and embeds with it in ``build_state`` and writes nothing.
+    round's inputs from rank 0, shares every stage of ``build_state`` with it and writes nothing.
     Returns its BuiltState (the final network in ``fitted``; no state: the round is rank 0's)."""
     inputs = share_inputs(None)
     _, built = _build_on_ranks(inputs, None)
@@ -406,40 +407,37 @@ def build_state(
     ``views``: precomputed label-free views (same samples), else computed here.
 
     Under torchrun every rank calls it with the same ``ds``, ``human``, ``config`` and ``init``
-    (``previous``, ``views`` and ``report`` count on rank 0 only): the trainings run with DDP and
-    the embeddings sharded over the ranks, while the views, kNN graphs, judgement and propagations
-    run on rank 0 alone (enough at this size), each in a ``distributed.together`` stage so that a
-    failure there fails every rank, and rank 0 hands each training its pseudo-labels. The other
-    ranks return the final network only (``state`` and ``floor`` None).
+    (``previous`` and ``report`` count on rank 0 only; ``views``, when given, are this rank's rows
+    of them, as ``floor_views`` returns them): every stage is shared, the views, kNN graphs,
+    combinations and propagations row-sharded (``graph.sharded``), the trainings with DDP, the
+    embeddings sharded; rank 0 finishes each propagation, judges, hands each training its
+    pseudo-labels and alone gets the whole state. The other ranks return the final network only
+    (``state`` and ``floor`` None).
     """
-    vc = config.views
+    vc, gc = config.views, config.graph
     stage_seconds: dict[str, float] = {}
     report = report or (lambda *_: None)
     C = ds.num_classes
-    main = dist.is_main()  # one process: always; under torchrun the graph work is rank 0's
-    wanted, graphs, floor_parts, floor_W, floor = {}, {}, [], None, None
-    knn_seconds = propagate_seconds = 0.0
+    main = dist.is_main()  # one process: always; under torchrun the round's state is rank 0's
 
-    with dist.together("views and floor"):
-        if main:
-            t0 = time.perf_counter()
-            if views is None:
-                views = floor_views(ds, config, progress=lambda d, t: report("views", d, t))
-            wanted = floor_weights(config, views)
-            stage_seconds["views"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if views is None:
+        views = floor_views(ds, config, progress=lambda d, t: report("views", d, t))
+    with dist.together("views"):
+        wanted = floor_weights(config, views)
+    embeddings = {v: sharded.whole_rows(e) for v, e in views.items()}  # None on ranks but 0
+    stage_seconds["views"] = time.perf_counter() - t0
 
-            t0 = time.perf_counter()
-            graphs = {v: build_knn(views[v], config=config.graph) for v in wanted}
-            view_w = {v: affinity(graphs[v], gamma=config.graph.gamma) for v in wanted}
-            floor_parts = [(view_w[v], w) for v, w in wanted.items()]
-            floor_W = combine_affinities(floor_parts)
-            knn_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            floor = propagate(floor_W, human, num_classes=C, config=config.propagation)
-            propagate_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    graphs = {v: sharded.knn(views[v], gc) for v in wanted}
+    floor_parts = [(sharded.affinity_of(graphs[v], gamma=gc.gamma), w) for v, w in wanted.items()]
+    floor_W = sharded.combine(floor_parts)
+    knn_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    floor = sharded.propagate_on(floor_W, human, num_classes=C, config=config.propagation)
+    propagate_seconds = time.perf_counter() - t0
 
     fitted = start = None
-    embeddings = dict(views or {})
     probs = None if floor is None else floor.normalized
     judgement = Judgement(mode=vc.network, joined=False, reason="views.network is 'never'")
     weights = dict(wanted)
@@ -474,25 +472,17 @@ def build_state(
         for held in folds:
             human_a = human.copy()
             human_a[held] = -1
-            floor_a = shared = None
-            with dist.together("fold propagation"):
-                if main:
-                    floor_a = propagate(floor_W, human_a, num_classes=C, config=config.propagation)
-                    shared = pseudo_labels(floor_a, human_a)
-            pl, pw = dist.broadcast_object(shared)
+            floor_a = sharded.propagate_on(floor_W, human_a, num_classes=C,
+                                           config=config.propagation)  # rank 0's
+            pl, pw = _shared_pseudo_labels(floor_a, human_a)
             net = fit(ds, human, config=config.train, pseudo_labels=pl, pseudo_weights=pw,
                       holdout=held, progress=train_progress, cancel=cancel, start=start)
             done[0] += epochs
             curves.append([row["holdout_acc"] for row in net.history])
-            emb = embed_sharded(net.model, ds, to="main")  # None on the other ranks
-            fold_nets.append((held, human_a, floor_a,
-                              None if emb is None else _network_view(emb)))
-        with dist.together("pseudo-labels"):
-            shared = None
-            if main:
-                source = previous.result if previous is not None else floor
-                shared = pseudo_labels(source, human)
-        pl, pw = dist.broadcast_object(shared)
+            emb = embed_sharded(net.model, ds, to="rows")
+            fold_nets.append((held, human_a, floor_a, _network_view(emb)))
+        pl, pw = _shared_pseudo_labels(
+            previous.result if main and previous is not None else floor, human)
         train_cfg, chosen = config.train, None
         if curves and vc.judge_epochs:
             chosen, _ = crossfit_epochs(curves, minimum=config.train.supervised_epochs + 1)
@@ -508,26 +498,24 @@ def build_state(
 
         t0 = time.perf_counter()
         report("embed", 0, ds.n)
-        emb = embed_sharded(fitted.model, ds, to="main",
+        emb = embed_sharded(fitted.model, ds, to="rows",
                             progress=lambda d, t: report("embed", d, t))
-        if main:
-            embeddings[NETWORK] = _network_view(emb)
-            probs = emb.probs
+        net_view = _network_view(emb)
+        embeddings[NETWORK] = sharded.whole_rows(net_view)
+        probs = sharded.whole_rows(emb.probs)
         stage_seconds["embed"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         report("knn", 0, 1)
-        with dist.together("judgement and network graph"):
-            if main:
-                judgement = judge(fold_nets, floor_parts, human, num_classes=C, config=config) \
-                    if vc.network == "auto" \
-                    else Judgement(mode="always", joined=True, reason="views.network is 'always'")
-                if judgement.joined:
-                    graphs[NETWORK] = build_knn(embeddings[NETWORK], config=config.graph)
-                    net_W = affinity(graphs[NETWORK], gamma=config.graph.gamma)
-                    W = with_network(floor_parts, net_W, vc.network_weight)
-                    weights = {v: w * (1 - vc.network_weight) for v, w in weights.items()}
-                    weights[NETWORK] = vc.network_weight
+        judgement = judge(fold_nets, floor_parts, human, num_classes=C, config=config) \
+            if vc.network == "auto" \
+            else Judgement(mode="always", joined=True, reason="views.network is 'always'")
+        if judgement.joined:
+            graphs[NETWORK] = sharded.knn(net_view, gc)
+            net_W = sharded.affinity_of(graphs[NETWORK], gamma=gc.gamma)
+            W = with_network(floor_parts, net_W, vc.network_weight)
+            weights = {v: w * (1 - vc.network_weight) for v, w in weights.items()}
+            weights[NETWORK] = vc.network_weight
         judgement.seconds = time.perf_counter() - t0
         if curves:
             judgement.curve = np.mean(np.asarray(curves), axis=0).tolist()
@@ -538,33 +526,52 @@ def build_state(
 
     t0 = time.perf_counter()
     report("propagate", 0, 1)
-    with dist.together("propagation"):
-        if main:
-            result = floor if W is floor_W else propagate(W, human, num_classes=C,
-                                                          config=config.propagation)
-            report("propagate", 1, 1)
-            stage_seconds["propagate"] = propagate_seconds + time.perf_counter() - t0
-            embeddings["combined"] = _combined_embedding(embeddings, weights)
-            graphs["combined"] = strongest_neighbours(W, config.graph.k)
+    result = floor if W is floor_W else sharded.propagate_on(W, human, num_classes=C,
+                                                             config=config.propagation)
+    whole_W = sharded.whole_matrix(W)
+    graphs = {v: sharded.whole_graph(g) for v, g in graphs.items()}
     # the weights pre-trained here or given, handed on even by a round that trained nothing
     kept = pretrained if config.train.pretrain_epochs > 0 else None
-    if not main:  # the round is rank 0's; this rank trained and embedded with it
-        return BuiltState(state=None, fitted=fitted, floor=None, judgement=judgement,
-                          stage_seconds=stage_seconds, pretrained=kept)
-    state = LoopState(round=no, embeddings=embeddings, probs=np.asarray(probs, dtype=np.float32),
-                      graphs=graphs, weights=weights, affinity=W, result=result,
-                      human=human.copy())
-    return BuiltState(state=state, fitted=fitted, floor=floor, judgement=judgement,
-                      stage_seconds=stage_seconds, pretrained=kept)
+    state = None
+    with dist.together("the round's state"):
+        if main:
+            result = with_system(result, whole_W, config.propagation)
+            embeddings["combined"] = _combined_embedding(embeddings, weights)
+            graphs["combined"] = strongest_neighbours(whole_W, gc.k)
+            state = LoopState(round=no, embeddings=embeddings,
+                              probs=np.asarray(probs, dtype=np.float32), graphs=graphs,
+                              weights=weights, affinity=whole_W, result=result,
+                              human=human.copy())
+    report("propagate", 1, 1)
+    stage_seconds["propagate"] = propagate_seconds + time.perf_counter() - t0
+    # rank 0 holds the round's state; the other ranks shared its work and get the network only
+    return BuiltState(state=state, fitted=fitted, floor=floor if main else None,
+                      judgement=judgement, stage_seconds=stage_seconds, pretrained=kept)
+
+
+def _shared_pseudo_labels(result: PropagationResult | None,
+                          human: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``pseudo_labels(result, human)`` from rank 0's result, on every rank (one process: as is)."""
+    shared = None
+    with dist.together("pseudo-labels"):
+        if dist.is_main():
+            shared = pseudo_labels(result, human)
+    return dist.broadcast_object(shared)
 
 
 def floor_views(ds, config: Config, *,
                 progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """The label-free views the floor uses (``views.floor_weights``) of ``ds``; label-free, so a
-    simulation or a benchmark computes them once for many label sets."""
+    simulation or a benchmark computes them once for many label sets. Under torchrun: this rank's
+    rows of them (``graph.sharded``), every rank computing its share."""
     vc = config.views
-    return label_free_views(ds.x, views=tuple(vc.floor_weights), dim=vc.dim,
-                            rocket_features=vc.rocket_features, seed=vc.seed, progress=progress)
+    settings = dict(views=tuple(vc.floor_weights), dim=vc.dim,
+                    rocket_features=vc.rocket_features, seed=vc.seed, progress=progress)
+    if sharded.active():  # this rank's rows
+        from speler.views_distributed import label_free_views_sharded
+
+        return label_free_views_sharded(ds.x, **settings)
+    return label_free_views(ds.x, **settings)
 
 
 def floor_weights(config: Config, views: dict[str, np.ndarray]) -> dict[str, float]:
@@ -628,8 +635,8 @@ def _judge_folds(human: np.ndarray, vc) -> list[np.ndarray]:
 def with_network(floor_parts: list, net_W: sp.csr_matrix, weight: float) -> sp.csr_matrix:
     """The graph with the network: every view's normalised affinity once, the floor's views at
     (1 - weight) times their floor weights, the network's at ``weight`` (the same combination
-    ``read_state`` rebuilds from the saved weights)."""
-    return combine_affinities([(W, w * (1 - weight)) for W, w in floor_parts] + [(net_W, weight)])
+    ``read_state`` rebuilds from the saved weights). Under torchrun: this rank's rows of it."""
+    return sharded.combine([(W, w * (1 - weight)) for W, w in floor_parts] + [(net_W, weight)])
 
 
 def judge(fold_nets: list, floor_parts: list, human: np.ndarray, *, num_classes: int,
@@ -643,17 +650,33 @@ def judge(fold_nets: list, floor_parts: list, human: np.ndarray, *, num_classes:
     graphs apart, and where they could not (benchmarks/round_quality.py, π = 10, γ = 10 %: 5 ties
     in 15 runs on 3 sets) the network added 1.5 to 6 points of macro-F1 every time; what the
     labels can see is harm, and any sign of it keeps the network out. With no folds (too few
-    labels to judge) it stays out."""
+    labels to judge) it stays out. Under torchrun every rank calls it (the views and
+    ``floor_parts`` this rank's rows, the fold results rank 0's), rank 0 scores and every rank
+    gets its Judgement."""
     vc = config.views
     if not fold_nets:
         return Judgement(mode="auto", joined=False,
                          reason=f"too few human labels to judge the network (fewer than "
                                 f"{vc.judge_min_labels} could be held out from at least 2 classes)")
-    folds, truth, pred_floor, pred_net = [], [], [], []
+    scored = []
     for held, human_a, floor_a, view in fold_nets:
-        W_net = affinity(build_knn(view, config=config.graph), gamma=config.graph.gamma)
+        W_net = sharded.affinity_of(sharded.knn(view, config.graph), gamma=config.graph.gamma)
         W = with_network(floor_parts, W_net, vc.network_weight)
-        with_net = propagate(W, human_a, num_classes=num_classes, config=config.propagation)
+        with_net = sharded.propagate_on(W, human_a, num_classes=num_classes,
+                                        config=config.propagation)  # rank 0's
+        scored.append((held, floor_a, with_net))
+    verdict = None
+    with dist.together("judgement"):
+        if dist.is_main():
+            verdict = _verdict(scored, human)
+    return dist.broadcast_object(verdict)
+
+
+def _verdict(scored: list, human: np.ndarray) -> Judgement:
+    """``judge``'s scores and decision from (held-out indices, floor result, floor + network
+    result) per fold."""
+    folds, truth, pred_floor, pred_net = [], [], [], []
+    for held, floor_a, with_net in scored:
         t, f, g = human[held], floor_a.labels[held], with_net.labels[held]
         folds.append({"held_out": int(len(held)), "floor": _balanced_accuracy(t, f),
                       "with_network": _balanced_accuracy(t, g)})

@@ -11,8 +11,8 @@ does; 0 keeps the round-0 model, which isolates what the query strategy itself c
 
 Under torchrun (``python -m speler simulate`` launched by torchrun, more than one rank) every rank
 calls ``simulate`` with the same data (checked: a rank whose data differ from rank 0's fails every
-rank) and every rank takes part in each ``build_state`` (the trainings with DDP, the embedding
-sharded); the rest, the re-propagations, the scores and the choice of each round's samples, is rank
+rank) and every rank takes part in the label-free views and each ``build_state`` (the views, graphs
+and propagations row-sharded, the trainings with DDP, the embedding sharded); the rest, the re-propagations, the scores and the choice of each round's samples, is rank
 0's (it alone holds the round's state), which hands the chosen samples to the others so that
 every rank reveals the same labels and trains on the same ones. Each step is a
 ``distributed.together`` stage: a failure on any rank fails every rank. Every rank returns rank
@@ -78,10 +78,7 @@ def simulate(
     started = time.perf_counter()
     tail = tail_classes(np.bincount(ds.y_true, minlength=ds.num_classes))
     t0 = time.perf_counter()
-    views = None
-    with dist.together("label-free views"):
-        if main:  # build_state uses them on rank 0 only
-            views = floor_views(ds, config)
+    views = floor_views(ds, config)  # under torchrun: this rank's rows, each rank its share
     base_state, pretrained = _train_state(ds, ds.y.copy(), config=config, pseudo=None,
                                           views=views)
     result = SimulationResult(dataset=name or ds.where, train_seconds=time.perf_counter() - t0)
