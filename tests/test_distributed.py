@@ -111,6 +111,11 @@ def _ranks_compute(out: str) -> None:
     assert [g.tolist() for g in got] == [[10 * p + me] * (p + me) for p in range(world)]
     total = dist.all_reduce_array(np.array([me + 1.0]))
     assert total.tolist() == [3.0]
+    # rows held 4 + 3 → the standard split of 7 (4 + 3) and from 1 + 6 (the boundary moves)
+    mine = dist.reshard(np.arange(4)[:, None] if me == 0 else np.arange(4, 7)[:, None], 7)
+    assert mine.ravel().tolist() == ([0, 1, 2, 3] if me == 0 else [4, 5, 6])
+    mine = dist.reshard(np.arange(1) if me == 0 else np.arange(1, 7), 7)
+    assert mine.tolist() == ([0, 1, 2, 3] if me == 0 else [4, 5, 6])
 
     # kNN on row shards, then the affinity rows and the propagation on row shards
     x, labels = _points()
@@ -128,6 +133,15 @@ def _ranks_compute(out: str) -> None:
                                   warm_start=0.5 * res["halo"].scores)
     warm_scores = dist.gather_array(warm.scores)
     w_all = dist.gather_array(W_rows.toarray())
+    # the round's steps (graph.sharded): two views combined by rows, propagated, finished on rank 0
+    from speler.graph import sharded
+
+    W2_rows = pdist.affinity_rows(build_knn_sharded(x[lo:hi] ** 2, config=GraphConfig(k=K)))
+    combined = sharded.combine([(W_rows, 1.0), (W2_rows, 0.5)])
+    whole = sharded.whole_matrix(combined)
+    finished = sharded.propagate_on(combined, labels, num_classes=CLASSES,
+                                    config=PropagationConfig())
+    assert (whole is None) == (finished is None) == (me != 0)
 
     # sharded embedding, gathered everywhere and on rank 0 only
     from speler.embed_distributed import embed_sharded
@@ -138,8 +152,15 @@ def _ranks_compute(out: str) -> None:
     emb = embed_sharded(model, ds, batch_size=EMBED_BATCH)
     emb_main = embed_sharded(model, ds, batch_size=EMBED_BATCH, to="main")
     assert (emb_main is None) == (me != 0)
+    rows = embed_sharded(model, ds, batch_size=EMBED_BATCH, to="rows")  # batches: 32 + 8 rows
+    e_lo, e_hi = dist.shard_range(ds.n)  # the graph's split: 20 + 20
+    assert len(rows.time) == e_hi - e_lo
+    np.testing.assert_array_equal(rows.freq, emb.freq[e_lo:e_hi])
     if me == 0:
         np.testing.assert_array_equal(emb_main.time, emb.time)
+        np.savez(Path(out) / "sharded.npz", combined=whole.toarray(), scores=finished.scores,
+                 labels=finished.labels, energy=finished.energy, reliable=finished.reliable,
+                 weights=finished.solve.balance_weights)
         halo, full = res["halo"].solve, res["allgather"].solve
         np.savez(
             Path(out) / "result.npz", knn_idx=graph.indices, knn_sims=graph.sims,
@@ -253,7 +274,7 @@ def two_ranks(tmp_path_factory):
     ds = _skeletons()
     torch.save(_model(ds).state_dict(), out / "model.pt")
     _spawn(_ranks_compute, str(out))
-    return dict(np.load(out / "result.npz"))
+    return {**np.load(out / "result.npz"), "sharded": dict(np.load(out / "sharded.npz"))}
 
 
 def test_knn_on_two_ranks_equals_single_process_exactly(two_ranks):
@@ -282,6 +303,24 @@ def test_propagation_on_two_ranks_equals_single_process(two_ranks):
     assert len(halo) == len(full) == ref.solve.iterations and (halo > 0).all()
     assert halo.sum() < full.sum()
     assert 0 < int(two_ranks["halo_rows"]) <= N - 301
+
+
+def test_the_rounds_sharded_steps_equal_the_single_process_functions(two_ranks):
+    from speler.graph.knn import combine_affinities
+
+    x, labels = _points()
+    cfg = GraphConfig(k=K, index="flat", use_gpu=False)
+    W = affinity(build_knn(x, config=cfg))
+    W2 = affinity(build_knn(x ** 2, config=cfg))
+    combined = combine_affinities([(W, 1.0), (W2, 0.5)])
+    got = two_ranks["sharded"]
+    np.testing.assert_array_equal(got["combined"], combined.toarray())  # the same arithmetic
+    ref = propagate(combined, labels, num_classes=CLASSES, config=PropagationConfig())
+    np.testing.assert_allclose(got["scores"], ref.scores, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["energy"], ref.energy, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(got["weights"], ref.solve.balance_weights, rtol=1e-6)
+    np.testing.assert_array_equal(got["labels"], ref.labels)
+    np.testing.assert_array_equal(got["reliable"], ref.reliable)
 
 
 def test_embedding_on_two_ranks_equals_single_process(two_ranks):
