@@ -8,9 +8,10 @@ Ctrl-C exits 130 (the library leaves nothing half-written).
 Under ``torchrun --nproc_per_node N [--nnodes M ...] -m speler COMMAND`` (``RANK_COMMANDS``: round,
 train, propagate, simulate) every rank runs the command in one process group (``_run_command``):
 rank 0 alone opens the project's store, writes and prints; the others get what they need from it
-(``simulate``: every rank reads the data itself) and share the training (DDP) and embedding; a
-failure on any rank ends every rank with the same ``error: rank R failed in STAGE: ...`` (printed
-by rank 0) and exit code 2. A plain ``python -m speler`` is untouched by this.
+(``simulate``: every rank reads the data itself) and share a round's every stage (views, graphs
+and propagations row-sharded, training with DDP, the embedding); ``propagate`` (a warm-started
+re-propagation) is rank 0's; a failure on any rank ends every rank with the same ``error: rank R
+failed in STAGE: ...`` (printed by rank 0) and exit code 2. A plain ``python -m speler`` is untouched by this.
 """
 
 from __future__ import annotations
@@ -381,7 +382,7 @@ def _add_propagate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_propagate(args: argparse.Namespace) -> int:
-    if not dist.is_main():  # another rank of a torchrun: propagation is rank 0's at this size
+    if not dist.is_main():  # another rank of a torchrun: the warm-started re-propagation is rank 0's
         return EXIT_OK
     with _open_project(args, args.project) as ann:
         # the live state re-propagates (warm-started from the round's solution) when the human
