@@ -11,7 +11,8 @@ rank 0 alone opens the project's store, writes and prints; the others get what t
 (``simulate``: every rank reads the data itself) and share a round's every stage (views, graphs
 and propagations row-sharded, training with DDP, the embedding); ``propagate`` (a warm-started
 re-propagation) is rank 0's; a failure on any rank ends every rank with the same ``error: rank R
-failed in STAGE: ...`` (printed by rank 0) and exit code 2. A plain ``python -m speler`` is untouched by this.
+failed in STAGE: ...`` (printed by rank 0) and exit code 2. A plain ``python -m speler`` is
+untouched by this.
 """
 
 from __future__ import annotations
