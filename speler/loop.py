@@ -298,14 +298,15 @@ def _run_round_ranks(project: Project, cfg: Config, *, progress: StageProgress |
                      cancel) -> RoundResult:
     """``run_round`` on rank 0 of a torchrun, the other ranks running ``join_round`` beside it.
 
-    Rank 0 alone reads and writes the store and the round folder. It reads the project and hands
-    the others what they need (``share_inputs``), every rank runs ``build_state`` (every stage
-    shared over the ranks, rank 0 finishing with the whole state), and only when every stage succeeded on every rank does rank 0 start the
-    round in the store and write it as one process does (``_write_round``, the same crash-safe
-    folder and commit). Every stage is a ``distributed.together`` stage: a failure on any rank
-    raises the same RankFailedError on every rank, and before the writing it leaves the store and
-    the rounds folder as they were. ``cancel`` is refused: one rank stopping alone would leave the
-    others waiting (Ctrl-C reaches every rank through torchrun).
+    Rank 0 alone reads and writes the store and the round folder. It reads the project and hands the
+    others what they need (``share_inputs``), every rank runs ``build_state`` (every stage shared
+    over the ranks, rank 0 finishing with the whole state), and only when every stage succeeded on
+    every rank does rank 0 start the round in the store and write it as one process does
+    (``_write_round``, the same crash-safe folder and commit). Every stage is a
+    ``distributed.together`` stage: a failure on any rank raises the same RankFailedError on every
+    rank, and before the writing it leaves the store and the rounds folder as they were. ``cancel``
+    is refused: one rank stopping alone would leave the others waiting (Ctrl-C reaches every rank
+    through torchrun).
     """
     if cancel is not None:
         raise ConfigError("run_round: cancel is not supported under torchrun; stop every rank"

@@ -12,11 +12,11 @@ does; 0 keeps the round-0 model, which isolates what the query strategy itself c
 Under torchrun (``python -m speler simulate`` launched by torchrun, more than one rank) every rank
 calls ``simulate`` with the same data (checked: a rank whose data differ from rank 0's fails every
 rank) and every rank takes part in the label-free views and each ``build_state`` (the views, graphs
-and propagations row-sharded, the trainings with DDP, the embedding sharded); the rest, the re-propagations, the scores and the choice of each round's samples, is rank
-0's (it alone holds the round's state), which hands the chosen samples to the others so that
-every rank reveals the same labels and trains on the same ones. Each step is a
-``distributed.together`` stage: a failure on any rank fails every rank. Every rank returns rank
-0's result.
+and propagations row-sharded, the trainings with DDP, the embedding sharded); the rest, the
+re-propagations, the scores and the choice of each round's samples, is rank 0's (it alone holds the
+round's state), which hands the chosen samples to the others so that every rank reveals the same
+labels and trains on the same ones. Each step is a ``distributed.together`` stage: a failure on any
+rank fails every rank. Every rank returns rank 0's result.
 """
 
 from __future__ import annotations

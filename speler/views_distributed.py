@@ -78,10 +78,11 @@ def label_free_views_sharded(
     ``features.label_free_views(x, ...)`` (see the module docstring).
 
     Every rank of the group must call it with the same x float32 (N, C, T, V, M) and the same
-    arguments. Errors (on every rank, as distributed.RankFailedError naming the failing rank and
-    the original error; in a world of one the original error itself): ConfigError for an unknown view or rocket_features < 84, DataFormatError
-    for x of the wrong shape, with fewer than 2 samples or with a non-finite value, or differing
-    between the ranks. progress(view index, number of views) before each view and at the end.
+    arguments. Errors (on every rank, as distributed.RankFailedError naming the failing rank and the
+    original error; in a world of one the original error itself): ConfigError for an unknown view or
+    rocket_features < 84, DataFormatError for x of the wrong shape, with fewer than 2 samples or
+    with a non-finite value, or differing between the ranks. progress(view index, number of views)
+    before each view and at the end.
     """
     if dist.world_size() == 1 or not views:  # no views: {} and nothing checked, as there
         return features.label_free_views(x, views=views, dim=dim,
