@@ -153,14 +153,28 @@ class RocketTransform:
             cols = []
             for p in self.plan:
                 conv = self._convolve(s, p["mask"], p["dilation"])  # (B, k, T)
-                pos = conv[:, :, None, :] > p["biases"][None, :, :, None]  # (B, k, nf, T)
-                valid = p["valid"][None, :, None, :]
-                ppv = (pos & valid).sum(-1).float() / p["valid"].sum(-1)[None, :, None]
+                ppv = _ppv(conv, p["valid"], p["biases"])
                 cols.append(ppv.reshape(len(s), -1))
             out[start:start + len(s)] = torch.cat(cols, dim=1).numpy()
             if progress is not None:
                 progress(min(start + _BATCH, n), n)
         return out
+
+
+def _ppv(conv: torch.Tensor, valid: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
+    """Proportion of positive values of (conv - bias) over the valid frames, for every bias.
+
+    conv float32 (B, k, T), valid bool (k, T), biases float32 (k, nf) → float32 (B, k, nf).
+    Counted by sorting each response once and locating each bias in it (T log T + nf log T per
+    response instead of comparing all nf × T pairs: 4 of the 4.6 ms per NTU-shaped sample went
+    to those comparisons); the frames outside ``valid`` become -inf, below every bias, so the
+    counts, and the features, are exactly those of the pairwise comparison.
+    """
+    t = conv.shape[-1]
+    ordered = torch.sort(conv.masked_fill(~valid[None], float("-inf")), dim=-1).values
+    at_most = torch.searchsorted(ordered, biases[None].expand(len(conv), -1, -1).contiguous(),
+                                 right=True)
+    return (t - at_most).float() / valid.sum(-1)[None, :, None]
 
 
 def pca(x: np.ndarray, dim: int, *, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,9 @@ import scipy.sparse as sp
 
 from speler.config import Config, ViewsConfig, apply_overrides
 from speler.errors import ConfigError, DataFormatError
-from speler.features import RocketTransform, _as_series, _kernels, label_free_views, pca, plain_view, rocket_view
+from speler.features import (
+    RocketTransform, _as_series, _kernels, _ppv, label_free_views, pca, plain_view, rocket_view,
+)
 from speler.graph.knn import affinity, build_knn, combine_affinities, strongest_neighbours
 from speler.graph.propagate import propagate
 from factories import make_series_set, make_skeleton_set
@@ -46,6 +48,23 @@ def test_rocket_features_are_proportions_and_deterministic():
     assert (a >= 0).all() and (a <= 1).all()
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_ppv_by_sorting_counts_exactly_what_comparing_every_pair_counts():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    for t, nf in [(1, 1), (9, 3), (48, 41), (64, 7)]:
+        conv = torch.round(4 * torch.randn(5, 84, t, generator=g)) / 4  # many ties
+        valid = torch.rand(84, t, generator=g) > 0.3
+        valid[:, 0] = True
+        biases = torch.round(4 * torch.randn(84, nf, generator=g)) / 4
+        biases[:, 0] = conv[0, :, -1]  # a bias equal to a response value
+        pairs = (conv[:, :, None, :] > biases[None, :, :, None]) & valid[None, :, None, :]
+        want = pairs.sum(-1).float() / valid.sum(-1)[None, :, None]
+        got = _ppv(conv, valid, biases)
+        assert got.dtype == torch.float32 and torch.equal(got, want), (t, nf)
+        assert 0.0 < float(want.mean()) < 1.0  # the case counts something and not everything
 
 
 def test_rocket_view_separates_what_plain_features_cannot():
