@@ -531,6 +531,8 @@ def build_state(
                                                              config=config.propagation)
     whole_W = sharded.whole_matrix(W)
     graphs = {v: sharded.whole_graph(g) for v, g in graphs.items()}
+    report("propagate", 1, 1)
+    stage_seconds["propagate"] = propagate_seconds + time.perf_counter() - t0
     # the weights pre-trained here or given, handed on even by a round that trained nothing
     kept = pretrained if config.train.pretrain_epochs > 0 else None
     state = None
@@ -543,8 +545,6 @@ def build_state(
                               probs=np.asarray(probs, dtype=np.float32), graphs=graphs,
                               weights=weights, affinity=whole_W, result=result,
                               human=human.copy())
-    report("propagate", 1, 1)
-    stage_seconds["propagate"] = propagate_seconds + time.perf_counter() - t0
     # rank 0 holds the round's state; the other ranks shared its work and get the network only
     return BuiltState(state=state, fitted=fitted, floor=floor if main else None,
                       judgement=judgement, stage_seconds=stage_seconds, pretrained=kept)

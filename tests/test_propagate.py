@@ -15,7 +15,7 @@ from speler.errors import ConfigError, DataFormatError, LabelError
 from speler.graph.knn import affinity, build_knn
 from speler.graph.propagate import (
     PropagationWarning, balance_weights, class_thresholds, combine, energy_from_scores,
-    estimate_prior, label_prior, normalized_operator, propagate, spectral_balance,
+    estimate_prior, label_prior, normalized_operator, propagate, spectral_balance, with_system,
 )
 
 def _problem(n=300, C=4, seed=0, spread=1.2, labeled=24):
@@ -241,6 +241,27 @@ def test_warm_start_from_a_result_keeps_its_balance():
     M9 = _dense_solution(_dense_normalized(W, w), new, 4, 0.9)
     assert np.abs(warm9.scores - M9).max() <= 1e-5 * np.abs(M9).max()
     assert warm9.solve.products > 2 * warm9.solve.iterations
+
+
+def test_a_result_solved_elsewhere_names_its_graph_and_warm_starts_as_one_from_propagate():
+    _, y, W, labels = _problem(n=400, seed=17)
+    cfg = PropagationConfig(tol=1e-7)
+    first = propagate(W, labels, num_classes=4, config=cfg)
+    # scores solved by row shards come without the system (graph.sharded); rank 0 names it
+    bare = dataclasses.replace(first, solve=dataclasses.replace(first.solve, system=None))
+    named = with_system(bare, W, cfg)
+    assert named.solve.system == first.solve.system and bare.solve.system is None
+    assert with_system(first, W, cfg) is first
+    new = labels.copy()
+    new[np.flatnonzero(labels < 0)[3]] = 1
+    from_named = propagate(W, new, num_classes=4, config=cfg, warm_start=named)
+    from_first = propagate(W, new, num_classes=4, config=cfg, warm_start=first)
+    assert from_named.solve.products == from_first.solve.products < 2 * from_first.solve.iterations
+    np.testing.assert_array_equal(from_named.scores, from_first.scores)
+    # named after another graph, the result is another system: propagate on W skips nothing
+    other = with_system(bare, W * 2.0, cfg)
+    assert other.solve.system[0] != first.solve.system[0]
+    assert other.solve.system[1:] == first.solve.system[1:]
 
 
 def test_locality_order_gives_the_same_answer(monkeypatch):
