@@ -8,17 +8,15 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from ranks import free_port, spawn
 from speler import distributed as dist
 from speler.config import GraphConfig, PropagationConfig, TrainConfig
 from speler.errors import DataFormatError
@@ -28,7 +26,6 @@ from speler.graph.propagate import propagate
 from speler.graph import propagate_distributed as pdist
 
 WORLD = 2
-DEADLINE_S = 90.0
 N, DIM, K, CLASSES = 601, 16, 10, 4  # odd n: shards of unequal size
 TINY = TrainConfig(channels=8, blocks=1, freq_channels=8, embed_dim=12, epochs=1, batch_size=8,
                    num_threads=1, device="cpu")
@@ -63,36 +60,6 @@ def _model(ds):
                        persons=1, config=TINY)
 
 
-# --- spawning ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(i: int, fn, world: int, port: int, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(i),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(i), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    assert dist.launched()
-    dist.init(backend="gloo", timeout_s=30)
-    try:
-        fn(*args)
-    finally:
-        dist.destroy()
-
-
-def _spawn(fn, *args, world: int = WORLD) -> None:
-    """Run fn(*args) on ``world`` ranks; raise what a rank raised; fail after DEADLINE_S."""
-    ctx = mp.start_processes(_entry, args=(fn, world, _free_port(), args), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=max(0.5, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{fn.__name__} on {world} ranks did not finish in {DEADLINE_S} s")
 
 
 # --- what the ranks run --------------------------------------------------------------------------
@@ -273,7 +240,7 @@ def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     ds = _skeletons()
     torch.save(_model(ds).state_dict(), out / "model.pt")
-    _spawn(_ranks_compute, str(out))
+    spawn(_ranks_compute, str(out))
     return {**np.load(out / "result.npz"), "sharded": dict(np.load(out / "sharded.npz"))}
 
 
@@ -343,7 +310,7 @@ def test_three_ranks_one_of_them_empty_give_the_same_graph_and_scores(tmp_path):
     x, labels = _points()
     ref = build_knn(x, config=GraphConfig(k=K, index="flat", use_gpu=False))
     want = propagate(affinity(ref), labels, num_classes=CLASSES)
-    _spawn(_ranks_uneven, str(tmp_path), [0, 0, 10, N], world=3)
+    spawn(_ranks_uneven, str(tmp_path), [0, 0, 10, N], world=3)
     got = np.load(tmp_path / "uneven.npz")
     np.testing.assert_array_equal(got["idx"], ref.indices)
     np.testing.assert_allclose(got["sims"], ref.sims, rtol=0, atol=1e-6)
@@ -352,7 +319,7 @@ def test_three_ranks_one_of_them_empty_give_the_same_graph_and_scores(tmp_path):
 
 def test_a_rank_that_raises_fails_every_rank_with_its_message(tmp_path):
     with pytest.raises(Exception) as caught:
-        _spawn(_ranks_fail, str(tmp_path))
+        spawn(_ranks_fail, str(tmp_path))
     assert "rank 1 failed in the test's own stage: ValueError: boom on purpose" in str(caught.value)
     assert not (tmp_path / "rank0_went_on.txt").exists()
     for r in range(WORLD):  # the NaN shard of rank 1 was reported on both ranks, naming rank 1
@@ -366,7 +333,7 @@ def test_a_rank_that_raises_fails_every_rank_with_its_message(tmp_path):
 def test_ddp_fit_keeps_every_rank_identical_and_its_checkpoint_loads_in_one_process(tmp_path):
     from speler.train import embed, fit, load_checkpoint
 
-    _spawn(_ranks_fit, str(tmp_path))
+    spawn(_ranks_fit, str(tmp_path))
     got = [torch.load(tmp_path / f"fit{r}.pt", weights_only=True) for r in range(WORLD)]
     # the same model on both ranks after every epoch and at the end, and the same history
     assert len(got[0]["digests"]) == FIT.epochs and got[0]["digests"] == got[1]["digests"]
@@ -459,7 +426,7 @@ def _torchrun(*argv, script: Path | None = None, world: int = WORLD) -> subproce
     port."""
     what = [str(script)] if script is not None else ["-m", "speler"]
     cmd = [str(TORCHRUN), "--nnodes", "1", "--nproc_per_node", str(world), "--rdzv-backend",
-           "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", *what, *map(str, argv)]
+           "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *what, *map(str, argv)]
     return subprocess.run(cmd, cwd=REPO, env=_rank_env(), capture_output=True, text=True,
                           timeout=300)
 

@@ -6,22 +6,17 @@ a search fail every rank together. (The exact ring is tested in tests/test_distr
 
 from __future__ import annotations
 
-import os
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.multiprocessing as mp
 
+from ranks import spawn
 from speler import distributed as dist
 from speler.config import GraphConfig
 from speler.graph.knn import build_knn
 from speler.graph.knn_distributed import MIN_IVF_ROWS, build_knn_sharded, gather_graph
 
-DEADLINE_S = 90.0
 DIM, K, CLUSTERS, QUERIES = 24, 10, 30, 300
 N_IVF, N_HNSW = 3000, 1000
 # "auto" beyond exact_max_n: IVF (pca_dim 64 >= d: no projection); few cells probed, so that the
@@ -38,35 +33,6 @@ def _points(n: int, seed: int = 0) -> np.ndarray:
     return (centres[rng.integers(0, CLUSTERS, n)] + rng.normal(size=(n, DIM))).astype(np.float32)
 
 
-# --- spawning (as tests/test_distributed.py) ---------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(i: int, fn, world: int, port: int, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(i),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(i), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init(backend="gloo", timeout_s=30)
-    try:
-        fn(*args)
-    finally:
-        dist.destroy()
-
-
-def _spawn(fn, *args, world: int = 2) -> None:
-    """Run fn(*args) on ``world`` ranks; raise what a rank raised; fail after DEADLINE_S."""
-    ctx = mp.start_processes(_entry, args=(fn, world, _free_port(), args), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=max(0.5, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{fn.__name__} on {world} ranks did not finish in {DEADLINE_S} s")
 
 
 # --- what the ranks run --------------------------------------------------------------------------
@@ -164,7 +130,7 @@ def _queries_per_rank(cuts: list[int]) -> list[int]:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("knn_ranks")
-    _spawn(_ranks_two, str(out))
+    spawn(_ranks_two, str(out))
     return out
 
 
@@ -196,7 +162,7 @@ def test_a_rank_whose_index_or_search_raises_fails_every_rank_with_its_message(t
 
 def test_three_uneven_ranks_one_empty_one_searched_exactly(tmp_path):
     assert CUTS3[2] - CUTS3[1] < MIN_IVF_ROWS <= CUTS3[3] - CUTS3[2]
-    _spawn(_ranks_three, str(tmp_path), world=3)
+    spawn(_ranks_three, str(tmp_path), world=3)
     got = dict(np.load(tmp_path / "three.npz"))
     assert got["methods"].tolist() == ["ivf"] * 3
     _check_graph(_points(N_IVF), got)

@@ -1,28 +1,22 @@
 """Label-free views with rows sharded over 2 ranks (gloo, spawned here with a deadline) against the
 single-process ``features.label_free_views``: bit-equal on the exact path, equal inner products on
 the distributed randomized PCA; bad input fails both ranks with the same message; a world of one
-is ``label_free_views`` itself. The spawn harness is a copy of tests/test_distributed.py's (that
-module is not imported: it is not a library and changes with its own tests)."""
+is ``label_free_views`` itself. The ranks are spawned by tests/ranks.py."""
 
 from __future__ import annotations
 
-import os
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.multiprocessing as mp
 
+from ranks import spawn
 from speler import distributed as dist
 from speler import features
 from speler.errors import ConfigError, DataFormatError
 from speler.views_distributed import _pca_rows, label_free_views_sharded
 
 WORLD = 2
-DEADLINE_S = 60.0
 N_SKEL = 41  # odd: shards of 21 and 20 rows
 N_LOW, RANK_LOW, DIM_LOW, EXACT_MAX_N = 301, 6, 6, 50  # the randomized path: 301 > 50 samples
 
@@ -48,35 +42,6 @@ def _gram(rows: np.ndarray) -> np.ndarray:
     return rows @ rows.T
 
 
-# --- spawning (as tests/test_distributed.py) ------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(i: int, fn, world: int, port: int, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(i),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(i), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init(backend="gloo", timeout_s=30)
-    try:
-        fn(*args)
-    finally:
-        dist.destroy()
-
-
-def _spawn(fn, *args, world: int = WORLD) -> None:
-    """Run fn(*args) on ``world`` ranks; raise what a rank raised; fail after DEADLINE_S."""
-    ctx = mp.start_processes(_entry, args=(fn, world, _free_port(), args), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=max(0.5, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{fn.__name__} on {world} ranks did not finish in {DEADLINE_S} s")
 
 
 # --- what the ranks run --------------------------------------------------------------------------
@@ -141,7 +106,7 @@ def _ranks_two_samples(out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict[str, np.ndarray]]:
     out = tmp_path_factory.mktemp("views2")
-    _spawn(_ranks_views, str(out))
+    spawn(_ranks_views, str(out))
     return [dict(np.load(out / f"rank{r}.npz")) for r in range(WORLD)]
 
 
@@ -185,7 +150,7 @@ def test_randomized_pca_on_two_ranks_keeps_the_single_process_inner_products(two
 
 
 def test_three_ranks_one_of_them_empty_give_the_single_process_views(tmp_path):
-    _spawn(_ranks_two_samples, str(tmp_path), world=3)
+    spawn(_ranks_two_samples, str(tmp_path), world=3)
     parts = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(3)]
     assert [len(p["exact_plain"]) for p in parts] == [1, 1, 0]
     want = features.label_free_views(_skeletons()[:2])
@@ -240,7 +205,7 @@ def test_randomized_pca_copes_with_duplicated_samples_and_constant_data():
 
 
 def test_bad_input_fails_both_ranks_with_the_single_process_message(tmp_path):
-    _spawn(_ranks_bad, str(tmp_path))
+    spawn(_ranks_bad, str(tmp_path))
     x = _skeletons()
     nan = x.copy()
     nan[7, 1, 3, 4, 0] = np.nan
