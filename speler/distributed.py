@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import os
 from dataclasses import dataclass, field
@@ -132,8 +133,12 @@ def init(*, backend: str | None = None, timeout_s: float | None = None) -> bool:
 def destroy() -> None:
     """Leave the default process group (no-op when none is active), all ranks together: a rank
     that tears its group down while another still finishes its last exchange can abort the
-    process ("terminate called without an active exception")."""
+    process ("terminate called without an active exception"). Unreachable objects that hold the
+    group (a DDP wrapper caught in a reference cycle keeps its reducer and the group's work) are
+    collected first, while the group and the interpreter are whole: freed at interpreter exit
+    instead, gloo's worker threads can abort the process the same way."""
     if active():
+        gc.collect()
         try:
             _dist().barrier()
         except Exception:  # another rank is gone already: leave anyway
