@@ -223,7 +223,7 @@ def main() -> None:
 
     from propagation import synthetic
     from speler.config import PropagationConfig
-    from speler.graph.knn import KnnGraph, affinity, build_knn
+    from speler.graph.knn import KnnGraph, affinity, build_knn, same_up_to_ties
     from speler.graph.propagate import propagate
 
     torch.set_num_threads(1)
@@ -271,7 +271,7 @@ def main() -> None:
         one, two = (np.load(work / f"world{w}.npz") for w in (1, 2))
         checks = {
             # one process builds the single process's index: its graph up to tie order
-            "knn_equal_plain_up_to_tie_order_1": _same_up_to_ties(
+            "knn_equal_plain_up_to_tie_order_1": same_up_to_ties(
                 one["idx"], one["sims"], ref_graph.indices, ref_graph.sims),
             "knn_sims_max_diff_vs_inner_products_2": _sims_error(x, two["idx"], two["sims"]),
             "scores_max_diff_1_vs_plain": float(np.abs(one["halo"] - ref.scores).max()),
@@ -282,7 +282,7 @@ def main() -> None:
                 "knn_ids_equal_1_vs_2": bool(np.array_equal(one["idx"], two["idx"])),
                 "knn_rows_differing_from_plain": int((two["idx"] != ref_graph.indices)
                                                      .any(1).sum()),
-                "knn_equal_plain_up_to_tie_order": _same_up_to_ties(
+                "knn_equal_plain_up_to_tie_order": same_up_to_ties(
                     two["idx"], two["sims"], ref_graph.indices, ref_graph.sims),
                 "knn_sims_max_diff": float(np.abs(two["sims"] - ref_graph.sims).max()),
             })
@@ -322,16 +322,6 @@ def _sims_error(x: np.ndarray, idx: np.ndarray, sims: np.ndarray) -> float:
         dots = np.einsum("ij,ikj->ik", xn[lo:lo + 8192], xn[np.maximum(i, 0)])
         worst = max(worst, float(np.abs(np.where(i >= 0, dots - s, 0.0)).max(initial=0.0)))
     return worst
-
-
-def _same_up_to_ties(i1, s1, i2, s2) -> bool:
-    """Same neighbours and similarities per row once equal similarities are ordered by id."""
-    def canon(i, s):
-        o = np.lexsort((i, -s), axis=1)
-        return np.take_along_axis(i, o, 1), np.take_along_axis(s, o, 1)
-
-    (a, b), (c, d) = canon(i1, s1), canon(i2, s2)
-    return bool(np.array_equal(a, c) and np.array_equal(b, d))
 
 
 def _report(e: dict) -> None:

@@ -20,7 +20,7 @@ from ranks import free_port, spawn
 from speler import distributed as dist
 from speler.config import GraphConfig, PropagationConfig, TrainConfig
 from speler.errors import DataFormatError
-from speler.graph.knn import affinity, build_knn
+from speler.graph.knn import affinity, build_knn, same_up_to_ties
 from speler.graph.knn_distributed import build_knn_sharded, gather_graph
 from speler.graph.propagate import propagate
 from speler.graph import propagate_distributed as pdist
@@ -535,7 +535,7 @@ def test_a_floor_round_under_torchrun_equals_the_single_process_round(tmp_path):
     assert len(lists) == 3
     for k in lists:
         sims = k.replace("indices", "sims")
-        assert _same_up_to_ties(ranks[k], ranks[sims], one[k], one[sims]), k
+        assert same_up_to_ties(ranks[k], ranks[sims], one[k], one[sims]), k
     scale = float(np.abs(one["combined.scores"]).max())
     np.testing.assert_allclose(ranks["combined.scores"], one["combined.scores"], rtol=0,
                                atol=1e-4 * scale)
@@ -543,16 +543,6 @@ def test_a_floor_round_under_torchrun_equals_the_single_process_round(tmp_path):
         np.testing.assert_array_equal(ranks[k], one[k], err_msg=k)
     np.testing.assert_allclose(ranks["combined.energy"], one["combined.energy"], atol=1e-3)
     np.testing.assert_allclose(ranks["probs"], one["probs"], atol=1e-4)
-
-
-def _same_up_to_ties(i1, s1, i2, s2) -> bool:
-    """The same neighbours and similarities per row once equal similarities are ordered by id."""
-    def canon(i, s):
-        o = np.lexsort((i, -s), axis=1)
-        return np.take_along_axis(i, o, 1), np.take_along_axis(s, o, 1)
-
-    (a, b), (c, d) = canon(i1, s1), canon(i2, s2)
-    return bool(np.array_equal(a, c) and np.array_equal(b, d))
 
 
 NCCL_ROUND = """\

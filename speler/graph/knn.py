@@ -475,6 +475,23 @@ def _torch_search(x: np.ndarray, kk: int, device: str,
     return sims, idx
 
 
+def tie_ordered(indices: np.ndarray, sims: np.ndarray, keep: int | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, sims) with each row's entries ordered by similarity, highest first, and equal
+    similarities by sample id (the first ``keep`` of them, or all): the order the sharded search
+    merges in, so two searches' lists are equal in it exactly when they found the same neighbours
+    at the same similarities."""
+    order = np.lexsort((indices, -sims), axis=1)[:, :keep]
+    return np.take_along_axis(indices, order, axis=1), np.take_along_axis(sims, order, axis=1)
+
+
+def same_up_to_ties(i1: np.ndarray, s1: np.ndarray, i2: np.ndarray, s2: np.ndarray) -> bool:
+    """Whether two kNN lists (indices, sims) hold the same neighbours at the same similarities in
+    every row, whatever the order among tied similarities (``tie_ordered``)."""
+    (a, b), (c, d) = tie_ordered(i1, s1), tie_ordered(i2, s2)
+    return bool(np.array_equal(a, c) and np.array_equal(b, d))
+
+
 def _drop_self(
     idx: np.ndarray, sims: np.ndarray, k: int, ids: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

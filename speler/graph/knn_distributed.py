@@ -61,7 +61,7 @@ from speler.config import GraphConfig
 from speler.errors import ConfigError, DataFormatError
 from speler.graph.knn import (
     KnnGraph, _approximate_index, _choose_method, _drop_self, _faiss, _normalize_rows,
-    _recall_found, _recall_queries, _search_all,
+    _recall_found, _recall_queries, _search_all, tie_ordered,
 )
 
 logger = logging.getLogger(__name__)
@@ -227,8 +227,8 @@ def _merge(best_s, best_i, s, i, kk: int) -> tuple[np.ndarray, np.ndarray]:
     """The kk best of two candidate lists per row, by similarity (descending) then sample id."""
     cs = np.concatenate([best_s, s.astype(np.float32, copy=False)], axis=1)
     ci = np.concatenate([best_i, i.astype(np.int64, copy=False)], axis=1)
-    order = np.lexsort((ci, -cs), axis=1)[:, :kk]
-    return np.take_along_axis(cs, order, axis=1), np.take_along_axis(ci, order, axis=1)
+    ci, cs = tie_ordered(ci, cs, keep=kk)
+    return cs, ci
 
 
 def _empty_lists(rows: int, kk: int) -> tuple[np.ndarray, np.ndarray]:
