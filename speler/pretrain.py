@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from speler.config import TrainConfig
 from speler.data.schema import SequenceSet
 from speler.errors import CancelledError, DataFormatError
-from speler.models.net import SpelerNet, build_model
+from speler.models.net import SpelerNet
 from speler.train import (
     _Augment, _autocast, _check_finite, _recalibrate_batch_norm, _Rows, _threads, batch_size_for,
-    select_device,
+    model_for, select_device,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,10 +71,10 @@ def pretrain(ds: SequenceSet, *, config: TrainConfig,
              progress: Callable[[int, int], None] | None = None,
              cancel: Callable[[], bool] | None = None) -> PretrainResult:
     """``config.pretrain_epochs`` epochs of self-supervised training on every sample of ``ds``
-    (preprocessed, x float32 (N, C, T, V, M); labels are not read). The model is built from
-    ``config`` (as ``fit`` builds it, so its weights load into ``fit``'s model) and returned in
-    eval mode. progress(epoch, epochs) after each epoch; cancel() before each (CancelledError).
-    Deterministic for a given ``config.seed`` on the CPU."""
+    (preprocessed, x float32 (N, C, T, V, M); labels are not read). The model is
+    ``train.model_for(ds, config)``, the one ``fit`` builds, so its weights load into ``fit``'s
+    model; it is returned in eval mode. progress(epoch, epochs) after each epoch; cancel() before
+    each (CancelledError). Deterministic for a given ``config.seed`` on the CPU."""
     if not isinstance(ds, SequenceSet):
         raise DataFormatError(f"pretrain expects a SequenceSet, got {type(ds).__name__}")
     _check_finite(ds, "pretrain")
@@ -90,8 +90,7 @@ def pretrain(ds: SequenceSet, *, config: TrainConfig,
     devices = [torch.device(device).index or 0] if cuda else []
     with _threads(config.num_threads, device), torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        model = build_model(ds.layout, in_channels=ds.x.shape[1], num_classes=ds.num_classes,
-                            frames=ds.x.shape[2], persons=ds.x.shape[4], config=config).to(device)
+        model = model_for(ds, config).to(device)
         d = config.embed_dim
         head = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ReLU(),
                              nn.Linear(2 * d, PROJECTION_DIM)).to(device)

@@ -155,6 +155,13 @@ def _as_labels(arr, n: int, k: int, name: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
+def model_for(ds: SequenceSet, config: TrainConfig) -> SpelerNet:
+    """The network ``fit`` trains for ``ds`` (its channels, classes, frames and persons) and
+    ``config``; ``pretrain`` builds the same, so the weights of one load into the other."""
+    return build_model(ds.layout, in_channels=ds.x.shape[1], num_classes=ds.num_classes,
+                       frames=ds.x.shape[2], persons=ds.x.shape[4], config=config)
+
+
 @contextlib.contextmanager
 def _threads(n: int, device: str = "cpu"):
     """torch's CPU thread count for a while: ``n``, or for 0 on a CPU the cores no other task
@@ -510,8 +517,7 @@ def fit(
                                   or (y[hold_idx] < 0).any()):
                 raise LabelError("fit: holdout must index human-labeled samples")
             train_idx = np.setdiff1d(np.flatnonzero(y >= 0), hold_idx)
-        model = build_model(ds.layout, in_channels=ds.x.shape[1], num_classes=k,
-                            frames=ds.x.shape[2], persons=ds.x.shape[4], config=config)
+        model = model_for(ds, config)
         if warm:
             model.load_state_dict(init.model.state_dict())
         elif start is not None:
