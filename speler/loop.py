@@ -163,10 +163,8 @@ def run_round(
 
     tmp = project.begin_round_dir(no)
     try:
-        ckpt = _previous_checkpoint(project, previous)
-        init = None if ckpt is None else load_checkpoint(ckpt, ds)
-        pre = _previous_checkpoint(project, previous, PRETRAINED_FILE)
-        pretrained = None if pre is None else load_checkpoint(pre, ds)
+        init, pretrained = _start_weights(ds, _previous_checkpoint(project, previous),
+                                          _previous_checkpoint(project, previous, PRETRAINED_FILE))
         built = build_state(ds, human, no=no, config=cfg, previous=previous, init=init,
                             pretrained=pretrained, report=report, cancel=cancel)
         metrics, suggestions = _write_round(project, tmp, no, built, ds=ds, human=human, cfg=cfg,
@@ -196,6 +194,12 @@ def _round_inputs(project: Project, cfg: Config) -> tuple:
     if not (human >= 0).any():
         raise LabelError(f"project {project.name}: no human labels yet; label a few samples first")
     return ds, human, previous
+
+
+def _start_weights(ds, init: Path | None, pretrained: Path | None) -> tuple:
+    """(the checkpoint a round warm-starts from, the self-supervised weights an earlier round
+    kept), each loaded from its path with the dataset check; None where there is no path."""
+    return tuple(None if p is None else load_checkpoint(p, ds) for p in (init, pretrained))
 
 
 def _previous_checkpoint(project: Project, previous: LoopState | None,
@@ -365,9 +369,7 @@ def _build_on_ranks(inputs: RankInputs, ds, *, previous: LoopState | None = None
     every rank the checkpoint the round starts from, then all build the round together."""
     with dist.together("reading the data"):
         ds = inputs.load_data() if ds is None else ds
-        init = None if inputs.init is None else load_checkpoint(inputs.init, ds)
-        pretrained = (None if inputs.pretrained is None
-                      else load_checkpoint(inputs.pretrained, ds))
+        init, pretrained = _start_weights(ds, inputs.init, inputs.pretrained)
     return ds, build_state(ds, inputs.human, no=inputs.no, config=inputs.config,
                            previous=previous, init=init, pretrained=pretrained, report=report)
 
