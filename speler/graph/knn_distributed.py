@@ -260,10 +260,11 @@ def _shard_ring(x: np.ndarray, rows: list[int], offsets: np.ndarray, kk: int,
     block = x
     for step in range(world):
         owner = (me - step) % world
-        pending = []
-        incoming = None
-        if step + 1 < world:
-            incoming, pending = _pass_on(block, rows, d, me, step, world, block_bytes)
+        receive = None
+        if step + 1 < world:  # the held shard on to rank me + 1 while it is searched here
+            coming = (me - step - 1) % world  # rank me - 1's current shard comes next
+            receive = _ring_send([block], [((rows[coming], d), np.dtype(np.float32))],
+                                 block_bytes)
         t0 = time.perf_counter()
         if x.shape[0] and block.shape[0] and failed is None:
             try:
@@ -272,36 +273,13 @@ def _shard_ring(x: np.ndarray, rows: list[int], offsets: np.ndarray, kk: int,
             except Exception as exc:  # noqa: BLE001 - keep the ring going, fail at the end
                 failed = exc
         searched += time.perf_counter() - t0
-        for work, _ in pending:  # the tensor stays referenced until its transfer is done
-            work.wait()
-        if incoming is not None:
-            block = incoming.cpu().numpy()
+        if receive is not None:
+            block = receive()[0]
         if progress is not None:
             progress(step + 1, world)
     if failed is not None:  # raised after the ring: the peers are not left waiting
         raise failed
     return best_s, best_i, block_bytes, searched
-
-
-def _pass_on(block: np.ndarray, rows: list[int], d: int, me: int, step: int, world: int,
-             block_bytes: list[int]):
-    """Start sending the held shard to rank me + 1 and receiving the next from rank me - 1."""
-    import torch
-
-    nxt, prv = (me + 1) % world, (me - 1) % world
-    held = (me - step) % world  # owner of ``block``; the next one is rank prv's current shard
-    coming = (me - step - 1) % world
-    pending = []
-    sent = 0
-    if rows[held]:
-        t = torch.from_numpy(np.ascontiguousarray(block)).to(dist.device())
-        pending.append((dist.isend(t, nxt, "knn_block"), t))
-        sent = t.numel() * t.element_size()
-    block_bytes.append(int(sent))
-    incoming = torch.empty((rows[coming], d), dtype=torch.float32, device=dist.device())
-    if rows[coming]:
-        pending.append((dist.irecv(incoming, prv), incoming))
-    return incoming, pending
 
 
 def _query_ring(x: np.ndarray, search, mine: np.ndarray, offsets: np.ndarray, nq: list[int],
@@ -341,11 +319,11 @@ def _query_ring(x: np.ndarray, search, mine: np.ndarray, offsets: np.ndarray, nq
         held = [q, s_best, i_best, rq, rs_best, ri_best]
         if step + 1 < world:  # the block and its lists on to rank me + 1
             coming = (me - step - 1) % world
-            held = _ring_step(held, _specs(rows[coming], nq[coming], d, kk), block_bytes)
+            held = _ring_send(held, _specs(rows[coming], nq[coming], d, kk), block_bytes)()
         elif world > 1:  # the lists home: the owner of the held block is rank me + 1
             spec = _specs(rows[me], nq[me], d, kk)
-            lists = _ring_step([s_best, i_best, rs_best, ri_best],
-                               [spec[j] for j in (1, 2, 4, 5)], block_bytes)
+            lists = _ring_send([s_best, i_best, rs_best, ri_best],
+                               [spec[j] for j in (1, 2, 4, 5)], block_bytes)()
             held = [None, lists[0], lists[1], None, lists[2], lists[3]]
         if progress is not None:
             progress(step + 1, world)
@@ -362,9 +340,11 @@ def _specs(rows: int, nq: int, d: int, kk: int) -> list[tuple[tuple[int, int], n
             ((nq, d), f), ((nq, kk), f), ((nq, kk), i)]
 
 
-def _ring_step(arrays: list[np.ndarray], specs: list, block_bytes: list[int]) -> list[np.ndarray]:
-    """Send ``arrays`` (one message of their bytes) to rank me + 1 and receive the arrays of
-    shapes and dtypes ``specs`` from rank me - 1; records the bytes sent in block_bytes."""
+def _ring_send(arrays: list[np.ndarray], specs: list, block_bytes: list[int]):
+    """Start sending ``arrays`` (one message of their bytes) to rank me + 1 and receiving arrays
+    of the shapes and dtypes ``specs`` from rank me - 1; records the bytes sent in block_bytes.
+    Returns ``receive()``, which waits for both transfers and returns the received arrays (the
+    caller may work in between: the exact ring searches the held shard while it travels)."""
     import torch
 
     world, me = dist.world_size(), dist.rank()
@@ -379,13 +359,17 @@ def _ring_step(arrays: list[np.ndarray], specs: list, block_bytes: list[int]) ->
     incoming = torch.empty(sum(sizes), dtype=torch.uint8, device=dist.device())
     if sum(sizes):
         pending.append((dist.irecv(incoming, prv), incoming))
-    for work, _ in pending:  # the tensors stay referenced until their transfers are done
-        work.wait()
-    raw = incoming.cpu().numpy()
-    got, pos = [], 0
-    for (shape, dt), size in zip(specs, sizes):
-        a = np.empty(shape, dtype=dt)  # aligned, writable
-        a.reshape(-1).view(np.uint8)[:] = raw[pos:pos + size]
-        got.append(a)
-        pos += size
-    return got
+
+    def receive() -> list[np.ndarray]:
+        for work, _ in pending:  # the tensors stay referenced until their transfers are done
+            work.wait()
+        raw = incoming.cpu().numpy()
+        got, pos = [], 0
+        for (shape, dt), size in zip(specs, sizes):
+            a = np.empty(shape, dtype=dt)  # aligned, writable
+            a.reshape(-1).view(np.uint8)[:] = raw[pos:pos + size]
+            got.append(a)
+            pos += size
+        return got
+
+    return receive
