@@ -155,12 +155,16 @@ def build_knn_sharded(
                       search_seconds=searched)
 
 
-def gather_graph(part: ShardedKnn) -> KnnGraph:
-    """The whole graph (n rows, in sample order) on every rank, from every rank's part."""
+def gather_graph(part: ShardedKnn, *, main_only: bool = False) -> KnnGraph | None:
+    """The whole graph (n rows, in sample order) from every rank's part: on every rank, or with
+    ``main_only`` on rank 0 alone (None on the others). Every rank must call it."""
     g = part.graph
-    idx = dist.all_gather_array(g.indices)
-    sims = dist.all_gather_array(g.sims)
+    gather = ((lambda a: dist.gather_array(a, dst=0)) if main_only else dist.all_gather_array)
+    idx = gather(g.indices)
+    sims = gather(g.sims)
     seconds = float(max(dist.all_gather_object(part.seconds)))
+    if idx is None:
+        return None
     return KnnGraph(indices=idx, sims=sims, method=g.method, recall=g.recall, seconds=seconds,
                     recall_seconds=g.recall_seconds)
 

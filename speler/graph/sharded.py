@@ -37,7 +37,7 @@ import scipy.sparse as sp
 from speler import distributed as dist
 from speler.config import GraphConfig, PropagationConfig
 from speler.graph.knn import KnnGraph, affinity, build_knn, combine_affinities
-from speler.graph.knn_distributed import ShardedKnn, build_knn_sharded
+from speler.graph.knn_distributed import ShardedKnn, build_knn_sharded, gather_graph
 from speler.graph.propagate import (
     PropagationResult, SolveInfo, _validated_labels, propagate, result_from_scores,
 )
@@ -147,14 +147,7 @@ def whole_graph(graph: KnnGraph | ShardedKnn) -> KnnGraph | None:
     """The whole kNN lists on rank 0 (None elsewhere)."""
     if not isinstance(graph, ShardedKnn):
         return graph
-    g = graph.graph
-    idx = dist.gather_array(g.indices)
-    sims = dist.gather_array(g.sims)
-    seconds = max(dist.all_gather_object(graph.seconds))
-    if idx is None:
-        return None
-    return KnnGraph(indices=idx, sims=sims, method=g.method, recall=g.recall,
-                    seconds=float(seconds), recall_seconds=g.recall_seconds)
+    return gather_graph(graph, main_only=True)
 
 
 def whole_rows(a: np.ndarray) -> np.ndarray | None:
