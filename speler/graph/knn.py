@@ -167,7 +167,9 @@ def affinity(graph: KnnGraph, *, gamma: float = 3.0) -> sp.csr_matrix:
     return w.astype(np.float32, copy=False)
 
 
-def combine_affinities(parts: list[tuple[sp.spmatrix, float]]) -> sp.csr_matrix:
+def combine_affinities(parts: list[tuple[sp.spmatrix, float]], *, lo: int = 0,
+                       gather: Callable[[np.ndarray], np.ndarray] | None = None,
+                       ) -> sp.csr_matrix:
     """Weighted mean of degree-normalised affinities: ``Σ_v w_v D_v^-1/2 W_v D_v^-1/2 / Σ_v w_v``.
 
     parts: (W_v, w_v) pairs, each W_v a symmetric non-negative (n, n) affinity of the same samples
@@ -175,26 +177,32 @@ def combine_affinities(parts: list[tuple[sp.spmatrix, float]]) -> sp.csr_matrix:
     weights, not by the scale of their similarities or their degrees. Returns float32 CSR with a
     zero diagonal, symmetric; a single part comes back normalised. Raises DataFormatError for
     mismatched shapes, ConfigError for a weight that is not positive.
+
+    Row-sharded (``graph.sharded``): each W_v is this rank's rows [lo, lo + rows) of the affinity,
+    (rows, n), and ``gather`` all-gathers the rows' degrees into every sample's; the same
+    arithmetic gives the same float32 rows of the result.
     """
     if not parts:
         raise DataFormatError("combine_affinities: no affinity to combine")
-    n = parts[0][0].shape[0]
+    shape = parts[0][0].shape
     total = None
     weight_sum = 0.0
     for W, w in parts:
-        if W.shape != (n, n):
-            raise DataFormatError(f"combine_affinities: affinities of shapes {parts[0][0].shape} "
+        if W.shape != shape or (gather is None and shape[0] != shape[1]):
+            raise DataFormatError(f"combine_affinities: affinities of shapes {shape} "
                                   f"and {W.shape} do not describe the same samples")
         if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
             raise ConfigError(f"combine_affinities: view weight must be a positive number, got {w!r}")
         W = sp.csr_matrix(W, dtype=np.float64)
         deg = np.asarray(W.sum(axis=1)).ravel()
+        if gather is not None:
+            deg = gather(deg)
         inv = np.divide(1.0, np.sqrt(deg), out=np.zeros_like(deg), where=deg > 0)
-        S = sp.diags(inv) @ W @ sp.diags(inv)
+        S = sp.diags(inv[lo:lo + W.shape[0]]) @ W @ sp.diags(inv)
         total = w * S if total is None else total + w * S
         weight_sum += w
     out = (total / weight_sum).tocsr()
-    out.setdiag(0.0)
+    out.setdiag(0.0, k=lo)
     out.eliminate_zeros()
     out.sort_indices()
     return out.astype(np.float32)

@@ -12,8 +12,8 @@ every rank calls every function in the same order, and:
   chosen as ``build_knn`` chooses it);
 - ``affinity_of``: ``propagate_distributed.affinity_rows`` (each edge sent to the owner of its
   other end);
-- ``combine``: the rows of ``combine_affinities``: each view's degrees all-gathered (n float64 per
-  view), the same float64 arithmetic, so the same float32 entries;
+- ``combine``: ``combine_affinities`` of the rows, each view's degrees all-gathered (n float64 per
+  view): the same arithmetic, so the same float32 entries;
 - ``propagate_on``: ``propagate_distributed.propagate_scores`` (block CG with halo exchange), then
   the scores and balance weights gathered on rank 0, which finishes the result
   (``propagate.result_from_scores``: labels, margin, energy, thresholds); None on the other ranks.
@@ -76,27 +76,12 @@ def combine(parts: list[tuple[sp.spmatrix, float]]) -> sp.csr_matrix:
         return combine_affinities(parts)
     n = parts[0][0].shape[1]
     lo, hi = dist.shard_range(n)
-    total, weight_sum = None, 0.0
-    with dist.together("combining the views"):
+    with dist.together("combining the views"):  # before the degrees' exchange
         for W, w in parts:
             if W.shape != (hi - lo, n):
                 raise ValueError(f"combine: a view's rows have shape {W.shape}, expected "
                                  f"{(hi - lo, n)}")
-    for W, w in parts:  # the arithmetic of combine_affinities, row by row
-        W = sp.csr_matrix(W, dtype=np.float64)
-        deg_loc = np.asarray(W.sum(axis=1)).ravel()
-        deg = dist.all_gather_array(deg_loc)
-        inv = np.divide(1.0, np.sqrt(deg), out=np.zeros_like(deg), where=deg > 0)
-        S = sp.diags(inv[lo:hi]) @ W @ sp.diags(inv)
-        total = w * S if total is None else total + w * S
-        weight_sum += w
-    out = sp.csr_matrix(total / weight_sum)
-    coo = out.tocoo()
-    off = coo.row + lo != coo.col  # no self-loops, as combine_affinities' setdiag(0)
-    out = sp.csr_matrix((coo.data[off], (coo.row[off], coo.col[off])), shape=out.shape)
-    out.eliminate_zeros()
-    out.sort_indices()
-    return out.astype(np.float32)
+    return combine_affinities(parts, lo=lo, gather=dist.all_gather_array)
 
 
 def propagate_on(W: sp.csr_matrix, labels: np.ndarray, *, num_classes: int,
