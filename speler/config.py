@@ -150,9 +150,12 @@ class GraphConfig:
     gamma: float = 3.0  # affinity max(0, s)^gamma
     exact_max_n: int = 50_000  # exact flat search up to this n, approximate (IVF) beyond
     index: str = "auto"  # "auto", "flat", "ivf", "hnsw"
-    pca_dim: int = 64  # IVF cells and coarse search on a PCA projection (0 = no PCA)
-    nprobe: int = 32  # IVF cells searched per query (approximate index)
-    refine_factor: int = 4  # approximate candidates per neighbour, re-ranked exactly
+    pca_dim: int = 64  # IVF cells clustered and ranked on a PCA projection (0 = no PCA)
+    nprobe: int = 0  # IVF cells searched per query; 0: the fewest that reach target_recall
+    target_recall: float = 0.96  # recall@k that nprobe 0 aims at, measured on sample queries
+    # (0.95 is the product's target; 0.96 leaves two standard errors of a 1,000-query sample)
+    max_nprobe: int = 128  # nprobe 0 never probes more cells than this
+    refine_factor: int = 4  # HNSW candidates per neighbour, re-ranked exactly
     recall_queries: int = 1000  # queries used to check recall of an approximate graph
     use_gpu: bool = True  # search on the GPU: faiss's when faiss sees one, else exact torch on CUDA
     backend: str = "auto"  # "auto" (faiss; torch on CUDA when faiss has no GPU), "faiss", "torch"
@@ -169,7 +172,10 @@ class GraphConfig:
             ("backend", self.backend in ("auto", "faiss", "torch"), "one of auto, faiss, torch"),
             ("index", self.backend != "torch" or self.index in ("auto", "flat"),
              "auto or flat with graph.backend 'torch' (exact search only)"),
-            ("pca_dim", self.pca_dim >= 0, ">= 0"), ("nprobe", self.nprobe >= 1, ">= 1"),
+            ("pca_dim", self.pca_dim >= 0, ">= 0"),
+            ("nprobe", self.nprobe >= 0, ">= 0 (0: chosen for target_recall)"),
+            ("target_recall", 0 < self.target_recall <= 1, "in (0, 1]"),
+            ("max_nprobe", self.max_nprobe >= 1, ">= 1"),
             ("refine_factor", self.refine_factor >= 1, ">= 1"),
             ("recall_queries", self.recall_queries >= 1, ">= 1"),
         ])

@@ -62,10 +62,14 @@ def _ranks_two(out: str) -> None:
     def broken(*args, **kwargs):
         raise MemoryError("no room for the index")
 
-    for stage, attr in (("index", "_approximate_index"), ("search", "_search_all")):
+    def broken_search(*args, **kwargs):  # an index that builds but whose searches raise
+        return broken
+
+    for stage, attr, fake in (("index", "_approximate_index", broken),
+                              ("search", "_local_index", broken_search)):
         saved = getattr(knn_distributed, attr)
         if me == 1:
-            setattr(knn_distributed, attr, broken)
+            setattr(knn_distributed, attr, fake)
         try:
             build_knn_sharded(x[lo:hi], config=IVF)
         except dist.RankFailedError as e:

@@ -1,17 +1,21 @@
-"""k-nearest-neighbour graph of embeddings (faiss) and its affinity matrix.
+"""k-nearest-neighbour graph of embeddings (faiss, and torch's matrix products) and its affinity.
 
 ``build_knn`` L2-normalises float32 embeddings and finds each sample's k most cosine-similar other
 samples. The index is chosen by ``GraphConfig.index``:
 
 - ``"flat"``: exact inner-product search (``IndexFlatIP``, BLAS); ``"auto"`` picks it up to
   ``GraphConfig.exact_max_n`` samples, where it is both fast enough and exact.
-- ``"ivf"``: inverted lists over about 4·sqrt(n) k-means cells, ``nprobe`` cells searched per
-  query; ``"auto"`` picks it beyond ``exact_max_n``. With ``0 < GraphConfig.pca_dim < d`` the cells
-  and the coarse search live in a projection on the top eigenvectors of X^T X (method
-  ``"ivf-pca"``: 4× less to scan at d = 256 → 64; uncentred, so inner products are kept). The
-  ``refine_factor · (k + 1)`` best candidates are re-ranked by their exact inner product
-  (``IndexRefineFlat``), so the similarities are exact and the recall loss of the coarse
-  search is mostly recovered.
+- ``"ivf"``: about 4·sqrt(n) k-means cells (``speler.graph.cells.CellIndex``, torch), each query
+  searching the points of its ``nprobe`` most similar cells by exact inner products, cell by cell
+  as dense matrix products; ``"auto"`` picks it beyond ``exact_max_n``. With ``0 <
+  GraphConfig.pca_dim < d`` the cells are clustered and ranked on a projection on the top
+  eigenvectors of X^T X (method ``"ivf-pca"``; uncentred, so inner products are kept). The
+  similarities are exact, so a neighbour is found exactly when its cell is probed. ``nprobe`` 0
+  (the default) probes the fewest cells, at most ``max_nprobe``, whose recall on a seeded sample
+  of ``recall_queries`` indexed points reaches ``target_recall`` (``cells.nprobe_for_recall``);
+  the graph's recall is then measured on another sample, as for every approximate graph. (Until
+  2026-11 this was faiss's ``IndexIVFFlat`` with a re-rank, at a fixed nprobe of 32: at 1M
+  samples 2× slower and 0.926 recall against 0.963, ``benchmarks/knn_index.py``.)
 - ``"hnsw"``: a navigable small-world graph (``IndexHNSWFlat``), also re-ranked exactly.
 - ``"gpu-flat"``: exact search on the GPU, used for every n when faiss sees a GPU and
   ``GraphConfig.use_gpu`` is set.
@@ -26,7 +30,7 @@ samples. The index is chosen by ``GraphConfig.index``:
   (float32 throughout) on the CPU, for tests and machines without faiss.
 
 An approximate graph is checked against exact search on ``GraphConfig.recall_queries`` random
-queries; ``KnnGraph.recall`` is the mean recall@k (a neighbour found counts as correct when its
+queries (exact search in torch, ``cells.exact_top``); ``KnnGraph.recall`` is the mean recall@k (a neighbour found counts as correct when its
 similarity reaches the exact k-th similarity, so ties among duplicates are not penalised). For exact
 methods ``recall`` is ``None``: it is 1 by construction and is not measured.
 
@@ -49,6 +53,7 @@ import scipy.sparse as sp
 
 from speler.config import GraphConfig
 from speler.errors import ConfigError, DataFormatError
+from speler.system import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +129,13 @@ def build_knn(
             index = _flat_index(x.shape[1], gpu=True)
             index.add(x)
         else:
-            index = _approximate_index(x, method, k, config)
+            with torch_threads(0):
+                index = _approximate_index(x, method, k, config)
         search = index.search
-    if search is not None:
+    if method in ("ivf", "ivf-pca"):
+        with torch_threads(0):
+            sims, idx = index.search_indexed(k + 1, progress)
+    elif search is not None:
         sims, idx = _search_all(search, x, k + 1, progress)
     search = index = None
     idx, sims = _drop_self(idx, sims, k)
@@ -349,42 +358,33 @@ def _ivf_cells(n: int) -> int:
 
 
 def _approximate_index(x: np.ndarray, method: str, k: int, config: GraphConfig):
-    """An approximate index over x whose candidates are re-ranked by exact inner products.
+    """An approximate index over the unit rows x whose similarities are exact.
 
-    The coarse search returns ``refine_factor · (k + 1)`` candidates, ``IndexRefineFlat`` keeps the
-    k + 1 most similar by their exact inner product (so the similarities returned are exact)."""
-    faiss = _faiss()
+    "ivf" / "ivf-pca": a ``cells.CellIndex`` probing ``config.nprobe`` cells, or for nprobe 0
+    the fewest that reach ``config.target_recall`` on a seeded sample of the rows (another
+    sample than the recall check's). "hnsw": faiss's ``IndexHNSWFlat`` whose ``refine_factor ·
+    (k + 1)`` best candidates ``IndexRefineFlat`` re-ranks by their exact inner product."""
     n, d = x.shape
-    rng = np.random.default_rng(config.seed)
-    if method == "hnsw":
-        base = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        base.hnsw.efConstruction = 64
-        base.hnsw.efSearch = max(64, 2 * (k + 1))
-    else:
-        nlist = _ivf_cells(n)
-        ntrain = int(min(n, max(40 * nlist, 20_000)))
-        train = x[np.sort(rng.choice(n, size=ntrain, replace=False))]
-        if method == "ivf-pca":
-            # projection on the top eigenvectors of the uncentred second moment X^T X: the rank-r
-            # map that best preserves inner products (a centred PCA would not preserve them)
-            dr = int(min(config.pca_dim, d))
-            moment = train.T.astype(np.float64) @ train.astype(np.float64)
-            _, vecs = np.linalg.eigh(moment)
-            proj = faiss.LinearTransform(d, dr, False)
-            faiss.copy_array_to_vector(
-                np.ascontiguousarray(vecs[:, ::-1][:, :dr].T, dtype=np.float32).ravel(), proj.A)
-            proj.is_trained = True
-            quantizer = faiss.IndexFlatIP(dr)
-            ivf = faiss.IndexIVFFlat(quantizer, dr, nlist, faiss.METRIC_INNER_PRODUCT)
-            base = faiss.IndexPreTransform(proj, ivf)
-        else:
-            quantizer = faiss.IndexFlatIP(d)
-            ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            base = ivf
-        ivf.cp.seed = int(config.seed)
-        base.train(train)
-        del train
-        ivf.nprobe = int(min(nlist, max(1, config.nprobe)))
+    if method in ("ivf", "ivf-pca"):
+        from speler.graph.cells import CellIndex, nprobe_for_recall  # torch, only when needed
+
+        dim = int(config.pca_dim) if method == "ivf-pca" else 0
+        index = CellIndex(x, cells=_ivf_cells(n), dim=dim, seed=config.seed, nprobe=config.nprobe)
+        if not config.nprobe:
+            queries = _recall_queries(n, config, stream=2)
+            index.nprobe, reached = nprobe_for_recall(index, x, queries, k, config.target_recall,
+                                                      config.max_nprobe)
+            if reached < config.target_recall:
+                logger.warning("kNN %s: %d cells probed (graph.max_nprobe) reach a recall of %.3f"
+                               " on sample queries, below graph.target_recall %.3f", method,
+                               index.nprobe, reached, config.target_recall)
+            logger.info("kNN %s: %d of %d cells probed, recall %.4f on sample queries", method,
+                        index.nprobe, index.cells, reached)
+        return index
+    faiss = _faiss()
+    base = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+    base.hnsw.efConstruction = 64
+    base.hnsw.efSearch = max(64, 2 * (k + 1))
     index = faiss.IndexRefineFlat(base)
     index.k_factor = float(max(1, config.refine_factor))
     index.add(x)
@@ -520,17 +520,20 @@ def _drop_self(
 
 def _recall(x: np.ndarray, idx: np.ndarray, sims: np.ndarray, k: int, config: GraphConfig) -> float:
     """Mean recall@k of (idx, sims) on a random sample of queries, against exact search."""
+    from speler.graph.cells import exact_top  # torch, only when needed
+
     queries = _recall_queries(x.shape[0], config)
-    faiss = _faiss()
-    s_ex, i_ex = faiss.knn(x[queries], x, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    with torch_threads(0):
+        s_ex, i_ex = exact_top(x, x[queries], k + 1)
     found = _recall_found(idx[queries], sims[queries], i_ex, s_ex, queries, k)
     return float(found.mean() / k)
 
 
-def _recall_queries(n: int, config: GraphConfig) -> np.ndarray:
-    """The sorted sample ids whose neighbours the recall check compares (seeded by config.seed)."""
+def _recall_queries(n: int, config: GraphConfig, stream: int = 1) -> np.ndarray:
+    """The sorted sample ids whose neighbours the recall check compares (seeded by config.seed;
+    another ``stream`` draws another sample, e.g. 2 for the choice of ``nprobe``)."""
     q = int(min(n, max(1, config.recall_queries)))
-    rng = np.random.default_rng(config.seed + 1)
+    rng = np.random.default_rng(config.seed + stream)
     return np.sort(rng.choice(n, size=q, replace=False))
 
 

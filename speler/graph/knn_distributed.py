@@ -16,14 +16,14 @@ id, ids global), and the query itself is dropped as ``build_knn`` does.
   ids are equal except for the order among tied similarities (ordered by sample id here),
   similarities agree to float32 rounding (equal in the tests and benchmark). Recall is None.
 - Approximate ("ivf", "ivf-pca", "hnsw"): each rank builds ``knn._approximate_index`` (the
-  single process's index, candidates re-ranked by their exact inner product) over its own shard,
+  single process's index, whose similarities are exact inner products) over its own shard,
   and the *queries* travel the ring instead: at step s rank r holds the query block of rank r - s
   with its running top-k + 1 lists, searches it against its local index, merges, and passes block
   and lists on to rank r + 1; after ``world`` steps (the last one sends the lists only) every block
   is home with complete lists. Indexes never move. A shard's index has ``_ivf_cells(rows)`` cells
-  and probes ``nprobe`` of them, so a query scans more of the data than against one index of all
-  n (recall at least about the single process's, search work per query up to ``world`` times
-  more). An IVF shard of fewer than ``MIN_IVF_ROWS`` rows (too few to train 16 cells) is searched
+  and probes ``nprobe`` of them (for nprobe 0, as many as reach ``target_recall`` on the shard's
+  own rows), so a query scans more of the data than against one index of all n (recall at least
+  about the single process's, search work per query up to ``world`` times more). An IVF shard of fewer than ``MIN_IVF_ROWS`` rows (too few to train 16 cells) is searched
   exactly instead; an empty shard has no index. With one rank the index and its results are those
   of ``build_knn`` with the same config (up to the order of tied similarities).
   Recall is measured as ``build_knn`` measures it: the same ``GraphConfig.recall_queries`` seeded
@@ -219,6 +219,8 @@ def _local_index(x: np.ndarray, method: str, k: int, config: GraphConfig):
     if method in ("ivf", "ivf-pca") and x.shape[0] < MIN_IVF_ROWS:
         return lambda q, kk: _search(q, x, min(kk, x.shape[0]))
     index = _approximate_index(x, method, k, config)
+    if method in ("ivf", "ivf-pca"):
+        return index.search  # a CellIndex blocks its queries itself
     return lambda q, kk: _search_all(index.search, q, kk, None)
 
 
