@@ -156,3 +156,15 @@ def test_the_bound_rounds_keep_every_candidate_that_can_reach_the_top():
     s[~probed] = -np.inf
     ref = -np.sort(-s, axis=1)[:, :15]
     np.testing.assert_allclose(sims, ref, atol=2e-6)
+
+
+def test_cells_no_point_falls_in_are_dropped_and_zero_rows_are_searched():
+    """Zero rows make a zero centroid that no point chooses; such cells must not be probed."""
+    rng = np.random.default_rng(12)
+    x = np.vstack([np.zeros((20, 8)), rng.standard_normal((280, 8))]).astype(np.float32)
+    g = build_knn(x, config=GraphConfig(index="ivf", use_gpu=False, recall_queries=300), k=5)
+    assert g.method == "ivf" and (g.indices >= 0).all() and g.recall > 0.9
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    index = CellIndex(xn, cells=60, seed=0)
+    assert index.cells < 60 and (index.counts > 0).all()
+    assert int(index.counts.sum()) == 300 and index.cell_of.max() < index.cells

@@ -43,7 +43,7 @@ _BUFFER = 64  # candidates held per query between merges into its top kk
 class CellIndex:
     """k-means cells over float32 unit vectors x (n, d); ``search`` returns exact similarities.
 
-    cells: number of k-means cells; dim: 0 < dim < d clusters on the projection on the top
+    cells: number of k-means cells (those no point falls in are dropped); dim: 0 < dim < d clusters on the projection on the top
     ``dim`` eigenvectors of the uncentred second moment (the rank-dim map that keeps inner
     products best); seed: the training sample and the initial centroids; nprobe: the default
     number of cells a query probes. The index holds a copy of x in cell order."""
@@ -63,7 +63,14 @@ class CellIndex:
         self.centroids = _spherical_kmeans(_unit(train), init, KMEANS_ITERS)
         del train
         xt = torch.from_numpy(x)
-        self.cell_of = torch.cat([self._own_cell(xt[lo:lo + _ROWS]) for lo in range(0, n, _ROWS)])
+        cell = torch.cat([self._own_cell(xt[lo:lo + _ROWS]) for lo in range(0, n, _ROWS)])
+        used = torch.nonzero(torch.bincount(cell, minlength=cells)).squeeze(1)
+        if len(used) < cells:  # cells no point chose are dropped: probes never land in them
+            renumber = torch.full((cells,), -1, dtype=torch.int64)
+            renumber[used] = torch.arange(len(used))
+            cell, cells = renumber[cell], len(used)
+            self.centroids = self.centroids[used].contiguous()
+        self.cell_of = cell
         self.order = torch.from_numpy(_cell_order(self.cell_of.numpy()))  # sample ids by cell
         self.counts = torch.bincount(self.cell_of, minlength=cells)
         self.starts = torch.zeros(cells + 1, dtype=torch.int64)
