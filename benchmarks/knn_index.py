@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     print(f"load average {load:.2f}, {os.cpu_count()} CPUs, {args.threads} thread(s)")
     results = [dict(run(n, args), load_average_before=load) for n in args.n]
-    print(f"\n| n | index | build + search (s) | recall@{args.k} | recall check (s) | peak RSS (GB) |")
+    print(f"\n| n | index | build + search (s) | recall@{args.k} | recall check (s) "
+          "| peak RSS (GB) |")
     print("|---|---|---|---|---|---|")
     for r in results:
         for key in ("faiss", "cells"):
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {r['n']:,} | {name} | {f['seconds']:.1f} | {f['recall']:.4f} | "
                       f"{f['recall_seconds']:.1f} | {f['peak_rss_gb']:.2f} |")
         if "faiss" in r:
-            print(f"| {r['n']:,} | speed-up | {r['faiss']['seconds'] / r['cells']['seconds']:.2f}× "
+            ratio = r["faiss"]["seconds"] / r["cells"]["seconds"]
+            print(f"| {r['n']:,} | speed-up | {ratio:.2f}× "
                   f"| {r['cells']['recall'] - r['faiss']['recall']:+.4f} | | |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,8 @@ from speler.graph.knn import build_knn
 def _unit_clusters(n: int, d: int, seed: int = 0, centers: int = 12, noise: float = 0.6):
     rng = np.random.default_rng(seed)
     means = rng.standard_normal((centers, d)) * 2
-    x = (means[rng.integers(0, centers, n)] + noise * rng.standard_normal((n, d))).astype(np.float32)
+    x = means[rng.integers(0, centers, n)] + noise * rng.standard_normal((n, d))
+    x = x.astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 

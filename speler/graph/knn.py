@@ -30,9 +30,10 @@ samples. The index is chosen by ``GraphConfig.index``:
   (float32 throughout) on the CPU, for tests and machines without faiss.
 
 An approximate graph is checked against exact search on ``GraphConfig.recall_queries`` random
-queries (exact search in torch, ``cells.exact_top``); ``KnnGraph.recall`` is the mean recall@k (a neighbour found counts as correct when its
-similarity reaches the exact k-th similarity, so ties among duplicates are not penalised). For exact
-methods ``recall`` is ``None``: it is 1 by construction and is not measured.
+queries (exact search in torch, ``cells.exact_top``); ``KnnGraph.recall`` is the mean recall@k (a
+neighbour found counts as correct when its similarity reaches the exact k-th similarity, so ties
+among duplicates are not penalised). For exact methods ``recall`` is ``None``: it is 1 by
+construction and is not measured.
 
 Edge cases, by design: a sample never counts as its own neighbour (also with exact duplicates);
 an all-zero embedding row has similarity 0 to everything and ends up isolated in the affinity; a
