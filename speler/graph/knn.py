@@ -15,7 +15,7 @@ samples. The index is chosen by ``GraphConfig.index``:
   of ``recall_queries`` indexed points reaches ``target_recall`` (``cells.nprobe_for_recall``);
   the graph's recall is then measured on another sample, as for every approximate graph. (Until
   2026-11 this was faiss's ``IndexIVFFlat`` with a re-rank, at a fixed nprobe of 32: at 1M
-  samples 2× slower and 0.926 recall against 0.963, ``benchmarks/knn_index.py``.)
+  samples on one thread 436 s at recall 0.926, against 189 s at 0.962, ``benchmarks/knn_index.py``.)
 - ``"hnsw"``: a navigable small-world graph (``IndexHNSWFlat``), also re-ranked exactly.
 - ``"gpu-flat"``: exact search on the GPU, used for every n when faiss sees a GPU and
   ``GraphConfig.use_gpu`` is set.

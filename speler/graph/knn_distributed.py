@@ -23,9 +23,10 @@ id, ids global), and the query itself is dropped as ``build_knn`` does.
   is home with complete lists. Indexes never move. A shard's index has ``_ivf_cells(rows)`` cells
   and probes ``nprobe`` of them (for nprobe 0, as many as reach ``target_recall`` on the shard's
   own rows), so a query scans more of the data than against one index of all n (recall at least
-  about the single process's, search work per query up to ``world`` times more). An IVF shard of fewer than ``MIN_IVF_ROWS`` rows (too few to train 16 cells) is searched
-  exactly instead; an empty shard has no index. With one rank the index and its results are those
-  of ``build_knn`` with the same config (up to the order of tied similarities).
+  about the single process's, search work per query up to ``world`` times more). An IVF shard of
+  fewer than ``MIN_IVF_ROWS`` rows (too few to train 16 cells) is searched exactly instead; an
+  empty shard has no index. With one rank the index and its results are those of ``build_knn``
+  with the same config (up to the order of tied similarities).
   Recall is measured as ``build_knn`` measures it: the same ``GraphConfig.recall_queries`` seeded
   queries drawn over all n (``knn._recall_queries``), each rank taking the ones it owns; they ride
   the same ring and are searched exactly against each rank's raw shard rows, and a neighbour found
