@@ -169,3 +169,15 @@ def test_cells_no_point_falls_in_are_dropped_and_zero_rows_are_searched():
     index = CellIndex(xn, cells=60, seed=0)
     assert index.cells < 60 and (index.counts > 0).all()
     assert int(index.counts.sum()) == 300 and index.cell_of.max() < index.cells
+
+
+def test_queries_searched_in_blocks_give_the_same_lists_and_report_progress(monkeypatch):
+    x = _unit_clusters(1200, 10, seed=13)
+    index = CellIndex(x, cells=30, seed=0, nprobe=6)
+    whole_s, whole_i = index.search_indexed(9)
+    monkeypatch.setattr(cells, "_QUERY_ROWS", 250)  # 5 blocks, the last one short
+    calls = []
+    s, i = index.search_indexed(9, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(250, 1200), (500, 1200), (750, 1200), (1000, 1200), (1200, 1200)]
+    np.testing.assert_allclose(s, whole_s, atol=1e-6)
+    assert (np.sort(i, axis=1) == np.sort(whole_i, axis=1)).mean() > 0.999
