@@ -22,7 +22,6 @@ benchmarks/results/knn_index.json (one entry per n).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from propagation import PeakRSS, synthetic  # noqa: E402
+from propagation import PeakRSS, merge_results, synthetic  # noqa: E402
 
 from speler.config import GraphConfig  # noqa: E402
 from speler.graph import knn  # noqa: E402
@@ -127,13 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = r["faiss"]["seconds"] / r["cells"]["seconds"]
             print(f"| {r['n']:,} | speed-up | {ratio:.2f}× "
                   f"| {r['cells']['recall'] - r['faiss']['recall']:+.4f} | | |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    merged = json.loads(out.read_text()) if out.exists() else {}
-    for r in results:
-        merged[str(r["n"])] = r
-    out.write_text(json.dumps(merged, indent=1, sort_keys=True, default=float))
-    print(f"\nwrote {out}")
+    merge_results(Path(args.out), results)
     return 0 if all(math.isfinite(r["cells"]["recall"]) for r in results) else 1
 
 

@@ -315,14 +315,18 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
     print_table(results)
-    out = Path(args.out)
+    merge_results(Path(args.out), results)
+    return 0
+
+
+def merge_results(out: Path, results: list[dict]) -> None:
+    """Write each result into the JSON at ``out`` under its n, keeping the other n's entries."""
     out.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(out.read_text()) if out.exists() else {}
     for r in results:
         merged[str(r["n"])] = r
     out.write_text(json.dumps(merged, indent=1, sort_keys=True, default=float))
     print(f"\nwrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
