@@ -10,8 +10,8 @@ import pytest
 from speler.config import GraphConfig
 from speler.errors import ConfigError
 from speler.graph import cells
-from speler.graph.cells import CellIndex, exact_top, nprobe_for_recall
-from speler.graph.knn import build_knn
+from speler.graph.cells import CellIndex, nprobe_for_recall
+from speler.graph.knn import _torch_search, build_knn
 
 
 def _unit_clusters(n: int, d: int, seed: int = 0, centers: int = 12, noise: float = 0.6):
@@ -87,7 +87,7 @@ def test_nprobe_for_recall_is_the_fewest_cells_and_its_recall_is_exact():
     assert 1 < p < 64 and reached >= 0.9
     index.nprobe = p
     sims, ids = index.search(x[queries], 11, own=index.cell_of.numpy()[queries])
-    _, ref_i = exact_top(x, x[queries], 11)  # column 0 is each query itself
+    _, ref_i = _torch_search(x, 11, "cpu", None, queries=x[queries])  # column 0: itself
     found = np.mean([len(set(ids[j]) & set(ref_i[j, 1:])) / 10 for j in range(len(queries))])
     assert found == pytest.approx(reached, abs=1e-9)  # the promised recall, exactly
     _, fewer = nprobe_for_recall(index, x, queries, 10, 1.0 + 1e-9, p - 1)
@@ -96,13 +96,15 @@ def test_nprobe_for_recall_is_the_fewest_cells_and_its_recall_is_exact():
     assert p_cap == 3 and short < 1.0
 
 
-def test_exact_top_equals_brute_force():
-    x = _unit_clusters(70_000, 8, seed=5)  # more rows than one block of 65,536
-    q = x[[3, 69_999, 12_345]]
-    s, i = exact_top(x, q, 6)
-    ref_s, ref_i = _brute(x, q, 6)
-    np.testing.assert_allclose(s, ref_s, atol=2e-6)
-    assert i[:, 0].tolist() == [3, 69_999, 12_345]
+def test_exact_search_of_other_queries_equals_brute_force():
+    x = _unit_clusters(30_000, 8, seed=5)
+    q = x[::10]  # 3,000 queries: two blocks of query rows against all 30,000 rows
+    s, i = _torch_search(x, 6, "cpu", None, queries=q)
+    assert s.shape == (3000, 6) and i.dtype == np.int64
+    for lo in range(0, 3000, 500):
+        ref_s, _ = _brute(x, q[lo:lo + 500], 6)
+        np.testing.assert_allclose(s[lo:lo + 500], ref_s, atol=2e-6)
+    assert (i[:, 0] == np.arange(0, 30_000, 10)).mean() > 0.999  # each query finds itself
 
 
 def test_build_knn_chooses_nprobe_for_the_target_and_reports_a_recall_near_it(caplog):

@@ -264,7 +264,9 @@ def nprobe_for_recall(index: CellIndex, x: np.ndarray, queries: np.ndarray, k: i
     It is exact for those queries: the search finds a neighbour exactly when its cell is probed.
     Where even ``cap`` cells fall short, (cap, its recall)."""
     qids = torch.from_numpy(np.asarray(queries, dtype=np.int64))
-    _, top = exact_top(x, x[queries], k + 1)
+    from speler.graph.knn import _torch_search  # knn imports this module when it needs it
+
+    _, top = _torch_search(x, k + 1, "cpu", None, queries=x[queries])
     not_self = np.argsort(top == queries[:, None], axis=1, kind="stable")[:, :k]
     neighbour_cells = index.cell_of[torch.from_numpy(np.take_along_axis(top, not_self, 1))]
     q, own = torch.from_numpy(x[queries]), index.cell_of[qids]
@@ -283,21 +285,6 @@ def nprobe_for_recall(index: CellIndex, x: np.ndarray, queries: np.ndarray, k: i
         else:
             lo = mid + 1
     return lo, recall(lo)
-
-
-def exact_top(x: np.ndarray, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sims float32 (m, kk), ids int64 (m, kk)): the kk rows of x most similar to each row of q
-    by inner product, best first (exact; x in blocks of 65,536 rows)."""
-    xt, qt = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
-    kk = int(min(kk, xt.shape[0]))
-    best_s = torch.full((len(qt), kk), -math.inf)
-    best_i = torch.full((len(qt), kk), -1, dtype=torch.int64)
-    for lo in range(0, xt.shape[0], 1 << 16):
-        s = qt @ xt[lo:lo + (1 << 16)].T
-        v, col = torch.topk(s, min(kk, s.shape[1]), dim=1)
-        best_s, pick = torch.topk(torch.cat([best_s, v], 1), kk, dim=1)
-        best_i = torch.gather(torch.cat([best_i, col + lo], 1), 1, pick)
-    return best_s.numpy(), best_i.numpy()
 
 
 def _rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

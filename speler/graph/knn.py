@@ -30,7 +30,7 @@ samples. The index is chosen by ``GraphConfig.index``:
   (float32 throughout) on the CPU, for tests and machines without faiss.
 
 An approximate graph is checked against exact search on ``GraphConfig.recall_queries`` random
-queries (exact search in torch, ``cells.exact_top``); ``KnnGraph.recall`` is the mean recall@k (a
+queries (exact search in torch, ``_torch_search``); ``KnnGraph.recall`` is the mean recall@k (a
 neighbour found counts as correct when its similarity reaches the exact k-th similarity, so ties
 among duplicates are not penalised). For exact methods ``recall`` is ``None``: it is 1 by
 construction and is not measured.
@@ -428,9 +428,11 @@ def _exact_matmuls(torch):
 
 def _torch_search(x: np.ndarray, kk: int, device: str,
                   progress: Callable[[int, int], None] | None, *,
-                  half: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``kk`` inner products of every row of x (float32 (n, d), rows of norm 1 or 0)
-    against all rows, in torch: (sims float32 (n, kk), indices int64 (n, kk)), best first.
+                  half: bool | None = None, queries: np.ndarray | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``kk`` inner products of every row of ``queries`` (default: x itself; float32
+    (m, d)) against all rows of x (float32 (n, d), rows of norm 1 or 0), in torch: (sims float32
+    (m, kk), indices int64 (m, kk)), best first.
 
     Blocks of query rows × all rows, then top-k of each block. CPU: float32 scores. CUDA: the
     data lives on the GPU in float16 and float32; float16 scores give ``2 kk + TORCH_EXTRA``
@@ -447,40 +449,44 @@ def _torch_search(x: np.ndarray, kk: int, device: str,
     half = cuda if half is None else half
     full = torch.from_numpy(x).to(dev)
     low = full.half() if half else full
+    q_full = full if queries is None else torch.from_numpy(
+        np.ascontiguousarray(queries, dtype=np.float32)).to(dev)
+    q_low = q_full.half() if half else q_full
+    nq = q_full.shape[0]
     m = min(n, 2 * kk + TORCH_EXTRA) if half else kk
     if cuda:
         free, _ = torch.cuda.mem_get_info(dev)
         budget = min(4 << 30, free // 8)  # bytes per block of scores (and of re-rank gathers)
     else:
         budget = 256 << 20
-    rows = int(max(1, min(n, budget // (n * low.element_size()), budget // (4 * m * d + 1))))
-    sims = np.empty((n, kk), dtype=np.float32)
-    idx = np.empty((n, kk), dtype=np.int64)
+    rows = int(max(1, min(nq, budget // (n * low.element_size()), budget // (4 * m * d + 1))))
+    sims = np.empty((nq, kk), dtype=np.float32)
+    idx = np.empty((nq, kk), dtype=np.int64)
     eps = _fp16_error(d)
     again = 0
     with _exact_matmuls(torch) if cuda else contextlib.nullcontext():
-        for lo in range(0, n, rows):
-            hi = min(n, lo + rows)
-            top_s, top_i = torch.topk(low[lo:hi] @ low.T, m, dim=1)
+        for lo in range(0, nq, rows):
+            hi = min(nq, lo + rows)
+            top_s, top_i = torch.topk(q_low[lo:hi] @ low.T, m, dim=1)
             if half:
                 # float32 re-rank of the candidates (elementwise: no TF32 whatever the settings)
-                exact = (full[top_i] * full[lo:hi, None, :]).sum(-1)
+                exact = (full[top_i] * q_full[lo:hi, None, :]).sum(-1)
                 exact, order = torch.sort(exact, dim=1, descending=True)
                 top_i = top_i.gather(1, order)
                 if m < n:
                     unsure = torch.nonzero(top_s[:, -1].float() + eps >= exact[:, kk - 1])[:, 0]
                     again += unsure.numel()
                     if unsure.numel():  # rare: search those rows again in float32
-                        again_s, again_i = torch.topk(full[lo + unsure] @ full.T, kk, dim=1)
+                        again_s, again_i = torch.topk(q_full[lo + unsure] @ full.T, kk, dim=1)
                         exact[unsure, :kk], top_i[unsure, :kk] = again_s, again_i
                 top_s, top_i = exact[:, :kk], top_i[:, :kk]
             sims[lo:hi] = top_s.float().cpu().numpy()
             idx[lo:hi] = top_i.cpu().numpy()
             if progress is not None:
-                progress(hi, n)
+                progress(hi, nq)
     if half:
         logger.info("torch kNN on %s: %d of %d rows searched again in float32 (float16 margin"
-                    " %.2e)", device, again, n, eps)
+                    " %.2e)", device, again, nq, eps)
     return sims, idx
 
 
@@ -521,11 +527,9 @@ def _drop_self(
 
 def _recall(x: np.ndarray, idx: np.ndarray, sims: np.ndarray, k: int, config: GraphConfig) -> float:
     """Mean recall@k of (idx, sims) on a random sample of queries, against exact search."""
-    from speler.graph.cells import exact_top  # torch, only when needed
-
     queries = _recall_queries(x.shape[0], config)
     with torch_threads(0):
-        s_ex, i_ex = exact_top(x, x[queries], k + 1)
+        s_ex, i_ex = _torch_search(x, k + 1, "cpu", None, queries=x[queries])
     found = _recall_found(idx[queries], sims[queries], i_ex, s_ex, queries, k)
     return float(found.mean() / k)
 
