@@ -135,9 +135,13 @@ def select_device(preference: str = "auto") -> str:
     raise ConfigError(f"train.device must be 'auto', 'cpu' or 'cuda', got {preference!r}")
 
 
-def _check_finite(ds: SequenceSet, what: str) -> None:
-    bad = ~np.isfinite(ds.x).reshape(ds.n, -1).all(axis=1)
-    if bad.any():
+def _check_finite(ds: SequenceSet, what: str, finite: np.ndarray | None = None) -> None:
+    """DataFormatError naming the first sample of ``ds`` with a NaN or inf. ``finite``: bool (N,)
+    per sample when the caller has it already (embed checks on the GPU), else computed here."""
+    if finite is None:
+        finite = np.isfinite(ds.x).reshape(ds.n, -1).all(axis=1)
+    if not finite.all():
+        bad = ~finite
         i = int(np.flatnonzero(bad)[0])
         raise DataFormatError(
             f"{what}: sample {i} (id {str(ds.ids[i])!r}) of {ds.where} has non-finite values"
@@ -210,14 +214,19 @@ def _upload(t: torch.Tensor, device) -> torch.Tensor:
 
 class _Rows:
     """Samples of a float32 array (N, ...) handed out as batches on ``device``: the array is
-    copied there once when it fits (``DEVICE_SHARE`` of the free GPU memory), else each batch
-    is copied as it is asked for. On the CPU the array is used in place."""
+    copied there once when it fits (``DEVICE_SHARE`` of the free GPU memory) and ``resident``,
+    else each batch is copied as it is asked for (through pinned memory, without waiting for the
+    GPU). On the CPU the array is used in place.
 
-    def __init__(self, x: np.ndarray, device: str) -> None:
+    Training reads random rows many times over: resident. A single pass in order (``embed``)
+    streams: a whole upload first is one blocking copy from pageable memory before the GPU has
+    any work, where batch copies queue behind the batches before them."""
+
+    def __init__(self, x: np.ndarray, device: str, *, resident: bool = True) -> None:
         self.device = device
         self.host = torch.from_numpy(np.ascontiguousarray(x))
         self.data = self.host
-        if torch.device(device).type == "cuda":
+        if resident and torch.device(device).type == "cuda":
             free, _ = torch.cuda.mem_get_info(torch.device(device))
             if self.host.nbytes <= DEVICE_SHARE * free:
                 self.data = self.host.to(device)
@@ -281,8 +290,8 @@ class _Augment:
         if ds.layout.spine is None:
             return 1
         lo, hi = ds.layout.spine
-        xyz = ds.x[:, self.coords]
-        v = (xyz[:, :, :, hi] - xyz[:, :, :, lo]).mean(axis=(0, 2, 3))
+        ends = ds.x[:, :, :, [hi, lo]][:, self.coords]  # the two joints first: a small copy
+        v = (ends[:, :, :, 0] - ends[:, :, :, 1]).mean(axis=(0, 2, 3))
         return int(np.argmax(np.abs(v))) if np.abs(v).max() > 0 else 1
 
     def __call__(self, x: torch.Tensor, lengths: torch.Tensor,
@@ -695,16 +704,16 @@ def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int | None = None,
     progress(done, N) after each batch is queued (on CUDA the GPU may still be working on it).
     The model is moved to ``device`` (default: where it is) and left in eval mode.
 
-    On CUDA nothing waits for the GPU until the end: the samples are on the GPU at once when they
-    fit (else each batch is copied without blocking), every batch has the same shape (the last
-    one is padded with empty samples, whose rows are dropped), the outputs stay on the GPU and
-    come back in one copy.
+    On CUDA nothing waits for the GPU until the end: each batch is copied through pinned memory
+    without blocking, every batch has the same shape (the last one is padded with empty samples,
+    whose rows are dropped), the outputs stay on the GPU and come back in one copy, and the
+    samples are checked for NaN and inf there, batch by batch, instead of by a pass over the
+    whole array on the host first (which took longer than the copies).
     """
     if not isinstance(ds, SequenceSet):
         raise DataFormatError(f"embed expects a SequenceSet, got {type(ds).__name__}")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"embed batch_size must be >= 1, got {batch_size}")
-    _check_finite(ds, "embed")
     if device is None:
         param = next(model.parameters(), None)
         device = str(param.device) if param is not None else "cpu"
@@ -713,13 +722,18 @@ def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int | None = None,
     cuda = device.startswith("cuda")
     if batch_size is None:
         batch_size = EMBED_BATCH_CUDA if cuda else EMBED_BATCH_CPU
+    if not cuda:
+        _check_finite(ds, "embed")
     model.to(device).eval()
-    rows = _Rows(ds.x, device)
+    rows = _Rows(ds.x, device, resident=False)
     outputs = []  # per batch: (B, d_t + d_f + 2 C) float32 on the device
+    finite = []  # CUDA: per batch, bool (B,) on the device
     with torch.inference_mode(), _threads(0, device):
         for start in range(0, ds.n, batch_size):
             stop = min(start + batch_size, ds.n)
             xb = rows.slice(start, stop)
+            if cuda:
+                finite.append(torch.isfinite(xb).flatten(1).all(1))
             if cuda and stop - start < batch_size:  # one shape for every batch (cuDNN plans)
                 xb = torch.cat([xb, xb.new_zeros((batch_size - (stop - start),) + xb.shape[1:])])
             with _autocast(device, cuda):
@@ -731,6 +745,8 @@ def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int | None = None,
             if progress is not None:
                 progress(stop, ds.n)
     every = torch.cat(outputs).cpu().numpy()  # the one copy back
+    if cuda:
+        _check_finite(ds, "embed", torch.cat(finite).cpu().numpy())
     d_t, d_f = out.emb_time.shape[1], out.emb_freq.shape[1]
     k = out.logits_time.shape[1]
     cut = np.cumsum([d_t, d_f, k])

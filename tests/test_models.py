@@ -311,3 +311,32 @@ def test_static_forward_equals_running_only_the_present_person_slots(training, s
                 assert a.grad is None or not a.grad.any(), name
             else:
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 5, 3), (6, 4), (6, 4, 7)], ids=["2d", "1d-flat", "1d"])
+def test_masked_batch_norm_matches_its_definition_and_gradcheck(shape):
+    """The masked BatchNorm's own forward and backward (``_MaskedBatchNorm``) against the plain
+    formula in float64: statistics over the masked-in rows only, every row normalised, and
+    gradients that torch's finite differences confirm, also where the masked-out rows' outputs
+    carry gradient."""
+    from speler.models.net import _MaskedBatchNorm
+
+    g = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(*shape, generator=g, dtype=torch.float64) + 1).requires_grad_()
+    w = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.float32)
+    gamma = torch.randn(shape[1], generator=g, dtype=torch.float64).requires_grad_()
+    beta = torch.randn(shape[1], generator=g, dtype=torch.float64).requires_grad_()
+    dims = [0, *range(2, len(shape))]
+    view = (1, -1) + (1,) * (len(shape) - 2)
+    rows = x.detach()[w.bool()]
+    mean = rows.mean(dims)
+    var = (rows - mean.view(view)).square().mean(dims)
+    want = (x.detach() - mean.view(view)) / torch.sqrt(var + 1e-5).view(view)
+    want = want * gamma.detach().view(view) + beta.detach().view(view)
+    y, m, v, count = _MaskedBatchNorm.apply(x, w, gamma, beta, 1e-5)
+    assert y.dtype == torch.float64 and float(count) == 4 * x[0, 0].numel()
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v, var, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: _MaskedBatchNorm.apply(a, w, b, c, 1e-5)[0], (x, gamma, beta))
