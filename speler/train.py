@@ -55,6 +55,7 @@ from speler.errors import CancelledError, CheckpointError, ConfigError, DataForm
 from speler.models import losses
 from speler.models.net import ARCH_FIELDS, SpelerNet, build_model, paper_config
 from speler.system import torch_threads
+from speler.train_step import TrainStep
 
 logger = logging.getLogger(__name__)
 
@@ -369,11 +370,14 @@ def _recalibrate_batch_norm(model: nn.Module, rows: _Rows, idx: np.ndarray, *, b
     model.eval()
 
 
-def _autocast(device: str, enabled: bool):
+def _autocast(device: str, enabled: bool, *, cache: bool = True):
+    """Mixed precision on CUDA (bfloat16 where the GPU has it, else float16) when ``enabled``.
+    cache=False for a pass recorded into a CUDA graph (autocast's cache of cast weights must not
+    outlive the capture)."""
     if not enabled:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=cache)
 
 
 def _batches(order: np.ndarray, size: int, *, fixed: bool = False) -> list[np.ndarray]:
@@ -406,32 +410,42 @@ def _rank_steps(batches: list[np.ndarray], rank: int, world: int) -> list[tuple[
             for i in range(rank, steps * world, world)]
 
 
-def _batch_loss(out, target: torch.Tensor, human: torch.Tensor, other: torch.Tensor,
-                weight: torch.Tensor, *, prior: torch.Tensor | None,
-                config: TrainConfig) -> dict[str, torch.Tensor]:
+def _batch_loss(out, target: torch.Tensor, human: torch.Tensor, weight: torch.Tensor, *,
+                prior: torch.Tensor | None, config: TrainConfig) -> dict[str, torch.Tensor]:
     """Loss terms of one batch: CE of both heads and the cross-domain SupCon on the human-labeled
     rows, ω-weighted pseudo-label CE of both heads on the others, and their weighted sum.
 
-    human, other: int64 positions in the batch (on its device) of the human-labeled rows and of
-    the others, increasing; the caller knows them on the host, so nothing here waits for the
-    device (a boolean mask would: its number of rows is only known after a sync)."""
+    human: bool (B,) on the batch's device, the human-labeled rows. Every term is computed over
+    the whole batch and masked, so the shapes never depend on how many rows are human-labeled:
+    nothing waits for the device and the step can be captured as a CUDA graph. A term whose rows
+    are absent is 0."""
     lt, lf = out.logits_time.float(), out.logits_freq.float()
-    zero = lt.new_zeros(())
-    ce = con = pl = zero
+    h = human.float()
+    o = 1.0 - h
     tau = config.logit_tau
-    if human.numel():
-        th = target[human]
-        ce = (losses.cross_entropy(lt[human], th, prior=prior, tau=tau).mean()
-              + losses.cross_entropy(lf[human], th, prior=prior, tau=tau).mean())
-        if config.contrastive_weight > 0:
-            con = losses.cross_domain_supcon(out.pre_time[human], out.pre_freq[human], th,
-                                             temperature=config.temperature)
-    if other.numel() and config.pseudo_weight > 0:
-        tp, wp = target[other], weight[other]
-        pl = (losses.pseudo_label_ce(lt[other], tp, wp, prior=prior, tau=tau)
-              + losses.pseudo_label_ce(lf[other], tp, wp, prior=prior, tau=tau))
+    n_h, n_o = h.sum().clamp(min=1.0), o.sum().clamp(min=1.0)
+    ce = ((losses.cross_entropy(lt, target, prior=prior, tau=tau) * h).sum()
+          + (losses.cross_entropy(lf, target, prior=prior, tau=tau) * h).sum()) / n_h
+    con = pl = lt.new_zeros(())
+    if config.contrastive_weight > 0:
+        con = losses.cross_domain_supcon(out.pre_time, out.pre_freq, target,
+                                         temperature=config.temperature, mask=human)
+    if config.pseudo_weight > 0:
+        wo = weight * o
+        pl = (losses.pseudo_label_ce(lt, target, wo, prior=prior, tau=tau, rows=n_o)
+              + losses.pseudo_label_ce(lf, target, wo, prior=prior, tau=tau, rows=n_o))
     loss = ce + config.contrastive_weight * con + config.pseudo_weight * pl
     return {"loss": loss, "ce": ce, "contrastive": con, "pseudo": pl}
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group's learning rate to ``lr``; a tensor learning rate (a step replayed
+    from a CUDA graph reads it where it is) is filled in place."""
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 @torch.no_grad()
@@ -541,13 +555,17 @@ def fit(
             where = torch.device(device)
             local = torch.cuda.current_device() if cuda and where.index is None else where.index
             net = nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
-        # fused: one kernel for every parameter's update on CUDA (not offered on the CPU path)
-        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                               **({"fused": True} if cuda else {}))
-        epochs = config.warm_epochs if warm and config.warm_epochs > 0 else config.epochs
-        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-                 if config.lr_schedule == "cosine" else None)
         scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported())
+        # the step replayed from a CUDA graph (train_step): one process (DDP's hooks are not
+        # captured here) and no float16 loss scaling (its overflow check reads on the host)
+        graph = cuda and config.cuda_graph and world == 1 and not scaler.is_enabled()
+        # fused: one kernel for every parameter's update on CUDA (not offered on the CPU path);
+        # for a graph the learning rate is a tensor on the device, filled in place each epoch
+        opt = torch.optim.Adam(
+            model.parameters(), weight_decay=config.weight_decay,
+            lr=torch.tensor(config.lr, device=device) if graph else config.lr,
+            **({"fused": True, "capturable": graph} if cuda else {}))
+        epochs = config.warm_epochs if warm and config.warm_epochs > 0 else config.epochs
         counts = np.bincount(y[train_idx], minlength=k).astype(np.float64)
         counts += np.bincount(pseudo[pseudo_idx], weights=weights[pseudo_idx], minlength=k)
         prior = losses.log_prior(counts).to(device) if config.balanced_loss else None
@@ -562,6 +580,26 @@ def fit(
         target = torch.from_numpy(np.where(y >= 0, y, pseudo)).to(device)
         w_all = torch.from_numpy(weights).to(device)
         human_all = y >= 0
+        human_dev = torch.from_numpy(human_all).to(device)
+        keys = ("loss", "ce", "contrastive", "pseudo")
+
+        def body(xb: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:
+            """One step on the (augmented) rows ``ti``: the loss terms and the number of human
+            labels the time-and-frequency average gets right, float64 (5,) on the device."""
+            tb, wb, hb = target[ti], w_all[ti], human_dev[ti]
+            with _autocast(device, amp, cache=not graph):
+                out = net(xb)
+            terms = _batch_loss(out, tb, hb, wb, prior=prior, config=config)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(opt)
+            scaler.update()
+            with torch.no_grad():
+                right = ((out.probs.argmax(-1) == tb) & hb).sum()
+                return torch.cat([torch.stack([terms[key].detach() for key in keys]).double(),
+                                  right.double().view(1)])
+
+        step = TrainStep(body, graph=graph)
         # Pseudo-labels join after a supervised warm-up, unless the model is already trained
         # (warm start) or there are no human labels to warm up on.
         warmup = 0 if warm or len(train_idx) == 0 else config.supervised_epochs
@@ -588,41 +626,29 @@ def fit(
             # Batch figures stay on the device and are read once per epoch: reading them per
             # batch would make the host wait for the GPU every step. Loss sums in float64 add up
             # exactly as Python floats did.
-            keys = ("loss", "ce", "contrastive", "pseudo")
             sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
+            correct = torch.zeros((), dtype=torch.float64, device=device)
             seen = rows_done = 0  # human-labeled rows scored, rows trained on (padding too)
             for part, counted in _rank_steps(_batches(order, batch_size, fixed=cuda), rank,
                                               world):
                 xb = rows.take(part)
                 if augment is not None:
                     xb = augment(xb, len_all[torch.from_numpy(part)], aug_gen)
-                # which rows are human-labeled is known here, on the host
-                hb = _upload(torch.from_numpy(np.flatnonzero(human_all[part])), device)
-                ob = _upload(torch.from_numpy(np.flatnonzero(~human_all[part])), device)
-                ti = _upload(torch.from_numpy(part), device)
-                tb, wb = target[ti], w_all[ti]
-                with _autocast(device, amp):
-                    out = net(xb)
-                terms = _batch_loss(out, tb, hb, ob, wb, prior=prior, config=config)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(terms["loss"]).backward()
-                scaler.step(opt)
-                scaler.update()
+                figures = step(xb, _upload(torch.from_numpy(part), device))
                 if not counted:
                     continue
                 with torch.no_grad():
-                    sums += torch.stack([terms[key].detach() for key in keys]).double() * len(part)
-                    correct += (out.probs.argmax(-1)[hb] == tb[hb]).sum()
-                seen += hb.numel()
+                    sums += figures[:len(keys)] * len(part)
+                    correct += figures[len(keys)]
+                seen += int(np.count_nonzero(human_all[part]))  # known here, on the host
                 rows_done += len(part)
             if world > 1:  # the epoch's figures over every rank's batches
                 total = dist.all_reduce_array(np.append(sums.cpu().numpy(),
                                                         [int(correct), seen, rows_done]))
                 sums, correct = torch.from_numpy(total[:-3]), int(total[-3])
                 seen, rows_done = int(total[-2]), int(total[-1])
-            if sched is not None:
-                sched.step()
+            if config.lr_schedule == "cosine":  # cosine annealing to 0 over the epochs
+                _set_lr(opt, 0.5 * config.lr * (1 + math.cos(math.pi * (epoch + 1) / epochs)))
             if len(order):
                 _recalibrate_batch_norm(model, rows, np.sort(order[:BN_SAMPLES]),
                                         batch_size=max(batch_size, 64), amp=amp)
@@ -663,7 +689,8 @@ def fit(
         else:
             best_epoch, best_metric = len(history), float("nan")
         model.eval()
-        del net  # the DDP wrapper; the plain module is returned
+        net = step = None  # the DDP wrapper and the CUDA graph (its memory) go; the model stays
+        model.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t_start
     logger.info("fit: %d epochs, best %d (holdout %.3f), %.1f s on %s", len(history), best_epoch,
                 best_metric, seconds, device)

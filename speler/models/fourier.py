@@ -19,14 +19,15 @@ from speler.models.fusion import AttentionFusion
 
 
 def spectrum(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, T, V) float -> (B, 3·C·V, T // 2 + 1) float32 spectrum features.
+    """(B, C, T, V) float -> (B, 3·C·V, T // 2 + 1) spectrum features, float32 (float64 for a
+    float64 x).
 
     Rows: log-amplitude ``a = log1p|X|``, then the phase as ``a·cos(angle)`` and ``a·sin(angle)``.
     Weighting the phase by the amplitude keeps the (random) phase of near-silent bins and joints
     from looking as loud as the phase of the motion, and avoids the jump of the angle at ±pi.
     """
     b, c, t, v = x.shape
-    seq = x.float().permute(0, 1, 3, 2).reshape(b, c * v, t)
+    seq = x.to(torch.promote_types(x.dtype, torch.float32)).permute(0, 1, 3, 2).reshape(b, c * v, t)
     spec = torch.fft.rfft(seq, dim=-1, norm="ortho")
     mag = spec.abs()
     amp = torch.log1p(mag)

@@ -35,6 +35,7 @@ def cross_entropy(
 
 def cross_domain_supcon(
     z_time: torch.Tensor, z_freq: torch.Tensor, labels: torch.Tensor, *, temperature: float = 0.2,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-domain supervised contrastive loss, a scalar.
 
@@ -43,6 +44,10 @@ def cross_domain_supcon(
     positives are the candidates with the same label (always including the sample itself), as in
     SupCon (Khosla et al. 2020) but across domains. Symmetrised (frequency anchors against time
     candidates).
+
+    mask: bool (B,), the rows that take part (None = all): the loss of those rows alone, computed
+    with the shapes of the whole batch, so that a caller need not know on the host how many there
+    are (0 when there are none).
     """
     if z_time.shape[0] == 0:
         return z_time.sum() * 0.0
@@ -50,25 +55,38 @@ def cross_domain_supcon(
     zf = F.normalize(z_freq.float(), dim=-1)
     sim = zt @ zf.T / temperature
     pos = (labels[:, None] == labels[None, :]).float()
-    npos = pos.sum(1)
-    loss_tf = -(F.log_softmax(sim, dim=1) * pos).sum(1) / npos
-    loss_ft = -(F.log_softmax(sim.T, dim=1) * pos).sum(1) / npos
-    return 0.5 * (loss_tf.mean() + loss_ft.mean())
+    if mask is None:
+        npos = pos.sum(1)
+        loss_tf = -(F.log_softmax(sim, dim=1) * pos).sum(1) / npos
+        loss_ft = -(F.log_softmax(sim.T, dim=1) * pos).sum(1) / npos
+        return 0.5 * (loss_tf.mean() + loss_ft.mean())
+    m = mask.float()
+    pair = m[:, None] * m[None, :]
+    pos = pos * pair
+    npos = pos.sum(1).clamp(min=1.0)
+    # rows and columns outside the mask are never candidates: exp(-1e4) is exactly 0 in float32
+    keep = pair > 0
+    loss_tf = -(F.log_softmax(torch.where(keep, sim, -1e4), dim=1) * pos).sum(1) / npos
+    loss_ft = -(F.log_softmax(torch.where(keep, sim.T, -1e4), dim=1) * pos).sum(1) / npos
+    rows = m.sum().clamp(min=1.0)
+    return 0.5 * ((loss_tf * m).sum() + (loss_ft * m).sum()) / rows
 
 
 def pseudo_label_ce(
     logits: torch.Tensor, pseudo: torch.Tensor, weights: torch.Tensor, *,
-    prior: torch.Tensor | None = None, tau: float = 1.0,
+    prior: torch.Tensor | None = None, tau: float = 1.0, rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Energy-weighted pseudo-label cross-entropy, a scalar: sum_i w_i CE_i / number of rows.
 
     logits (B, K); pseudo int64 (B,) pseudo-labels; weights float (B,) = ω from propagation energy
-    (``omega``), 0 where a sample must not count. Empty input gives 0.
+    (``omega``), 0 where a sample must not count. Empty input gives 0. rows: the number of rows
+    to divide by (a tensor, when only some of the B rows are pseudo-labeled ones and the others
+    have weight 0); default B.
     """
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     ce = cross_entropy(logits, pseudo, prior=prior, tau=tau)
-    return (weights.float() * ce).sum() / logits.shape[0]
+    return (weights.float() * ce).sum() / (logits.shape[0] if rows is None else rows)
 
 
 def omega(energy: np.ndarray) -> np.ndarray:

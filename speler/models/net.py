@@ -370,10 +370,11 @@ class SpelerNet(nn.Module):
     def _branches(self, xp: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Both branches on the person slots xp (slots, C, T, V); ``rows``: the slots that hold a
         person, for the BatchNorm statistics in training (None = all of them)."""
+        full = torch.promote_types(xp.dtype, torch.float32)  # float32 under autocast
         with _person_rows(self, rows):
-            h_t = self.time_branch(self.data_bn(xp)).float()
+            h_t = self.time_branch(self.data_bn(xp)).to(full)
             with torch.autocast(device_type=xp.device.type, enabled=False):
-                h_f = self.freq_branch(xp.float())
+                h_f = self.freq_branch(xp.to(full))
         return h_t, h_f
 
     @staticmethod
