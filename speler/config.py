@@ -51,7 +51,7 @@ class TrainConfig:
     balanced_loss: bool = True  # logit-adjusted cross-entropy for the long tail
     augment: bool = True
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
-    cuda_graph: bool = True  # on CUDA, replay the training step from a CUDA graph (train_step)
+    cuda_graph: bool = True  # on CUDA, replay fit's step from a CUDA graph (speler.cuda_graph)
     device: str = "auto"  # "auto", "cpu" or "cuda"
     seed: int = 0
     num_threads: int = 0  # torch CPU threads; 0 = the cores no other task is busy on when

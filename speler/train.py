@@ -49,13 +49,13 @@ from torch import nn
 
 from speler import distributed as dist
 from speler.config import TrainConfig
+from speler.cuda_graph import GraphStep
 from speler.data.layouts import Layout
 from speler.data.schema import SequenceSet
 from speler.errors import CancelledError, CheckpointError, ConfigError, DataFormatError, LabelError
 from speler.models import losses
 from speler.models.net import ARCH_FIELDS, SpelerNet, build_model, paper_config
 from speler.system import torch_threads
-from speler.train_step import TrainStep
 
 logger = logging.getLogger(__name__)
 
@@ -556,7 +556,7 @@ def fit(
             local = torch.cuda.current_device() if cuda and where.index is None else where.index
             net = nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
         scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported())
-        # the step replayed from a CUDA graph (train_step): one process (DDP's hooks are not
+        # the step replayed from a CUDA graph (speler.cuda_graph): one process (DDP's hooks are not
         # captured here) and no float16 loss scaling (its overflow check reads on the host)
         graph = cuda and config.cuda_graph and world == 1 and not scaler.is_enabled()
         # fused: one kernel for every parameter's update on CUDA (not offered on the CPU path);
@@ -599,7 +599,7 @@ def fit(
                 return torch.cat([torch.stack([terms[key].detach() for key in keys]).double(),
                                   right.double().view(1)])
 
-        step = TrainStep(body, graph=graph)
+        step = GraphStep(body, graph=graph, what="fit's training step")
         # Pseudo-labels join after a supervised warm-up, unless the model is already trained
         # (warm start) or there are no human labels to warm up on.
         warmup = 0 if warm or len(train_idx) == 0 else config.supervised_epochs
@@ -722,8 +722,8 @@ def _check_init(init: Checkpoint, ds: SequenceSet, config: TrainConfig) -> bool:
 
 # --- embedding ----------------------------------------------------------------------------------
 def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int | None = None,
-          device: str | None = None,
-          progress: Callable[[int, int], None] | None = None) -> Embeddings:
+          device: str | None = None, progress: Callable[[int, int], None] | None = None,
+          cuda_graph: bool = True) -> Embeddings:
     """Both branches' embeddings and the class probabilities of every sample (no grad, batched).
 
     ds.x float32 (N, C, T, V, M) must match the model's channels and joints. batch_size: samples
@@ -735,7 +735,8 @@ def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int | None = None,
     without blocking, every batch has the same shape (the last one is padded with empty samples,
     whose rows are dropped), the outputs stay on the GPU and come back in one copy, and the
     samples are checked for NaN and inf there, batch by batch, instead of by a pass over the
-    whole array on the host first (which took longer than the copies).
+    whole array on the host first (which took longer than the copies). With ``cuda_graph`` the
+    forward pass is replayed from a CUDA graph after the first batches (``speler.cuda_graph``).
     """
     if not isinstance(ds, SequenceSet):
         raise DataFormatError(f"embed expects a SequenceSet, got {type(ds).__name__}")
@@ -755,6 +756,18 @@ def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int | None = None,
     rows = _Rows(ds.x, device, resident=False)
     outputs = []  # per batch: (B, d_t + d_f + 2 C) float32 on the device
     finite = []  # CUDA: per batch, bool (B,) on the device
+    widths: list[int] = []  # d_t, d_f, C, read from the first batch's output
+
+    def forward(xb: torch.Tensor) -> torch.Tensor:
+        with _autocast(device, cuda, cache=not graphed):
+            out = model(xb)
+        widths[:] = [out.emb_time.shape[1], out.emb_freq.shape[1], out.logits_time.shape[1]]
+        return torch.cat([out.emb_time.float(), out.emb_freq.float(),
+                          out.logits_time.float().softmax(-1),
+                          out.logits_freq.float().softmax(-1)], 1)
+
+    graphed = cuda and cuda_graph
+    step = GraphStep(forward, graph=graphed, what="embed's forward pass")
     with torch.inference_mode(), _threads(0, device):
         for start in range(0, ds.n, batch_size):
             stop = min(start + batch_size, ds.n)
@@ -763,19 +776,14 @@ def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int | None = None,
                 finite.append(torch.isfinite(xb).flatten(1).all(1))
             if cuda and stop - start < batch_size:  # one shape for every batch (cuDNN plans)
                 xb = torch.cat([xb, xb.new_zeros((batch_size - (stop - start),) + xb.shape[1:])])
-            with _autocast(device, cuda):
-                out = model(xb)
-            outputs.append(torch.cat([
-                out.emb_time.float(), out.emb_freq.float(),
-                out.logits_time.float().softmax(-1), out.logits_freq.float().softmax(-1),
-            ], 1)[:stop - start])
+            # a replayed graph writes its next batch over this output: keep a copy
+            outputs.append(step(xb)[:stop - start].clone())
             if progress is not None:
                 progress(stop, ds.n)
     every = torch.cat(outputs).cpu().numpy()  # the one copy back
     if cuda:
         _check_finite(ds, "embed", torch.cat(finite).cpu().numpy())
-    d_t, d_f = out.emb_time.shape[1], out.emb_freq.shape[1]
-    k = out.logits_time.shape[1]
+    d_t, d_f, k = widths
     cut = np.cumsum([d_t, d_f, k])
     emb_t, emb_f, pt, pf = (np.ascontiguousarray(a, dtype=np.float32)
                             for a in np.split(every, cut, axis=1))

@@ -142,6 +142,25 @@ def test_embed_on_cuda_matches_the_cpu_and_pads_the_last_batch():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_embed_replays_its_forward_pass_from_a_cuda_graph(caplog):
+    import logging
+
+    import speler.train as train
+
+    ds = make_actions(per_class=13, persons=2)  # 52 samples: 7 batches of 8, the last padded
+    ds.x[::4, ..., 1] = 0.7 * ds.x[::4, ..., 0]
+    model = train.fit(ds, ds.y, config=dataclasses.replace(FAST, epochs=2)).model
+    with caplog.at_level(logging.DEBUG, logger="speler.cuda_graph"):
+        graphed = train.embed(model, ds, device="cuda", batch_size=8)
+    assert "embed's forward pass captured as a CUDA graph" in caplog.text
+    plain = train.embed(model, ds, device="cuda", batch_size=8, cuda_graph=False)
+    for a, b in ((graphed.time, plain.time), (graphed.freq, plain.freq),
+                 (graphed.probs, plain.probs)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_fit_on_cuda_follows_the_cpu():
     from speler.train import embed, fit
 
@@ -158,7 +177,7 @@ def test_fit_on_cuda_follows_the_cpu():
 
 
 def _linear_step():
-    """A small deterministic training step on CUDA for ``TrainStep``: (net, opt, data, body)."""
+    """A small deterministic training step on CUDA for ``GraphStep``: (net, opt, data, body)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     net = net.cuda()
@@ -183,12 +202,12 @@ def test_train_step_replayed_from_a_cuda_graph_follows_the_steps_run_as_written(
     """After WARMUP steps as written the step is captured and replayed: the losses and weights
     follow the same steps run as written, a learning rate filled in between replays takes
     effect, and a batch of another shape runs as written."""
-    from speler.train_step import WARMUP, TrainStep
+    from speler.cuda_graph import WARMUP, GraphStep
 
     runs = []
     for graph in (False, True):
         net, opt, data, body = _linear_step()
-        step = TrainStep(body, graph=graph)
+        step = GraphStep(body, graph=graph)
         seen = []
         for i in range(10):
             rows = torch.arange(8 * (i % 5), 8 * (i % 5) + 8, device="cuda")
@@ -209,12 +228,12 @@ def test_train_step_replayed_from_a_cuda_graph_follows_the_steps_run_as_written(
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_train_step_that_cannot_be_captured_warns_and_runs_as_written():
-    from speler.train_step import WARMUP, TrainStep
+    from speler.cuda_graph import WARMUP, GraphStep
 
     def body(x, rows):  # .item() waits for the GPU: not allowed in a capture
         return (x.sum() + float(x.sum().item())).view(1)
 
-    step = TrainStep(body, graph=True)
+    step = GraphStep(body, graph=True)
     x, rows = torch.ones(4, device="cuda"), torch.arange(4, device="cuda")
     with pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph"):
         out = [float(step(x, rows)) for _ in range(WARMUP + 3)]
@@ -232,7 +251,7 @@ def test_fit_on_cuda_replays_its_step_and_learns_as_without_the_graph(caplog):
     ds = make_actions(per_class=16, seed=3, labeled_per_class=10, persons=2)
     ds.x[::3, ..., 1] = 0.5 * ds.x[::3, ..., 0]  # a second person in some clips
     cfg = dataclasses.replace(FAST, epochs=8, holdout=0.0, dropout=0.0, device="cuda")
-    with warnings.catch_warnings(), caplog.at_level(logging.DEBUG, logger="speler.train_step"):
+    with warnings.catch_warnings(), caplog.at_level(logging.DEBUG, logger="speler.cuda_graph"):
         warnings.filterwarnings("error", message=".*could not be captured.*")
         graphed = fit(ds, ds.y, config=cfg)
     assert "captured as a CUDA graph" in caplog.text
