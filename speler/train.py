@@ -776,8 +776,9 @@ def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int | None = None,
                 finite.append(torch.isfinite(xb).flatten(1).all(1))
             if cuda and stop - start < batch_size:  # one shape for every batch (cuDNN plans)
                 xb = torch.cat([xb, xb.new_zeros((batch_size - (stop - start),) + xb.shape[1:])])
-            # a replayed graph writes its next batch over this output: keep a copy
-            outputs.append(step(xb)[:stop - start].clone())
+            got = step(xb)[:stop - start]
+            # a replayed graph writes its next batch over its output: keep a copy
+            outputs.append(got.clone() if graphed else got)
             if progress is not None:
                 progress(stop, ds.n)
     every = torch.cat(outputs).cpu().numpy()  # the one copy back

@@ -79,6 +79,34 @@ def test_affinity_formula_on_hand_made_graph():
     assert (W.diagonal() == 0).all()
 
 
+def test_affinity_graph_is_taken_by_propagation_without_its_symmetry_check(monkeypatch):
+    """affinity's graph is symmetric bit for bit and passes validated_graph; propagation takes
+    it without that check (a transpose), until its contents change; a graph that fails one of
+    the checks mark_validated makes is left to the full check and its clear error."""
+    import speler.graph.propagate as P
+
+    rng = np.random.default_rng(5)
+    g = KnnGraph(indices=rng.integers(0, 300, (300, 6)), method="random", recall=None,
+                 sims=rng.uniform(-0.2, 1.0, (300, 6)).astype(np.float32), seconds=0.0)
+    W = affinity(g)
+    assert (W != W.T).nnz == 0
+    checked = P.validated_graph(W.copy())
+    assert (checked != W).nnz == 0 and checked.has_canonical_format
+    calls = []
+    real = P.validated_graph
+    monkeypatch.setattr(P, "validated_graph", lambda m: calls.append(1) or real(m))
+    labels = np.where(np.arange(300) % 10 == 0, np.arange(300) % 3, -1)
+    P.propagate(W, labels, num_classes=3)
+    assert calls == []
+    W.data[0] = -1.0  # changed after it was built: checked in full
+    with pytest.raises(DataFormatError, match="non-negative"):
+        P.propagate(W, labels, num_classes=3)
+    assert calls == [1]
+    g.sims[0, 0], g.indices[0, 0] = np.inf, 1
+    with pytest.raises(DataFormatError, match="NaN or infinite"):
+        P.propagate(affinity(g), labels, num_classes=3)
+
+
 def test_k_at_least_n_is_lowered_with_a_warning(caplog):
     x = np.random.default_rng(3).standard_normal((6, 3))
     with caplog.at_level(logging.WARNING, logger="speler.graph.knn"):

@@ -337,6 +337,7 @@ def test_a_graph_is_checked_once_and_again_when_its_contents_change(monkeypatch)
     import speler.graph.propagate as prop
 
     _, _, W, labels = _problem(n=300, seed=19)
+    W = W.copy()  # a copy does not carry knn.affinity's mark (test_knn): checked like any input
     checks = []
     check = prop.validated_graph
     monkeypatch.setattr(prop, "validated_graph", lambda G: checks.append(1) or check(G))

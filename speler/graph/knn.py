@@ -174,7 +174,12 @@ def affinity(graph: KnnGraph, *, gamma: float = 3.0) -> sp.csr_matrix:
     w.sum_duplicates()
     w.eliminate_zeros()
     w.sort_indices()
-    return w.astype(np.float32, copy=False)
+    w = w.astype(np.float32, copy=False)
+    # a_ij + a_ji is a_ji + a_ij bit for bit: symmetric, and every other check holds by
+    # construction, so propagation need not check this graph again
+    from speler.graph.propagate import mark_validated  # propagate does not import this module
+
+    return mark_validated(w)
 
 
 def combine_affinities(parts: list[tuple[sp.spmatrix, float]], *, lo: int = 0,

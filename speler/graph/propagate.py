@@ -943,9 +943,25 @@ def _validated_once(W) -> sp.csr_matrix:
     again when the matrix's contents changed; other inputs are checked every time."""
     if not (sp.issparse(W) and W.format == "csr" and W.ndim == 2):
         return validated_graph(W)
-    return _kept_on(W, _VALID_ATTR, lambda: (*_fingerprint(W), W.shape[1], W.dtype.str,
-                                             int(W.indptr.sum(dtype=np.int64))),
-                    lambda: validated_graph(W))
+    return _kept_on(W, _VALID_ATTR, lambda: _valid_stamp(W), lambda: validated_graph(W))
+
+
+def _valid_stamp(W: sp.csr_matrix) -> tuple:
+    return (*_fingerprint(W), W.shape[1], W.dtype.str, int(W.indptr.sum(dtype=np.int64)))
+
+
+def mark_validated(W: sp.csr_matrix) -> sp.csr_matrix:
+    """Record on W that it is a graph ``propagate`` takes as it is, so that the first
+    propagation on it skips ``validated_graph``'s transpose (the symmetry check); checked in full
+    as usual once W's contents change. For builders whose graphs are symmetric bit for bit by
+    construction (``knn.affinity``): the checks that cost one pass over W are made here, and W
+    is left unmarked (to be checked in full) when one fails. Returns W."""
+    if (sp.issparse(W) and W.format == "csr" and W.dtype == np.float32
+            and W.shape[0] == W.shape[1] and W.has_canonical_format
+            and (W.nnz == 0 or (np.isfinite(W.data).all() and W.data.min() > 0))
+            and not W.diagonal().any()):
+        _kept_on(W, _VALID_ATTR, lambda: _valid_stamp(W), lambda: W)
+    return W
 
 
 def validated_graph(W) -> sp.csr_matrix:

@@ -212,12 +212,13 @@ class _MaskedBatchNorm(torch.autograd.Function):
     over the rows b where w[b] = 1, every row normalised; forward and backward in float32 with the
     result in x's dtype.
 
-    The same function as the plain composition of torch operations, with about a third of its
-    memory traffic: that composition materialised a float32 copy of x for each of some ten
-    element-wise steps forward and twice as many backward, which made these layers the largest
-    part of a training step on a GPU. Here a pass computes per-(row, channel) sums, one
-    materialises x - mean, one its norm, one writes y; backward recomputes x - mean from the
-    saved x. Gradient: with s = 1/sqrt(var + eps), n = the count of masked-in elements,
+    The same function as the plain composition of torch operations, with an estimated third of
+    its memory traffic: that composition materialised a float32 copy of x for each of some ten
+    element-wise steps forward and twice as many backward. Here a pass computes per-(row,
+    channel) sums, one materialises x - mean, one its norm, one writes y; backward recomputes
+    x - mean from the saved x. On one H100 the default network's bare training step at NTU shape,
+    batch 512, went from 7,678 to 8,639 samples/s; at batch 256 the host launching kernels
+    bounded the step either way (speler.cuda_graph). Gradient: with s = 1/sqrt(var + eps), n = the count of masked-in elements,
     a = sum over all rows of dy and b = sum of dy (x - mean),
     dx = weight s (dy - w (a + s² (x - mean) b) / n); rows outside the mask take the direct term
     only, their outputs still depend on the mean and variance through a and b.
