@@ -80,7 +80,9 @@ class GraphStep:
         self._inputs = [t.clone() for t in tensors]
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: a CUDA call another thread makes meanwhile (the app trains in a
+            # background thread) neither fails nor breaks this capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._out = self.body(*self._inputs)
         except Exception as exc:  # noqa: BLE001 - any failure: fall back to running it as is
             self.failed = f"{type(exc).__name__}: {exc}"
