@@ -8,14 +8,16 @@ batch 512's rate; fit ran 3,462 samples/s as written and 8,389 replayed). A CUDA
 kernels once and launches them all with one call.
 
 ``GraphStep(body, graph=True)`` runs ``body(*tensors)`` (it returns a tensor) as it is for the
-first ``WARMUP`` calls, on a side stream as CUDA's graph capture asks; then records one call into
-a graph and from there on copies each call's inputs into the recorded ones and replays it. The
-tensor it returns is then the graph's own output, overwritten by the next replay: read or copy it
-before the next call. A call whose input shapes differ from the recorded ones runs as it is.
-``body`` must not wait for the device or change shapes with the data; a training body's optimizer
-must be capturable (``torch.optim.Adam(..., capturable=True)`` with the learning rate a tensor on
-the device, filled in place between replays). When the capture fails the step says why once (a
-warning) and runs as it is from then on.
+first ``WARMUP`` calls with given input shapes, on a side stream as CUDA's graph capture asks;
+then records one call with those shapes into a graph and from there on copies each such call's
+inputs into the recorded ones and replays it. Each set of shapes gets its own graph (fit's
+batches are smaller than a batch while only the few labels train, then full), up to
+``MAX_GRAPHS``; further shapes run as written. The tensor a replay returns is the graph's own
+output, overwritten by its next replay: read or copy it before then. ``body`` must not wait for
+the device or change shapes with the data; a training body's optimizer must be capturable
+(``torch.optim.Adam(..., capturable=True)`` with the learning rate a tensor on the device,
+filled in place between replays). When a capture fails the step says why once (a warning) and
+runs as it is from then on.
 """
 
 from __future__ import annotations
@@ -28,7 +30,23 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-WARMUP = 3  # calls run as written (on a side stream) before the capture
+WARMUP = 3  # calls with the same input shapes run as written (on a side stream) before a capture
+MAX_GRAPHS = 4  # graphs kept per step (each holds its own activations' memory)
+
+
+class _Captured:
+    """One recorded call: the graph, its input tensors (copied into before each replay) and the
+    output it writes."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor],
+                 out: torch.Tensor) -> None:
+        self.graph, self.inputs, self.out = graph, inputs, out
+
+    def __call__(self, tensors) -> torch.Tensor:
+        for mine, new in zip(self.inputs, tensors):
+            mine.copy_(new)
+        self.graph.replay()
+        return self.out
 
 
 class GraphStep:
@@ -37,59 +55,52 @@ class GraphStep:
         self.body = body
         self.graph = graph
         self.what = what
-        self.calls = 0
         self.replays = 0
         self.failed: str | None = None
-        self._shapes: tuple | None = None
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._inputs: list[torch.Tensor] | None = None
-        self._out: torch.Tensor | None = None
+        self._seen: dict[tuple, int] = {}  # calls so far per set of input shapes
+        self._graphs: dict[tuple, _Captured] = {}
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
         if not self.graph or self.failed is not None:
             return self.body(*tensors)
         shapes = tuple(tuple(t.shape) for t in tensors)
-        if self._shapes is None:
-            self._shapes = shapes
-        if shapes != self._shapes:
-            return self.body(*tensors)
-        if self._graph is None:
-            if self.calls <= WARMUP:
-                return self._on_side_stream(tensors)
-            if not self._capture(tensors):
+        captured = self._graphs.get(shapes)
+        if captured is None:
+            if len(self._graphs) >= MAX_GRAPHS:
                 return self.body(*tensors)
-        for mine, new in zip(self._inputs, tensors):
-            mine.copy_(new)
-        self._graph.replay()
+            seen = self._seen[shapes] = self._seen.get(shapes, 0) + 1
+            if seen <= WARMUP:
+                return self._on_side_stream(tensors)
+            captured = self._capture(tensors, shapes)
+            if captured is None:
+                return self.body(*tensors)
         self.replays += 1
-        return self._out
+        return captured(tensors)
 
     def _on_side_stream(self, tensors) -> torch.Tensor:
         device = tensors[0].device
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), warnings.catch_warnings():
-            # a capturable optimizer warns when it steps outside a capture: these steps must
-            warnings.filterwarnings("ignore", message=".*capturable.*")
+        with torch.cuda.stream(side):
             out = self.body(*tensors)
         torch.cuda.current_stream(device).wait_stream(side)
         return out
 
-    def _capture(self, tensors) -> bool:
-        self._inputs = [t.clone() for t in tensors]
-        graph = torch.cuda.CUDAGraph()
+    def _capture(self, tensors, shapes: tuple) -> _Captured | None:
+        inputs = [t.clone() for t in tensors]
         try:
-            # thread_local: a CUDA call another thread makes meanwhile (the app trains in a
-            # background thread) neither fails nor breaks this capture
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: CUDA does not refuse another thread's calls because of this capture
+            # (the app trains in a background thread); should one of them still invalidate it,
+            # the capture fails and the step runs as written from then on
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._out = self.body(*self._inputs)
+                out = self.body(*inputs)
         except Exception as exc:  # noqa: BLE001 - any failure: fall back to running it as is
             self.failed = f"{type(exc).__name__}: {exc}"
-            self._inputs = self._out = None
+            self._graphs.clear()
             warnings.warn(f"{self.what} could not be captured as a CUDA graph ({self.failed});"
                           f" it runs as written instead", RuntimeWarning, stacklevel=3)
-            return False
-        self._graph = graph
-        logger.debug("%s captured as a CUDA graph for shapes %s", self.what, self._shapes)
-        return True
+            return None
+        captured = self._graphs[shapes] = _Captured(graph, inputs, out)
+        logger.debug("%s captured as a CUDA graph for shapes %s", self.what, shapes)
+        return captured

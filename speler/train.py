@@ -565,6 +565,8 @@ def fit(
             model.parameters(), weight_decay=config.weight_decay,
             lr=torch.tensor(config.lr, device=device) if graph else config.lr,
             **({"fused": True, "capturable": graph} if cuda else {}))
+        if graph:  # torch warns when a capturable optimizer steps uncaptured; warm-ups must
+            opt._warned_capturable_if_run_uncaptured = True
         epochs = config.warm_epochs if warm and config.warm_epochs > 0 else config.epochs
         counts = np.bincount(y[train_idx], minlength=k).astype(np.float64)
         counts += np.bincount(pseudo[pseudo_idx], weights=weights[pseudo_idx], minlength=k)
@@ -731,12 +733,13 @@ def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int | None = None,
     progress(done, N) after each batch is queued (on CUDA the GPU may still be working on it).
     The model is moved to ``device`` (default: where it is) and left in eval mode.
 
-    On CUDA nothing waits for the GPU until the end: each batch is copied through pinned memory
-    without blocking, every batch has the same shape (the last one is padded with empty samples,
-    whose rows are dropped), the outputs stay on the GPU and come back in one copy, and the
-    samples are checked for NaN and inf there, batch by batch, instead of by a pass over the
-    whole array on the host first (which took longer than the copies). With ``cuda_graph`` the
-    forward pass is replayed from a CUDA graph after the first batches (``speler.cuda_graph``).
+    On CUDA nothing waits for the GPU until the end (but once, to record the forward pass as a
+    CUDA graph after the first batches with ``cuda_graph``, ``speler.cuda_graph``): each batch is
+    copied through pinned memory without blocking, every batch has the same shape (the last one
+    is padded with empty samples, whose rows are dropped), the outputs stay on the GPU and come
+    back in one copy, and the samples are checked for NaN and inf there, batch by batch, instead
+    of by a pass over the whole array on the host first (which took longer than the copies): a
+    sample with one is named after the pass over all of them.
     """
     if not isinstance(ds, SequenceSet):
         raise DataFormatError(f"embed expects a SequenceSet, got {type(ds).__name__}")

@@ -179,6 +179,53 @@ def test_fit_on_cuda_follows_the_cpu():
         assert acc >= 0.7, f"{result.device}: accuracy {acc:.2f}"
 
 
+def test_graph_step_keeps_a_graph_per_set_of_input_shapes(monkeypatch):
+    """GraphStep's bookkeeping, with CUDA's side stream and recording stood in for: each set of
+    input shapes runs as written WARMUP times, then is captured and replayed (fit's batches are
+    the few labels alone first, full batches once pseudo-labels join), up to MAX_GRAPHS graphs."""
+    import speler.cuda_graph as cg
+
+    replayed = []
+
+    def fake_capture(self, tensors, shapes):
+        def replay(ts):
+            replayed.append(ts[0].shape[0])
+            return self.body(*ts)
+        self._graphs[shapes] = replay
+        return replay
+
+    monkeypatch.setattr(cg.GraphStep, "_on_side_stream", lambda self, ts: self.body(*ts))
+    monkeypatch.setattr(cg.GraphStep, "_capture", fake_capture)
+    step = cg.GraphStep(lambda x: x.sum().view(1), graph=True)
+    sizes = [100] * 5 + [256] * 6 + [100] * 2
+    assert [float(step(torch.ones(b))) for b in sizes] == [float(b) for b in sizes]
+    assert replayed == [100] * 2 + [256] * 3 + [100] * 2 and step.replays == 7
+    many = cg.GraphStep(lambda x: x.sum().view(1), graph=True)
+    for b in range(1, cg.MAX_GRAPHS + 3):
+        for _ in range(cg.WARMUP + 2):
+            many(torch.ones(b))
+    assert sorted(many._graphs) == [((b,),) for b in range(1, cg.MAX_GRAPHS + 1)]
+
+
+def test_graph_step_whose_capture_fails_warns_once_and_runs_as_written(monkeypatch):
+    """Without CUDA the recording itself fails: a warning, then every call as written."""
+    import warnings
+
+    import speler.cuda_graph as cg
+
+    if HAS_CUDA:
+        pytest.skip("the capture succeeds here; test_train_step_that_cannot_be_captured covers it")
+    monkeypatch.setattr(cg.GraphStep, "_on_side_stream", lambda self, ts: self.body(*ts))
+    step = cg.GraphStep(lambda x: x.sum().view(1), graph=True, what="the test step")
+    with pytest.warns(RuntimeWarning, match="the test step could not be captured") as caught:
+        first = [float(step(torch.ones(3))) for _ in range(cg.WARMUP + 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        later = [float(step(torch.ones(b))) for b in (3, 3, 5)]
+    assert len(caught) == 1 and step.failed and step.replays == 0
+    assert first == [3.0] * (cg.WARMUP + 1) and later == [3.0, 3.0, 5.0]
+
+
 def _linear_step():
     """A small deterministic training step on CUDA for ``GraphStep``: (net, opt, data, body)."""
     torch.manual_seed(0)

@@ -394,3 +394,26 @@ def test_masked_batch_loss_equals_the_loss_on_the_rows_each_term_covers(humans):
     for a, w in zip(grads, wants):
         torch.testing.assert_close(a, torch.zeros_like(a) if w is None else w, rtol=1e-5,
                                    atol=1e-7)
+
+
+def test_masked_contrastive_loss_holds_at_a_low_temperature():
+    """Masked-out pairs stay out at any temperature (their filler scales with 1/temperature):
+    the masked loss equals the loss on the masked-in rows alone."""
+    g = torch.Generator().manual_seed(2)
+    zt, zf = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    y = torch.tensor([0, 1, 0, 1, 2, 2, 0, 1])
+    mask = torch.tensor([1, 1, 0, 1, 0, 1, 1, 0], dtype=torch.bool)
+    for t in (0.2, 1e-3, 1e-5):
+        got = losses.cross_domain_supcon(zt, zf, y, temperature=t, mask=mask)
+        want = losses.cross_domain_supcon(zt[mask], zf[mask], y[mask], temperature=t)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_batch_norm_refuses_a_second_derivative():
+    from speler.models.net import _MaskedBatchNorm
+
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    y = _MaskedBatchNorm.apply(x, torch.tensor([1.0, 1.0, 0.0, 1.0]), None, None, 1e-5)[0]
+    (grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)  # dy depends on x
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()

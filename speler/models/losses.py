@@ -64,10 +64,12 @@ def cross_domain_supcon(
     pair = m[:, None] * m[None, :]
     pos = pos * pair
     npos = pos.sum(1).clamp(min=1.0)
-    # rows and columns outside the mask are never candidates: exp(-1e4) is exactly 0 in float32
+    # rows and columns outside the mask are never candidates: a kept similarity is at least
+    # -1/temperature, so exp(far - kept) <= exp(-1/temperature - 200), exactly 0 in float32
+    far = -(2.0 / temperature + 200.0)
     keep = pair > 0
-    loss_tf = -(F.log_softmax(torch.where(keep, sim, -1e4), dim=1) * pos).sum(1) / npos
-    loss_ft = -(F.log_softmax(torch.where(keep, sim.T, -1e4), dim=1) * pos).sum(1) / npos
+    loss_tf = -(F.log_softmax(torch.where(keep, sim, far), dim=1) * pos).sum(1) / npos
+    loss_ft = -(F.log_softmax(torch.where(keep, sim.T, far), dim=1) * pos).sum(1) / npos
     rows = m.sum().clamp(min=1.0)
     return 0.5 * ((loss_tf * m).sum() + (loss_ft * m).sum()) / rows
 

@@ -193,8 +193,9 @@ class PersonBatchNorm2d(PersonBatchNorm, nn.BatchNorm2d):
 def _masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
                        rows: torch.Tensor) -> torch.Tensor:
     """Training-mode batch norm of x (B, C, ...) with statistics over the rows where ``rows`` is
-    true (float32, no host sync); running statistics updated as ``nn.BatchNorm`` does (unbiased
-    variance, ``momentum`` or a cumulative average when it is None)."""
+    true (float32, float64 for float64 x; no host sync); running statistics updated as
+    ``nn.BatchNorm`` does (unbiased variance, ``momentum`` or a cumulative average when it is
+    None)."""
     y, mean, var, count = _MaskedBatchNorm.apply(x, rows.to(torch.float32), bn.weight, bn.bias,
                                                  bn.eps)
     if bn.track_running_stats and bn.running_mean is not None:
@@ -209,8 +210,8 @@ def _masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
 
 class _MaskedBatchNorm(torch.autograd.Function):
     """y = (x - mean) / sqrt(var + eps) * weight + bias with mean and (biased) var per channel
-    over the rows b where w[b] = 1, every row normalised; forward and backward in float32 with the
-    result in x's dtype.
+    over the rows b where w[b] = 1, every row normalised; forward and backward in float32
+    (float64 for float64 x) with the result in x's dtype. First derivatives only.
 
     The same function as the plain composition of torch operations, with an estimated third of
     its memory traffic: that composition materialised a float32 copy of x for each of some ten
@@ -234,7 +235,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             rowsum = x.sum(spatial, dtype=acc) if spatial else x.to(acc)  # (B, C)
             mean = (rowsum * w[:, None]).sum(0) / count
-            xc = torch.sub(x, mean.view(shape))  # float32 (type promotion)
+            xc = torch.sub(x, mean.view(shape))  # in mean's dtype (type promotion)
             sq = (torch.linalg.vector_norm(xc, dim=spatial).square() if spatial
                   else xc.square())
             var = (sq * w[:, None]).sum(0) / count
@@ -245,10 +246,12 @@ class _MaskedBatchNorm(torch.autograd.Function):
             else:
                 y = torch.addcmul(bias.to(acc).view(shape), xc, scale.view(shape))
         ctx.save_for_backward(x, w, mean, invstd, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var, count)
         return y.to(x.dtype), mean, var, count
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises, never wrong
     def backward(ctx, gy, _g_mean, _g_var, _g_count):
         x, w, mean, invstd, weight = ctx.saved_tensors
         dims = (0, *range(2, x.ndim))
@@ -268,7 +271,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
             if weight is not None and ctx.needs_input_grad[2]:
                 gw = (invstd * b).to(weight.dtype)
             if ctx.needs_input_grad[3]:
-                gb = a.to(weight.dtype if weight is not None else a.dtype)
+                gb = a.to(ctx.bias_dtype)
         return gx, None, gw, gb, None
 
 
