@@ -119,26 +119,24 @@ def build_knn(
     _normalize_rows(x)
     if method in ("torch", "torch-gpu"):
         sims, idx = _torch_search(x, k + 1, "cuda" if method == "torch-gpu" else "cpu", progress)
-        search = None
-    elif method == "flat":
-        faiss = _faiss()  # exact search straight on x: no index, no copy of the data
-
-        def search(q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-            return faiss.knn(q, x, kk, metric=faiss.METRIC_INNER_PRODUCT)
+    elif method in ("ivf", "ivf-pca"):  # a torch CellIndex, built and searched on the free cores
+        with torch_threads(0):
+            sims, idx = _approximate_index(x, method, k, config).search_indexed(k + 1, progress)
     else:
-        if method == "gpu-flat":
+        if method == "flat":
+            faiss = _faiss()  # exact search straight on x: no index, no copy of the data
+
+            def search(q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+                return faiss.knn(q, x, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        elif method == "gpu-flat":
             index = _flat_index(x.shape[1], gpu=True)
             index.add(x)
+            search = index.search
         else:
             with torch_threads(0):
-                index = _approximate_index(x, method, k, config)
-        search = index.search
-    if method in ("ivf", "ivf-pca"):
-        with torch_threads(0):
-            sims, idx = index.search_indexed(k + 1, progress)
-    elif search is not None:
+                search = _approximate_index(x, method, k, config).search
         sims, idx = _search_all(search, x, k + 1, progress)
-    search = index = None
+        search = index = None  # the index's memory goes before the recall check
     idx, sims = _drop_self(idx, sims, k)
     seconds = time.perf_counter() - start
     recall = None
