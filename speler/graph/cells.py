@@ -64,7 +64,7 @@ class CellIndex:
         self.centroids = _spherical_kmeans(_unit(train), init, KMEANS_ITERS)
         del train
         xt = torch.from_numpy(x)
-        cell = torch.cat([self._own_cell(xt[lo:lo + _ROWS]) for lo in range(0, n, _ROWS)])
+        cell = self._own_cell(xt)
         used = torch.nonzero(torch.bincount(cell, minlength=cells)).squeeze(1)
         if len(used) < cells:  # cells no point chose are dropped: probes never land in them
             renumber = torch.full((cells,), -1, dtype=torch.int64)
@@ -88,7 +88,9 @@ class CellIndex:
         return q if self.proj is None else q @ self.proj
 
     def _own_cell(self, q: torch.Tensor) -> torch.Tensor:
-        return _argmax_rows(self._project(q) @ self.centroids.T)
+        """Each row's most similar cell (its rows projected block by block)."""
+        return torch.cat([_nearest(self._project(q[lo:lo + _ROWS]), self.centroids)
+                          for lo in range(0, len(q), _ROWS)])
 
     def _near(self, width: int) -> torch.Tensor:
         """The ``width`` cells most similar to each cell by centroid (cells, width), best first."""
@@ -105,7 +107,7 @@ class CellIndex:
         else found among all cells. The other p - 1 are the query's most similar among the
         ``NEAR_FACTOR · p`` cells nearest its own cell's centroid."""
         if own is None:
-            own = torch.cat([self._own_cell(q[lo:lo + _ROWS]) for lo in range(0, len(q), _ROWS)])
+            own = self._own_cell(q)
         qp = self._project(q)
         near = self._near(min(self.cells, NEAR_FACTOR * p))
         slots = torch.empty((len(q), p), dtype=torch.int64)
@@ -292,9 +294,10 @@ def _rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.index_select(t, 0, rows)
 
 
-def _argmax_rows(s: torch.Tensor) -> torch.Tensor:
-    """Column of each row's largest value (numpy's argmax: 4× torch's on a CPU)."""
-    return torch.from_numpy(s.numpy().argmax(axis=1))
+def _nearest(q: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """The centroid of largest inner product with each row of q (numpy's argmax of the scores:
+    4× torch's on a CPU)."""
+    return torch.from_numpy((q @ centroids.T).numpy().argmax(axis=1))
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -307,8 +310,7 @@ def _spherical_kmeans(x: torch.Tensor, init: torch.Tensor, iters: int) -> torch.
     cent = x[init].clone()
     cells = cent.shape[0]
     for _ in range(iters):
-        assign = torch.cat([_argmax_rows(x[lo:lo + _ROWS] @ cent.T)
-                            for lo in range(0, x.shape[0], _ROWS)])
+        assign = torch.cat([_nearest(x[lo:lo + _ROWS], cent) for lo in range(0, len(x), _ROWS)])
         sums = torch.zeros_like(cent).index_add_(0, assign, x)
         empty = torch.bincount(assign, minlength=cells) == 0
         cent = torch.where(empty[:, None], cent, _unit(sums))
