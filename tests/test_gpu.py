@@ -364,11 +364,32 @@ def test_propagation_device_is_checked():
             solver_device("cuda")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_propagate_on_cuda_equals_the_cpu():
-    """The whole propagation (balance pass, solve, energies) with its CG on CUDA."""
-    from speler.graph.propagate import propagate
+@pytest.mark.parametrize("device", DEVICES)
+def test_operator_made_on_the_device_is_the_hosts_bit_for_bit(device):
+    from speler.graph.propagate import _device_operator
+
+    x = _clusters(800, 16, seed=5, centers=4)
+    W = affinity(build_knn(x, config=GraphConfig(index="flat", use_gpu=False), k=8))
+    W = sp.block_diag([W, sp.csr_matrix((1, 1), dtype=np.float32)], format="csr")  # isolated
+    w = np.random.default_rng(5).uniform(0.2, 3.0, W.shape[0])
+    uploaded: dict = {}
+    S = _device_operator(W, w, device, uploaded)
+    assert S.layout == torch.sparse_csr and S.dtype == torch.float32
+    assert S.device.type == torch.device(device).type
+    np.testing.assert_array_equal(S.to_dense().cpu().numpy(), normalized_operator(W, w).toarray())
+    held = uploaded["W"]
+    plain = _device_operator(W, None, device, uploaded)  # the next pass: W is not uploaded again
+    assert uploaded["W"] is held and plain.col_indices().data_ptr() == held[1].data_ptr()
+    np.testing.assert_array_equal(plain.to_dense().cpu().numpy(), normalized_operator(W).toarray())
+    assert not plain.to_dense()[-1].any()  # the isolated row stays zero, no NaN
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_propagate_on_the_device_path_equals_the_cpu(device, monkeypatch):
+    """The whole propagation (balance pass, solve, energies) with its operators and CG on the
+    device. On "cpu" the device path itself runs on the CPU: ``solver_device`` is stood in for to
+    name the CPU as a device ("cpu:0"); on CUDA for real."""
+    import speler.graph.propagate as prop
 
     x = _clusters(3000, 16, seed=4, centers=5)
     W = affinity(build_knn(x, config=GraphConfig(index="flat", use_gpu=False), k=10))
@@ -376,8 +397,18 @@ def test_propagate_on_cuda_equals_the_cpu():
     labels = np.full(len(x), -1)
     seeds = rng.choice(len(x), size=60, replace=False)
     labels[seeds] = rng.integers(0, 5, size=60)
-    cpu = propagate(W, labels, num_classes=5, config=PropagationConfig(device="cpu", tol=1e-6))
-    gpu = propagate(W, labels, num_classes=5, config=PropagationConfig(device="cuda", tol=1e-6))
+    cpu = prop.propagate(W, labels, num_classes=5, config=PropagationConfig(device="cpu",
+                                                                             tol=1e-6))
+    made = []
+    real = prop._device_operator
+    monkeypatch.setattr(prop, "_device_operator", lambda *a: made.append(a) or real(*a))
+    if device == "cpu":
+        monkeypatch.setattr(prop, "solver_device", lambda preference: "cpu:0")
+    gpu = prop.propagate(W, labels, num_classes=5, config=PropagationConfig(device=device,
+                                                                             tol=1e-6))
+    # both passes (plain, then balanced) made their operator on the device from one upload
+    assert len(made) == 2 and made[0][3] is made[1][3] and "W" in made[1][3]
+    assert made[0][1] is None and made[1][1] is not None
     np.testing.assert_allclose(gpu.scores, cpu.scores, rtol=1e-4, atol=1e-6)
     assert (gpu.labels == cpu.labels).mean() >= 0.999
     np.testing.assert_allclose(gpu.energy, cpu.energy, rtol=1e-3, atol=1e-4)

@@ -357,16 +357,22 @@ def normalized_operator(W: sp.csr_matrix, node_weights: np.ndarray | None = None
     Computed as diag(g) W diag(g), g_i = w_i / sqrt(D̂_i), D̂_i = w_i Σ_j W_ij w_j; rows without
     edges (D̂_i = 0) stay zero, so isolated samples produce no NaN.
     """
+    g = _operator_scale(W, node_weights)
+    S = W.copy()
+    S.data = (W.data.astype(np.float64) * np.repeat(g, np.diff(W.indptr))
+              * g[W.indices]).astype(np.float32)
+    return S
+
+
+def _operator_scale(W: sp.csr_matrix, node_weights: np.ndarray | None) -> np.ndarray:
+    """g of ``normalized_operator`` (float64 (n,)): w_i / sqrt(D̂_i), 0 where D̂_i = 0."""
     n = W.shape[0]
     w = np.ones(n) if node_weights is None else np.asarray(node_weights, dtype=np.float64)
     deg = w * (W @ w)
     g = np.zeros(n)
     pos = deg > 0
     g[pos] = w[pos] / np.sqrt(deg[pos])
-    S = W.copy()
-    S.data = (W.data.astype(np.float64) * np.repeat(g, np.diff(W.indptr))
-              * g[W.indices]).astype(np.float32)
-    return S
+    return g
 
 
 def energy_from_scores(
@@ -439,6 +445,7 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
     first_iters = 0
     X0 = warm_start.scores if isinstance(warm_start, PropagationResult) else warm_start
     w = None
+    uploaded: dict = {}  # W on the solver's device (CUDA), uploaded once for both passes
     if config.balance:
         if isinstance(warm_start, PropagationResult):
             # instant feedback: the graph weights stay those of the previous full propagation,
@@ -447,7 +454,8 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
             if prior is None:
                 prior = warm_start.prior.astype(np.float64)
         else:
-            w, prior, M0, first_iters = _balance(W, labels, C, config, prior, predictions, X0, B)
+            w, prior, M0, first_iters = _balance(W, labels, C, config, prior, predictions, X0, B,
+                                                 uploaded)
             if X0 is None:
                 X0 = M0
             del M0
@@ -460,14 +468,14 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
         solved = np.ones(C, dtype=bool)
         solved[labels[moved & lab]] = False
         solved[warm_start.labels[moved & prev_lab]] = False
-    S = normalized_operator(W, w)
     t_solve = time.perf_counter()
-    solve = _block_cg(S, B, config, X0, progress, "propagation", solved=solved)
+    solve = _block_cg(W, w, B, config, X0, progress, "propagation", solved=solved,
+                      uploaded=uploaded)
     residual = solve.residual
     if solved is not None and solved.any():
         residual = max(residual, float(warm_start.solve.residual))
     t_solve = time.perf_counter() - t_solve
-    del S
+    del uploaded
     info = SolveInfo(iterations=solve.iterations, converged=solve.converged, residual=residual,
                      seconds=0.0, first_pass_iterations=first_iters, products=solve.products,
                      solve_seconds=t_solve,
@@ -535,8 +543,9 @@ def spectral_balance(
     return w, p
 
 
-def _balance(W, labels, C, config, prior, predictions, warm_start, B):
-    """Node weights of the balance, the prior, and the first-pass solution (or None)."""
+def _balance(W, labels, C, config, prior, predictions, warm_start, B, uploaded=None):
+    """Node weights of the balance, the prior, and the first-pass solution (or None);
+    ``uploaded``: as for ``_block_cg``."""
     first_iters = 0
     M0 = None
     memberships = None
@@ -544,8 +553,8 @@ def _balance(W, labels, C, config, prior, predictions, warm_start, B):
         memberships = _row_normalize(np.asarray(warm_start, dtype=np.float32))
     elif predictions is None:
         # only the argmax / soft class of the first pass is used: a loose tolerance is enough
-        first = _block_cg(normalized_operator(W), B, config, None, None, "first pass",
-                          tol=max(config.tol, FIRST_PASS_TOL))
+        first = _block_cg(W, None, B, config, None, None, "first pass",
+                          tol=max(config.tol, FIRST_PASS_TOL), uploaded=uploaded)
         M0, first_iters = first.X, first.iterations
         memberships = _row_normalize(M0)
     if prior is None and config.balance_prior == "labels":
@@ -653,9 +662,12 @@ class CGSolve(NamedTuple):
     products: int  # sparse matrix-vector products (one per active column per iteration)
 
 
-def _block_cg(S, B, config, X0, progress, what, tol=None, solved=None) -> CGSolve:
-    """Solve (I - αS) X = B for all C columns of B at once (float32 torch kernels, on the CPU or,
-    by ``config.device``, on CUDA: ``solver_device``).
+def _block_cg(W, node_weights, B, config, X0, progress, what, tol=None, solved=None,
+              uploaded=None) -> CGSolve:
+    """Solve (I - αS) X = B, S = ``normalized_operator(W, node_weights)``, for all C columns of B
+    at once (float32 torch kernels, on the CPU or, by ``config.device``, on CUDA:
+    ``solver_device``). On CUDA S is made there (``_device_operator``; ``uploaded``: a dict that
+    keeps W there for the next solve on the same graph).
 
     Conjugate gradient run independently per column but in one loop: each iteration does one
     sparse × dense-block product S @ P on the columns still active, plus a few fused in-place
@@ -666,7 +678,9 @@ def _block_cg(S, B, config, X0, progress, what, tol=None, solved=None) -> CGSolv
     tol = config.tol if tol is None else tol
     device = solver_device(config.device)
     if device != "cpu":  # no thread setting: the host only waits for the device
-        return _block_cg_torch(S, B, config, X0, progress, what, tol, solved, device=device)
+        S = _device_operator(W, node_weights, device, uploaded)
+        return _block_cg_on_device(S, B, config, X0, progress, what, tol, solved, device)
+    S = normalized_operator(W, node_weights)
     with solver_threads(config.threads, S.nnz):
         return _block_cg_torch(S, B, config, X0, progress, what, tol, solved)
 
@@ -802,7 +816,8 @@ def _cg_loop(product, dots, B, X0, config, tol, solved, progress, what, *, mark=
 
 def _block_cg_on_device(S, B, config, X0, progress, what, tol, solved, device):
     """``_block_cg_torch`` with every array on ``device`` (CUDA; also runs on "cpu", which the
-    tests use): S as a sparse CSR tensor there, the scalars of each column as float64 tensors.
+    tests use): S (scipy CSR, or a sparse CSR tensor on ``device`` already) as a sparse CSR
+    tensor there, the scalars of each column as float64 tensors.
     The host waits for the device once per iteration, to read which columns converged (the
     columns that did leave the block, as on the CPU); one copy back at the end."""
     import torch
@@ -810,7 +825,7 @@ def _block_cg_on_device(S, B, config, X0, progress, what, tol, solved, device):
     dev = torch.device(device)
     alpha = float(config.alpha)
     n, C = B.shape
-    St = _torch_csr(S, dev)
+    St = S if isinstance(S, torch.Tensor) else _torch_csr(S, dev)
     Bt = torch.from_numpy(np.ascontiguousarray(B, dtype=np.float32)).to(dev)
 
     def dots(a, b):  # column-wise, float32 products summed in float64
@@ -900,6 +915,32 @@ def _torch_csr(S: sp.csr_matrix, device="cpu"):
             size=S.shape,
             check_invariants=False,  # built from a valid scipy CSR matrix
         ).to(dev)
+
+
+def _device_operator(W: sp.csr_matrix, node_weights, device, uploaded: dict | None = None):
+    """``normalized_operator(W, node_weights)`` as a sparse CSR float32 tensor on ``device``, bit
+    for bit: g (``_operator_scale``, one O(nnz) product) comes from the host, S's weights are the
+    same float64 products, in the same order, computed on the device from W's. W is uploaded once
+    into ``uploaded`` (when given), for the next operator on the same graph: a propagation's two
+    passes. On the host these products took longer than the whole CUDA solve (1M samples: ~1.5 s
+    per operator on 2 cores)."""
+    import torch
+
+    dev = torch.device(device)
+    if uploaded is None:
+        uploaded = {}
+    if "W" not in uploaded:
+        Wt = _torch_csr(W, dev)
+        crow = Wt.crow_indices()
+        uploaded["W"] = (crow, Wt.col_indices(), Wt.values(), crow.diff().long())
+    crow, col, data, counts = uploaded["W"]
+    g = torch.from_numpy(_operator_scale(W, node_weights)).to(dev)
+    vals = data.double() * torch.repeat_interleave(g, counts, output_size=W.nnz)
+    vals *= g.index_select(0, col)
+    with warnings.catch_warnings():  # "CSR support is in beta", as in _torch_csr
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, vals.float(), size=W.shape,
+                                       check_invariants=False)
 
 
 def _row_normalize(M: np.ndarray) -> np.ndarray:
