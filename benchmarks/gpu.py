@@ -25,6 +25,13 @@ Parts (issue 12's targets in brackets, for one H100):
   ``--cpu-graph-n`` points, its CG solve and the full ``propagate()`` on the CPU.
   [graph + propagation <= 20 s with recall >= 0.99]
 
+``--cudnn-benchmark off`` runs every fit with ``train.cudnn_benchmark`` off (cuDNN's heuristics
+instead of timing its kernels for each new batch shape: compare the cold and later MSR rounds with
+a default run). ``--profile`` runs the first MSR round (on CUDA, else the CPU's) and one more
+``embed`` of the NTU-sized set under torch.profiler and adds the ops that took the most host and
+device time, and the convolution input shapes that cost the most host time (cuDNN's tuning shows
+there), to the JSON and the output; their seconds then include the profiler's overhead.
+
 Without CUDA the GPU column says "not measured" and only the CPU half runs; ``--quick`` shrinks
 every part (msr: 2 epochs and 840 random kernels; ntu: 600 samples; graph: 20k points) to check the
 script on a small machine. ``--budget`` (seconds) skips the CPU extras that would overrun it.
@@ -65,6 +72,8 @@ from speler.train import (  # noqa: E402
 DATA = ROOT.parent / "shared" / "data"  # --data replaces it
 CUDA = torch.cuda.is_available()
 NOT_MEASURED = "not measured (no CUDA device)"
+TRAIN_OVERRIDES: dict = {}  # --cudnn-benchmark off: {"cudnn_benchmark": False} for every fit
+TOP = 12  # ops listed per profile
 
 
 class Budget:
@@ -144,17 +153,68 @@ def more_labels(ds, count: int, seed: int = 1):
     return dataclasses.replace(ds, y=y)
 
 
-def msr_round(device: str, ds, cfg: Config) -> dict:
+def msr_round(device: str, ds, cfg: Config, *, profiled: bool = False) -> dict:
     from speler.loop import build_state
 
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device),
-                              graph=dataclasses.replace(cfg.graph, use_gpu=device != "cpu"))
-    built, seconds = timed(lambda: build_state(ds, ds.y, no=0, config=cfg))
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, device=device, **TRAIN_OVERRIDES),
+        graph=dataclasses.replace(cfg.graph, use_gpu=device != "cpu"))
+    run = lambda: build_state(ds, ds.y, no=0, config=cfg)  # noqa: E731
+    out: dict = {}
+    if profiled:
+        (built, seconds), out["profile"] = profile_of(lambda: timed(run))
+    else:
+        built, seconds = timed(run)
     unl = ds.y < 0
     acc = float((built.state.result.labels[unl] == ds.y_true[unl]).mean())
-    return {"seconds": seconds, "stages": built.stage_seconds, "n": ds.n,
-            "labels": int((ds.y >= 0).sum()), "network_trained": built.fitted is not None,
-            "accuracy_unlabeled": acc}
+    out.update({"seconds": seconds, "stages": built.stage_seconds, "n": ds.n,
+                "labels": int((ds.y >= 0).sum()), "network_trained": built.fitted is not None,
+                "accuracy_unlabeled": acc})
+    return out
+
+
+def profile_of(fn):
+    """``fn()`` under torch.profiler: (its result, a summary: the ``TOP`` ops by host time and by
+    device time spent in themselves, and the convolutions' input shapes by host time, where
+    cuDNN's tuning of each new shape shows)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        out = fn()
+        sync()
+    ops = prof.key_averages()
+
+    def row(e, shapes: bool = False) -> dict:
+        r = {"op": e.key, "calls": e.count, "self_host_s": e.self_cpu_time_total / 1e6,
+             "host_s": e.cpu_time_total / 1e6,
+             "self_device_s": getattr(e, "self_device_time_total", 0.0) / 1e6}
+        if shapes:
+            r["input_shape"] = str(e.input_shapes[0]) if e.input_shapes else "?"
+        return r
+
+    conv = [e for e in prof.key_averages(group_by_input_shape=True)
+            if e.key == "aten::convolution"]
+    return out, {
+        "top_self_host": [row(e) for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:TOP]],
+        "top_self_device": [row(e) for e in sorted(
+            ops, key=lambda e: -getattr(e, "self_device_time_total", 0.0))[:TOP]],
+        "conv_input_shapes": len({str(e.input_shapes[0]) for e in conv if e.input_shapes}),
+        "top_conv_shapes_host": [row(e, True) for e in sorted(
+            conv, key=lambda e: -e.cpu_time_total)[:TOP]],
+    }
+
+
+def print_profile(title: str, summary: dict) -> None:
+    print(f"\nprofile: {title} ({summary['conv_input_shapes']} convolution input shapes)")
+    for key, what in (("top_self_host", "self host s"), ("top_self_device", "self device s")):
+        print(f"  ops by {what}:")
+        for r in summary[key]:
+            print(f"    {r['self_host_s']:8.3f} host {r['self_device_s']:8.3f} device"
+                  f" {r['calls']:8d} calls  {r['op']}")
+    print("  convolutions by host s (with what they called), by input shape:")
+    for r in summary["top_conv_shapes_host"]:
+        print(f"    {r['host_s']:8.3f} s {r['calls']:6d} calls  {r['input_shape']}")
 
 
 def bare_rates(model, ds: SequenceSet, device: str, *, train_batch: int, embed_batch: int,
@@ -200,8 +260,9 @@ def train_rate(history: list[dict]) -> float:
     return sum(h["samples"] for h in later) / sum(h["seconds"] for h in later)
 
 
-def ntu_round(device: str, ds: SequenceSet, *, epochs: int | None, steps: int) -> dict:
-    cfg = TrainConfig(device=device, **({"epochs": epochs} if epochs else {}))
+def ntu_round(device: str, ds: SequenceSet, *, epochs: int | None, steps: int,
+              profiled: bool = False) -> dict:
+    cfg = TrainConfig(device=device, **({"epochs": epochs} if epochs else {}), **TRAIN_OVERRIDES)
     out: dict = {"n": ds.n, "labels": int((ds.y >= 0).sum()), "device": device,
                  "batch": batch_size_for(cfg, device)}
     result, out["fit_s"] = timed(lambda: fit(ds, ds.y, config=cfg))
@@ -215,6 +276,8 @@ def ntu_round(device: str, ds: SequenceSet, *, epochs: int | None, steps: int) -
         out["train_sps_no_graph"] = train_rate(eager.history)
     emb, out["embed_s"] = timed(lambda: embed(result.model, ds))
     out["embed_sps"] = ds.n / out["embed_s"]
+    if profiled:  # one more embed, under the profiler (the timed one above is not)
+        _, out["embed_profile"] = profile_of(lambda: embed(result.model, ds))
     bare = bare_rates(result.model, ds, device, train_batch=out["batch"],
                       embed_batch=min(ds.n, EMBED_BATCH_CUDA if device != "cpu"
                                       else EMBED_BATCH_CPU), steps=steps)
@@ -292,7 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-graph-n", type=int, default=None, help="graph points on the CPU")
     ap.add_argument("--out", default=None)
     ap.add_argument("--data", default=None, help=f"folder holding MSRAction3D (default {DATA})")
+    ap.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on",
+                    help="train.cudnn_benchmark for every fit")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the first MSR round and one more NTU embed")
     args = ap.parse_args(argv)
+    if args.cudnn_benchmark == "off":
+        TRAIN_OVERRIDES["cudnn_benchmark"] = False
     logging.basicConfig(level=logging.WARNING)
     if args.data:
         DATA = Path(args.data)
@@ -304,9 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     gpu_name = torch.cuda.get_device_name(0) if CUDA else None
     info = {"gpu": gpu_name, "gpu_measured": CUDA, "quick": q, "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine()}
+            "python": platform.python_version(), "machine": platform.machine(),
+            "cudnn_benchmark": args.cudnn_benchmark, "profiled": args.profile}
     print(f"GPU: {gpu_name or NOT_MEASURED}; CPU: {os.cpu_count()} cores, torch threads "
-          f"{torch.get_num_threads()}; torch {torch.__version__}; quick={q}", flush=True)
+          f"{torch.get_num_threads()}; torch {torch.__version__}; quick={q}; cudnn benchmark "
+          f"{args.cudnn_benchmark}{'; profiled' if args.profile else ''}", flush=True)
     results: dict = {"info": info}
     rows: list[tuple] = []
     gpu_col = (lambda d, key: d.get(key) if d else NOT_MEASURED)
@@ -319,15 +390,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             gpu = None
             if CUDA:
-                cold = msr_round("cuda", ds, cfg)
+                cold = msr_round("cuda", ds, cfg, profiled=args.profile)
                 gpu = msr_round("cuda", ds, cfg)
                 gpu["cold_seconds"], gpu["cold_stages"] = cold["seconds"], cold["stages"]
+                if "profile" in cold:
+                    gpu["cold_profile"] = cold["profile"]
                 # a later round in the same process: 10 more labels, so new batch shapes (is
                 # the first round's extra time CUDA starting, or cuDNN tuning each new shape?)
                 more = more_labels(ds, 10)
                 later = msr_round("cuda", more, cfg)
                 gpu["later_seconds"], gpu["later_stages"] = later["seconds"], later["stages"]
-            cpu = msr_round("cpu", ds, cfg)
+            cpu = msr_round("cpu", ds, cfg, profiled=args.profile and not CUDA)
             results["msr"] = {"gpu": gpu, "cpu": cpu}
             rows += [("msr", f"round s (n={ds.n}, {cpu['labels']} labels)",
                       fmt(gpu_col(gpu, "seconds")), fmt(cpu["seconds"]), "GPU < CPU"),
@@ -353,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         ds, t_gen = timed(lambda: ntu_like(ntu_n))
         gpu = None
         if CUDA:
-            gpu = ntu_round("cuda", ds, epochs=None, steps=20)
+            gpu = ntu_round("cuda", ds, epochs=None, steps=20, profiled=args.profile)
             emb = gpu.pop("embeddings")
             g = graph_and_propagation(emb, ds.y, ds.y_true, ds.num_classes, "cuda",
                                       library_propagate=True)
@@ -362,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         # CPU: fit and embed on the first cpu_n samples (rates), the graph and propagation on the
         # same embeddings as the GPU's (all samples) when there are any, else on the subset's
         sub = ds.subset(np.arange(min(cpu_n, ds.n)))
-        cpu = ntu_round("cpu", sub, epochs=2, steps=2)
+        cpu = ntu_round("cpu", sub, epochs=2, steps=2, profiled=args.profile and not CUDA)
         emb_cpu = cpu.pop("embeddings")
         on = ds if CUDA else sub
         g = graph_and_propagation(emb if CUDA else emb_cpu, on.y, on.y_true, ds.num_classes,
@@ -436,6 +509,15 @@ def main(argv: list[str] | None = None) -> int:
         ]
 
     results["seconds"] = time.perf_counter() - budget.start
+    for title, where in (("first MSR round", ("msr", "gpu", "cold_profile")),
+                         ("first MSR round (CPU)", ("msr", "cpu", "profile")),
+                         ("embed, NTU-sized", ("ntu", "gpu", "embed_profile")),
+                         ("embed, NTU-sized (CPU)", ("ntu", "cpu", "embed_profile"))):
+        summary = results
+        for key in where:
+            summary = summary.get(key) if isinstance(summary, dict) else None
+        if summary:
+            print_profile(title, summary)
     print()
     table(rows)
     if not CUDA:

@@ -52,6 +52,8 @@ class TrainConfig:
     augment: bool = True
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     cuda_graph: bool = True  # on CUDA, replay fit's step from a CUDA graph (speler.cuda_graph)
+    cudnn_benchmark: bool = True  # on CUDA, cuDNN times its kernels for each new batch shape in
+    # fit (pays over many steps of one shape, costs the first step of each: benchmarks/gpu.py)
     device: str = "auto"  # "auto", "cpu" or "cuda"
     seed: int = 0
     num_threads: int = 0  # torch CPU threads; 0 = the cores no other task is busy on when

@@ -180,8 +180,8 @@ def _threads(n: int, device: str = "cpu"):
 
 @contextlib.contextmanager
 def _cudnn_benchmark(on: bool):
-    """cuDNN autotuning on for a while (CUDA training: fixed batch shapes), restored after, so a
-    fit leaves no process-wide setting behind."""
+    """cuDNN autotuning on for a while (CUDA training: fixed batch shapes,
+    ``train.cudnn_benchmark``), restored after, so a fit leaves no process-wide setting behind."""
     old = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = old or on
     try:
@@ -530,7 +530,7 @@ def fit(
 
     devices = [torch.device(device).index or 0] if cuda else []
     with _threads(config.num_threads, device), torch.random.fork_rng(devices=devices), \
-            _cudnn_benchmark(cuda):
+            _cudnn_benchmark(cuda and config.cudnn_benchmark):
         torch.manual_seed(config.seed)
         if holdout is None:
             train_idx, hold_idx = _holdout_split(y, config.holdout, config.seed)

@@ -179,6 +179,21 @@ def test_fit_on_cuda_follows_the_cpu():
         assert acc >= 0.7, f"{result.device}: accuracy {acc:.2f}"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("tune", [True, False])
+def test_fit_on_cuda_tunes_cudnn_only_when_asked(tune):
+    from speler.train import fit
+
+    ds = make_actions(per_class=8, seed=3, labeled_per_class=4)
+    before = torch.backends.cudnn.benchmark
+    seen = []
+    fit(ds, ds.y, config=dataclasses.replace(FAST, epochs=2, device="cuda", cudnn_benchmark=tune),
+        progress=lambda *_: seen.append(torch.backends.cudnn.benchmark))
+    assert seen and all(s == (tune or before) for s in seen)
+    assert torch.backends.cudnn.benchmark == before  # restored after the fit
+
+
 def test_graph_step_keeps_a_graph_per_set_of_input_shapes(monkeypatch):
     """GraphStep's bookkeeping, with CUDA's side stream and recording stood in for: each set of
     input shapes runs as written WARMUP times, then is captured and replayed (fit's batches are
