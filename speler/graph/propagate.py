@@ -409,12 +409,16 @@ def energy_from_scores(
     live = np.zeros(n, dtype=bool)
     ell_all = np.zeros(n)
     for lo in range(0, n, _ENERGY_CHUNK):  # row blocks: the temporaries stay in cache
-        u = M[lo:lo + _ENERGY_CHUNK].astype(np.float64) * inv[None, :]
-        rows = u.max(axis=1) > 0
+        z = M[lo:lo + _ENERGY_CHUNK].astype(np.float64)
+        z *= inv[None, :]  # u
+        rows = z.max(axis=1) > 0
         live[lo:lo + _ENERGY_CHUNK] = rows
-        z = _SHARPNESS * u[rows]
-        zmax = z.max(axis=1, keepdims=True)
-        lse = zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))
+        z = z[rows]
+        z *= _SHARPNESS
+        zmax = z.max(axis=1)
+        z -= zmax[:, None]
+        np.exp(z, out=z)  # in place: one temporary per block instead of four
+        lse = zmax + np.log(z.sum(axis=1))
         ell_all[lo:lo + _ENERGY_CHUNK][rows] = np.maximum(lse - math.log(C), 0.0)
     if not live.any():
         return energy.astype(np.float32)
