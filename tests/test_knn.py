@@ -62,6 +62,26 @@ def test_duplicates_never_list_themselves_and_zero_rows_are_isolated():
     assert (deg[-3:] == 0).all() and (deg[:-3] > 0).all()
 
 
+def test_affinity_of_unsorted_lists_with_a_repeated_neighbour_matches_its_definition():
+    """Lists in similarity order (columns unsorted), one neighbour listed twice, a self-loop, a -1:
+    W is the dense definition, canonical CSR (sorted, no duplicates), symmetric bit for bit."""
+    rng = np.random.default_rng(7)
+    n, k = 40, 6
+    idx = rng.integers(0, n, (n, k))
+    idx[3, :2] = 5  # listed twice: both entries count
+    idx[4, 0], idx[6, 1] = 4, -1
+    sims = np.sort(rng.uniform(-0.3, 1.0, (n, k)), axis=1)[:, ::-1].astype(np.float32)
+    W = affinity(KnnGraph(indices=idx, sims=sims, method="hand", recall=None, seconds=0.0))
+    A = np.zeros((n, n))
+    for i in range(n):
+        for j, s in zip(idx[i], sims[i]):
+            if j >= 0 and j != i and s > 0:
+                A[i, j] += np.float32(s) ** 3 / 2
+    np.testing.assert_allclose(W.toarray(), A + A.T, rtol=1e-6)
+    assert W.has_canonical_format and W.dtype == np.float32
+    assert (W != W.T).nnz == 0 and (W.diagonal() == 0).all()
+
+
 def test_affinity_formula_on_hand_made_graph():
     g = KnnGraph(
         indices=np.array([[1, 2], [0, 3], [0, -1], [1, 0]], dtype=np.int64),

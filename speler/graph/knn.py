@@ -160,16 +160,23 @@ def affinity(graph: KnnGraph, *, gamma: float = 3.0) -> sp.csr_matrix:
     """
     if not gamma > 0 or not math.isfinite(gamma):
         raise ConfigError(f"affinity: gamma must be a positive number, got {gamma!r}")
-    n, k = graph.indices.shape
-    rows = np.repeat(np.arange(n, dtype=np.int64), k)
-    cols = graph.indices.reshape(-1).astype(np.int64, copy=False)
-    sims = graph.sims.reshape(-1).astype(np.float32, copy=False)
-    vals = np.maximum(sims, 0.0) ** np.float32(gamma)
-    keep = (cols >= 0) & (cols != rows) & (vals > 0)
-    rows, cols, vals = rows[keep], cols[keep], vals[keep] * np.float32(0.5)
-    a = sp.csr_matrix((vals, (rows, cols)), shape=(n, n), dtype=np.float32)
-    w = (a + a.T).tocsr()
-    w.sum_duplicates()
+    n = graph.indices.shape[0]
+    cols = graph.indices
+    vals = np.maximum(graph.sims.astype(np.float32, copy=False), 0.0) ** np.float32(gamma)
+    keep = (cols >= 0) & (cols != np.arange(n)[:, None]) & (vals > 0)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.count_nonzero(keep, axis=1), out=indptr[1:])
+    itype = np.int32 if n < 2**31 - 1 and indptr[-1] < 2**31 - 1 else np.int64
+    # each row's kept neighbours in list order, no coordinate arrays; transposing sorts a row's
+    # columns, so a^T and (a^T)^T = a come out sorted and a + a^T takes scipy's fast path for
+    # sorted operands. The same W bit for bit; faster where neighbours have nearby ids (1M
+    # samples, k = 20: 1.3 s against 2.1 s), about as fast where they are spread at random (the
+    # 1M graph of benchmarks/propagation.py: 3.05 s against 3.04 s; 200k: 0.33 against 0.38 s)
+    a = sp.csr_matrix((vals[keep] * np.float32(0.5), cols[keep].astype(itype),
+                       indptr.astype(itype)), shape=(n, n))
+    at = a.T.tocsr()
+    w = (at.T.tocsr() + at).tocsr()
+    w.sum_duplicates()  # a no-op unless scipy left duplicates (it adds repeats on its general path)
     w.eliminate_zeros()
     w.sort_indices()
     w = w.astype(np.float32, copy=False)
