@@ -80,6 +80,9 @@ def test_affinity_of_unsorted_lists_with_a_repeated_neighbour_matches_its_defini
     np.testing.assert_allclose(W.toarray(), A + A.T, rtol=1e-6)
     assert W.has_canonical_format and W.dtype == np.float32
     assert (W != W.T).nnz == 0 and (W.diagonal() == 0).all()
+    idx[9, 2] = n  # an id past the last sample: an error, not a write out of bounds
+    with pytest.raises(DataFormatError, match=r"row 9 lists neighbour 40, but there are only 40"):
+        affinity(KnnGraph(indices=idx, sims=sims, method="hand", recall=None, seconds=0.0))
 
 
 def test_affinity_formula_on_hand_made_graph():

@@ -162,6 +162,10 @@ def affinity(graph: KnnGraph, *, gamma: float = 3.0) -> sp.csr_matrix:
         raise ConfigError(f"affinity: gamma must be a positive number, got {gamma!r}")
     n = graph.indices.shape[0]
     cols = graph.indices
+    if cols.size and cols.max() >= n:  # the CSR below is built unchecked: bounds first
+        row = int(np.argmax(cols.max(axis=1)))
+        raise DataFormatError(f"affinity: row {row} lists neighbour {int(cols[row].max())}, but"
+                              f" there are only {n} samples")
     vals = np.maximum(graph.sims.astype(np.float32, copy=False), 0.0) ** np.float32(gamma)
     keep = (cols >= 0) & (cols != np.arange(n)[:, None]) & (vals > 0)
     indptr = np.zeros(n + 1, dtype=np.int64)
@@ -169,9 +173,11 @@ def affinity(graph: KnnGraph, *, gamma: float = 3.0) -> sp.csr_matrix:
     itype = np.int32 if n < 2**31 - 1 and indptr[-1] < 2**31 - 1 else np.int64
     # each row's kept neighbours in list order, no coordinate arrays; transposing sorts a row's
     # columns, so a^T and (a^T)^T = a come out sorted and a + a^T takes scipy's fast path for
-    # sorted operands. The same W bit for bit; faster where neighbours have nearby ids (1M
-    # samples, k = 20: 1.3 s against 2.1 s), about as fast where they are spread at random (the
-    # 1M graph of benchmarks/propagation.py: 3.05 s against 3.04 s; 200k: 0.33 against 0.38 s)
+    # sorted operands. The same W bit for bit, but where a row lists one neighbour three times or
+    # more (scipy summed such repeats in no fixed order, here in list order: the last bit may
+    # differ). Faster where neighbours have nearby ids (1M samples, k = 20: 1.3 s against
+    # 2.1 s), about as fast where they are spread at random (the 1M graph of
+    # benchmarks/propagation.py: 3.05 s against 3.04 s; its 200k graph 0.33 against 0.38 s)
     a = sp.csr_matrix((vals[keep] * np.float32(0.5), cols[keep].astype(itype),
                        indptr.astype(itype)), shape=(n, n))
     at = a.T.tocsr()
