@@ -121,7 +121,8 @@ class SolveInfo:
     products: sparse matrix-vector products of the final solve (one per active column per
         iteration): the work, which a warm start after a few new labels cuts to the few columns
         whose seeds changed.
-    solve_seconds: wall time of the conjugate-gradient loop of the final solve.
+    solve_seconds: wall time of the conjugate-gradient loop of the final solve (from S made;
+        on CUDA from S made on the device, its upload left out).
     balance_weights: float32 (n,), node weights p_c(i)^-1/2 of the balance (1 without balance);
         passing the result as ``warm_start`` reuses them.
     system: fingerprint of the solved system (graph, α, tol, balance, sum of the scores); a warm
@@ -472,13 +473,11 @@ def _propagate(W, labels, C, config, prior, predictions, warm_start, progress, s
         solved = np.ones(C, dtype=bool)
         solved[labels[moved & lab]] = False
         solved[warm_start.labels[moved & prev_lab]] = False
-    t_solve = time.perf_counter()
-    solve = _block_cg(W, w, B, config, X0, progress, "propagation", solved=solved,
-                      uploaded=uploaded)
+    solve, t_solve = _block_cg(W, w, B, config, X0, progress, "propagation", solved=solved,
+                               uploaded=uploaded)
     residual = solve.residual
     if solved is not None and solved.any():
         residual = max(residual, float(warm_start.solve.residual))
-    t_solve = time.perf_counter() - t_solve
     del uploaded
     info = SolveInfo(iterations=solve.iterations, converged=solve.converged, residual=residual,
                      seconds=0.0, first_pass_iterations=first_iters, products=solve.products,
@@ -557,8 +556,8 @@ def _balance(W, labels, C, config, prior, predictions, warm_start, B, uploaded=N
         memberships = _row_normalize(np.asarray(warm_start, dtype=np.float32))
     elif predictions is None:
         # only the argmax / soft class of the first pass is used: a loose tolerance is enough
-        first = _block_cg(W, None, B, config, None, None, "first pass",
-                          tol=max(config.tol, FIRST_PASS_TOL), uploaded=uploaded)
+        first, _ = _block_cg(W, None, B, config, None, None, "first pass",
+                             tol=max(config.tol, FIRST_PASS_TOL), uploaded=uploaded)
         M0, first_iters = first.X, first.iterations
         memberships = _row_normalize(M0)
     if prior is None and config.balance_prior == "labels":
@@ -667,7 +666,7 @@ class CGSolve(NamedTuple):
 
 
 def _block_cg(W, node_weights, B, config, X0, progress, what, tol=None, solved=None,
-              uploaded=None) -> CGSolve:
+              uploaded=None) -> tuple[CGSolve, float]:
     """Solve (I - αS) X = B, S = ``normalized_operator(W, node_weights)``, for all C columns of B
     at once (float32 torch kernels, on the CPU or, by ``config.device``, on CUDA:
     ``solver_device``). On CUDA S is made there (``_device_operator``; ``uploaded``: a dict that
@@ -677,16 +676,21 @@ def _block_cg(W, node_weights, B, config, X0, progress, what, tol=None, solved=N
     sparse × dense-block product S @ P on the columns still active, plus a few fused in-place
     vector updates. A column stops when its residual norm is ≤ tol · ||b_c|| (a zero column is
     solved by 0 at once); stopped columns leave the block, so later products get narrower.
-    Returns a ``CGSolve``.
+    Returns the ``CGSolve`` and the solve's wall time in seconds, making S left out (on CUDA its
+    upload too).
     """
     tol = config.tol if tol is None else tol
     device = solver_device(config.device)
     if device != "cpu":  # no thread setting: the host only waits for the device
         S = _device_operator(W, node_weights, device, uploaded)
-        return _block_cg_on_device(S, B, config, X0, progress, what, tol, solved, device)
-    S = normalized_operator(W, node_weights)
-    with solver_threads(config.threads, S.nnz):
-        return _block_cg_torch(S, B, config, X0, progress, what, tol, solved)
+        start = time.perf_counter()
+        solve = _block_cg_on_device(S, B, config, X0, progress, what, tol, solved, device)
+    else:
+        S = normalized_operator(W, node_weights)
+        start = time.perf_counter()
+        with solver_threads(config.threads, S.nnz):
+            solve = _block_cg_torch(S, B, config, X0, progress, what, tol, solved)
+    return solve, time.perf_counter() - start
 
 
 #: Non-zeros of S from which ``propagation.threads`` = 0 asks how many cores are free: a product
@@ -927,7 +931,9 @@ def _device_operator(W: sp.csr_matrix, node_weights, device, uploaded: dict | No
     same float64 products, in the same order, computed on the device from W's. W is uploaded once
     into ``uploaded`` (when given), for the next operator on the same graph: a propagation's two
     passes. On the host these products took longer than the whole CUDA solve (40M non-zeros: 0.9
-    to 1.8 s per operator on this project's 2-core machine)."""
+    to 1.8 s per operator on this project's 2-core machine). Device memory: W's weights, indices
+    and row counts stay there for both passes; making S takes about 24 more bytes per non-zero
+    while it runs."""
     import torch
 
     dev = torch.device(device)
