@@ -362,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cudnn_benchmark == "off":
         TRAIN_OVERRIDES["cudnn_benchmark"] = False
+    if args.profile and CUDA:
+        # the profiler started once before any CUDA graph is captured: capturing before its first
+        # start, then profiling, has crashed or hung (pytorch/pytorch#75504; what torch's own
+        # torch.profiler._utils._init_for_cuda_graphs does)
+        with torch.autograd.profiler.profile():
+            pass
     logging.basicConfig(level=logging.WARNING)
     if args.data:
         DATA = Path(args.data)
