@@ -30,7 +30,9 @@ instead of timing its kernels for each new batch shape: compare the cold and lat
 a default run). ``--profile`` runs the first MSR round (on CUDA, else the CPU's) and one more
 ``embed`` of the NTU-sized set under torch.profiler and adds the ops that took the most host and
 device time, and the convolution input shapes that cost the most host time (cuDNN's tuning shows
-there), to the JSON and the output; their seconds then include the profiler's overhead.
+there), to the JSON and the output; their seconds then include the profiler's overhead. With the
+graph part it also runs the 1M ``propagate()`` once more under cProfile: the host's seconds per
+function (the GPU's share shows as waits inside the functions that read back from it).
 
 Without CUDA the GPU column says "not measured" and only the CPU half runs; ``--quick`` shrinks
 every part (msr: 2 epochs and 840 random kernels; ntu: 600 samples; graph: 20k points) to check the
@@ -205,6 +207,20 @@ def profile_of(fn):
     }
 
 
+def host_profile(fn) -> list[dict]:
+    """``fn()`` under cProfile: the ``TOP`` functions by cumulative host seconds (waits for the
+    GPU included, inside whichever function waits)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive, tottime, cumtime, ...)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][3])
+    return [{"function": f"{Path(f).name}:{line}({name})", "calls": v[1], "self_s": v[2],
+             "cumulative_s": v[3]} for (f, line, name), v in rows[:3 * TOP]]
+
+
 def print_profile(title: str, summary: dict) -> None:
     print(f"\nprofile: {title} ({summary['conv_input_shapes']} convolution input shapes)")
     for key, what in (("top_self_host", "self host s"), ("top_self_device", "self device s")):
@@ -288,9 +304,10 @@ def ntu_round(device: str, ds: SequenceSet, *, epochs: int | None, steps: int,
 
 
 def graph_and_propagation(x: np.ndarray, labels: np.ndarray, y: np.ndarray, C: int,
-                          device: str, *, library_propagate: bool) -> dict:
+                          device: str, *, library_propagate: bool, profiled: bool = False) -> dict:
     """kNN graph (torch on CUDA, the library's default on the CPU), affinity, the block CG solve
-    on ``device``, and with ``library_propagate`` the full ``propagate()`` solving there too."""
+    on ``device``, and with ``library_propagate`` the full ``propagate()`` solving there too
+    (``profiled``: once more under cProfile, the host's time per function)."""
     gcfg = GraphConfig(backend="torch") if device != "cpu" else GraphConfig(use_gpu=False)
     pcfg = PropagationConfig(device=device)
     out: dict = {"n": len(x), "dim": x.shape[1], "device": device}
@@ -321,6 +338,9 @@ def graph_and_propagation(x: np.ndarray, labels: np.ndarray, y: np.ndarray, C: i
         out["propagate_iterations"] = r.solve.iterations
         out["graph_plus_propagate_s"] = (out["knn_s"] + out["affinity_s"]
                                          + out["propagate_s"])
+        if profiled:
+            out["propagate_host_profile"] = host_profile(
+                lambda: propagate(W, labels, num_classes=C, config=pcfg))
     return out
 
 
@@ -482,13 +502,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if "graph" in args.parts:
         x, y, labels = synthetic(graph_n, seed=0)
-        gpu = (graph_and_propagation(x, labels, y, 60, "cuda", library_propagate=True)
-               if CUDA else None)
+        gpu = (graph_and_propagation(x, labels, y, 60, "cuda", library_propagate=True,
+                                     profiled=args.profile) if CUDA else None)
         n_cpu = min(cpu_graph_n, graph_n)
         if CUDA and budget.left() < 120:  # keep the run inside its budget
             n_cpu = min(n_cpu, 100_000)
         cpu = graph_and_propagation(x[:n_cpu], labels[:n_cpu], y[:n_cpu], 60, "cpu",
-                                    library_propagate=True)
+                                    library_propagate=True, profiled=args.profile and not CUDA)
         results["graph"] = {"gpu": gpu, "cpu": cpu}
         rows += [
             ("graph", f"n (GPU / CPU), dim {x.shape[1]}", fmt(graph_n) if CUDA else NOT_MEASURED,
@@ -524,6 +544,13 @@ def main(argv: list[str] | None = None) -> int:
             summary = summary.get(key) if isinstance(summary, dict) else None
         if summary:
             print_profile(title, summary)
+    for side in ("gpu", "cpu"):
+        rows_ = ((results.get("graph") or {}).get(side) or {}).get("propagate_host_profile")
+        if rows_:
+            print(f"\nhost profile: propagate() at {results['graph'][side]['n']:,} ({side})")
+            for r in rows_:
+                print(f"  {r['cumulative_s']:8.3f} s cumulative {r['self_s']:8.3f} s self"
+                      f" {r['calls']:7d} calls  {r['function']}")
     print()
     table(rows)
     if not CUDA:
