@@ -208,14 +208,15 @@ def profile_of(fn):
 
 
 def host_profile(fn) -> list[dict]:
-    """``fn()`` under cProfile: the ``TOP`` functions by cumulative host seconds (waits for the
-    GPU included, inside whichever function waits)."""
+    """``fn()`` under cProfile: the 3 ``TOP`` functions with the most cumulative host seconds
+    (waits for the GPU included, inside whichever function waits)."""
     import cProfile
     import pstats
 
     prof = cProfile.Profile()
     prof.runcall(fn)
-    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive, tottime, cumtime, ...)
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive, self, cumulative,
+    # callers)
     rows = sorted(stats.items(), key=lambda kv: -kv[1][3])
     return [{"function": f"{Path(f).name}:{line}({name})", "calls": v[1], "self_s": v[2],
              "cumulative_s": v[3]} for (f, line, name), v in rows[:3 * TOP]]
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on",
                     help="train.cudnn_benchmark for every fit")
     ap.add_argument("--profile", action="store_true",
-                    help="profile the first MSR round and one more NTU embed")
+                    help="profile the first MSR round, one more NTU embed and 1M propagate()")
     args = ap.parse_args(argv)
     if args.cudnn_benchmark == "off":
         TRAIN_OVERRIDES["cudnn_benchmark"] = False
