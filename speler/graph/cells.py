@@ -89,8 +89,7 @@ class CellIndex:
 
     def _own_cell(self, q: torch.Tensor) -> torch.Tensor:
         """Each row's most similar cell (its rows projected block by block)."""
-        return torch.cat([_nearest(self._project(q[lo:lo + _ROWS]), self.centroids)
-                          for lo in range(0, len(q), _ROWS)])
+        return _nearest(q, self.centroids, self._project)
 
     def _near(self, width: int) -> torch.Tensor:
         """The ``width`` cells most similar to each cell by centroid (cells, width), best first."""
@@ -294,10 +293,15 @@ def _rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.index_select(t, 0, rows)
 
 
-def _nearest(q: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """The centroid of largest inner product with each row of q (numpy's argmax of the scores:
-    4× torch's on a CPU)."""
-    return torch.from_numpy((q @ centroids.T).numpy().argmax(axis=1))
+def _nearest(q: torch.Tensor, centroids: torch.Tensor,
+             project: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The centroid of largest inner product with each row of q (``project``-ed first, when
+    given), ``_ROWS`` rows at a time (numpy's argmax of the scores: 4× torch's on a CPU)."""
+    out = []
+    for lo in range(0, len(q), _ROWS):
+        block = q[lo:lo + _ROWS] if project is None else project(q[lo:lo + _ROWS])
+        out.append(torch.from_numpy((block @ centroids.T).numpy().argmax(axis=1)))
+    return torch.cat(out)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -310,7 +314,7 @@ def _spherical_kmeans(x: torch.Tensor, init: torch.Tensor, iters: int) -> torch.
     cent = x[init].clone()
     cells = cent.shape[0]
     for _ in range(iters):
-        assign = torch.cat([_nearest(x[lo:lo + _ROWS], cent) for lo in range(0, len(x), _ROWS)])
+        assign = _nearest(x, cent)
         sums = torch.zeros_like(cent).index_add_(0, assign, x)
         empty = torch.bincount(assign, minlength=cells) == 0
         cent = torch.where(empty[:, None], cent, _unit(sums))
