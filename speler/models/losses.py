@@ -55,21 +55,22 @@ def cross_domain_supcon(
     zf = F.normalize(z_freq.float(), dim=-1)
     sim = zt @ zf.T / temperature
     pos = (labels[:, None] == labels[None, :]).float()
-    if mask is None:
-        npos = pos.sum(1)
-        loss_tf = -(F.log_softmax(sim, dim=1) * pos).sum(1) / npos
-        loss_ft = -(F.log_softmax(sim.T, dim=1) * pos).sum(1) / npos
+    if mask is not None:
+        m = mask.float()
+        pair = m[:, None] * m[None, :]
+        pos = pos * pair
+        # rows and columns outside the mask are never candidates: a kept similarity is at least
+        # -1/temperature, so exp(far - kept) <= exp(-1/temperature - 200), exactly 0 in float32
+        far = -(2.0 / temperature + 200.0)
+        keep = pair > 0
+        sim_tf, sim_ft = torch.where(keep, sim, far), torch.where(keep, sim.T, far)
+    else:
+        m, sim_tf, sim_ft = None, sim, sim.T
+    npos = pos.sum(1).clamp(min=1.0)  # >= 1 wherever the row takes part: itself
+    loss_tf = -(F.log_softmax(sim_tf, dim=1) * pos).sum(1) / npos
+    loss_ft = -(F.log_softmax(sim_ft, dim=1) * pos).sum(1) / npos
+    if m is None:
         return 0.5 * (loss_tf.mean() + loss_ft.mean())
-    m = mask.float()
-    pair = m[:, None] * m[None, :]
-    pos = pos * pair
-    npos = pos.sum(1).clamp(min=1.0)
-    # rows and columns outside the mask are never candidates: a kept similarity is at least
-    # -1/temperature, so exp(far - kept) <= exp(-1/temperature - 200), exactly 0 in float32
-    far = -(2.0 / temperature + 200.0)
-    keep = pair > 0
-    loss_tf = -(F.log_softmax(torch.where(keep, sim, far), dim=1) * pos).sum(1) / npos
-    loss_ft = -(F.log_softmax(torch.where(keep, sim.T, far), dim=1) * pos).sum(1) / npos
     rows = m.sum().clamp(min=1.0)
     return 0.5 * ((loss_tf * m).sum() + (loss_ft * m).sum()) / rows
 
