@@ -313,7 +313,7 @@ def energy_figure(key: tuple[str, int], round_no: int, labels_key: str, _result,
     from speler.viz import energy_histogram
 
     return energy_histogram(_result.energy, _result.labels, list(classes), _result.thresholds,
-                            title="", columns=4)
+                            title="", columns=4, human=_result.labeled, reliable=_result.reliable)
 
 
 @st.cache_resource(max_entries=8, show_spinner="Computing the spectrum…")

@@ -589,17 +589,30 @@ def energy_histogram(
     title: str = "Propagation energy per class (lower = more reliable)",
     bins: int = 30,
     columns: int = 4,
+    human: np.ndarray | None = None,
+    reliable: np.ndarray | None = None,
 ) -> go.Figure:
     """One energy histogram per class (small multiples, shared x axis), with the class threshold.
 
     energy: float (n,); labels: int (n,) class of each sample (-1 → an 'unlabeled' panel);
     thresholds: float (C,) per-class reliability thresholds (dashed lines), or None.
+    human: bool (n,), samples left out (a human label's energy says nothing about its reliability,
+    and its seed energy, far below the rest, would squeeze their histograms into one bin), or None.
+    reliable: bool (n,), the propagated labels that count as reliable: each panel's title says how
+    many of its samples are, or None.
     """
     energy = np.asarray(energy, dtype=np.float64).ravel()
     labels = np.asarray(labels).ravel()
     classes = [str(c) for c in classes]
     if energy.shape != labels.shape:
         raise DataFormatError(f"viz: energy has {energy.size} values but labels {labels.size}")
+    for name, mask in (("human", human), ("reliable", reliable)):
+        if mask is not None and np.shape(mask) != energy.shape:
+            raise DataFormatError(f"viz: {name} has {np.size(mask)} values but energy {energy.size}")
+    if human is not None:
+        keep = ~np.asarray(human, dtype=bool)
+        energy, labels = energy[keep], labels[keep]
+        reliable = None if reliable is None else np.asarray(reliable, dtype=bool)[keep]
     if thresholds is not None:
         thresholds = np.asarray(thresholds, dtype=np.float64).ravel()
         if thresholds.shape != (len(classes),):
@@ -610,8 +623,15 @@ def energy_histogram(
         panels.append((-1, "unlabeled"))
     cols = max(1, min(columns, len(panels)))
     rows = int(np.ceil(len(panels) / cols))
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[p[1] for p in panels],
-                        vertical_spacing=min(0.12, 0.35 / max(rows, 1)), horizontal_spacing=0.05)
+    titles = [p[1] for p in panels]
+    if reliable is not None:
+        reliable = np.asarray(reliable, dtype=bool)
+        titles = [f"{name}<br><span style='font-size:10px'>{int(reliable[labels == c].sum())} of"
+                  f" {int((labels == c).sum())} reliable</span>" for c, name in panels]
+    row_px = 170 if reliable is None else 190  # a second title line
+    height = max(260, 70 + row_px * rows)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.05,
+                        vertical_spacing=min(0.12, (row_px - 120) / max(height - 90, 1)))
     finite = energy[np.isfinite(energy)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if thresholds is not None and np.isfinite(thresholds).any():
@@ -628,7 +648,7 @@ def energy_histogram(
         if thresholds is not None and c >= 0 and np.isfinite(thresholds[c]):
             fig.add_vline(x=float(thresholds[c]), line=dict(color=_shade(col, 0.3), dash="dash", width=2),
                           row=r, col=cc)
-    fig.update_layout(template=_TEMPLATE, font=_FONT, height=max(260, 70 + 170 * rows), bargap=0.05,
+    fig.update_layout(template=_TEMPLATE, font=_FONT, height=height, bargap=0.05,
                       title=dict(text=title, x=0.01, xanchor="left") if title else None,
                       margin=dict(l=50, r=20, t=80 if title else 40, b=50))
     fig.update_annotations(font_size=12)

@@ -7,6 +7,8 @@ events in the real SQLite store.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import time
@@ -273,9 +275,23 @@ def test_label_second_class_and_skip(trained, home):
     assert (last.sample_id, last.label) == (sample, chosen)
 
 
+def _values(x) -> np.ndarray:
+    """A plotly JSON array: a list, or a typed array ({"dtype": ..., "bdata": base64})."""
+    if isinstance(x, dict):
+        return np.frombuffer(base64.b64decode(x["bdata"]), dtype=np.dtype(x["dtype"]))
+    return np.asarray(x)
+
+
 def test_diagnostics_and_export_pages(trained):
     at = _page(trained, "diagnostics")
-    assert len(at.get("plotly_chart")) >= 2
+    charts = at.get("plotly_chart")
+    assert len(charts) >= 2
+    # the energy histograms draw the propagated labels only: one bar value per unlabeled sample
+    energy = [json.loads(c.proto.spec) for c in charts if "reliable" in c.proto.spec]
+    assert len(energy) == 1
+    drawn = sum(_values(t["x"]).size for t in energy[0]["data"])
+    with LabelStore.open(Path(os.environ["SPELER_HOME"]) / SAMPLE / "store.sqlite") as store:
+        assert drawn == int((store.human_labels() < 0).sum()) > 0
     at = _page(trained, "export")
     keys = {b.key for b in at.get("download_button")}
     assert {"download_csv", "download_json", "download_npz", "download_pyskl",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import plotly.graph_objects as go
@@ -212,6 +213,24 @@ def test_energy_histogram_one_panel_per_class_with_thresholds():
     assert len(energy_histogram(energy, labels, classes, None).layout.shapes) == 0
     with pytest.raises(DataFormatError, match="3 thresholds for 5 classes"):
         energy_histogram(energy, labels, classes, np.zeros(3))
+
+
+def test_energy_histogram_leaves_human_labels_out_and_counts_reliable():
+    classes = ["a", "b"]
+    labels = np.array([0, 0, 0, 1, 1, 1, -1])
+    energy = np.array([-150.0, -12.0, -8.0, -140.0, -11.0, -3.0, 0.0])
+    human = np.array([True, False, False, True, False, False, False])
+    reliable = np.array([False, True, False, False, True, True, False])
+    fig = energy_histogram(energy, labels, classes, np.array([-10.0, -2.0]), human=human,
+                           reliable=reliable)
+    assert [list(t.x) for t in fig.data] == [[-12.0, -8.0], [-11.0, -3.0], [0.0]]
+    titles = [re.sub("<[^>]+>", " ", a.text).split() for a in fig.layout.annotations]
+    assert titles == [["a", "1", "of", "2", "reliable"], ["b", "2", "of", "2", "reliable"],
+                      ["unlabeled", "0", "of", "1", "reliable"]]
+    lo, hi = fig.layout.xaxis.range
+    assert -13.0 < lo < -12.0 and 0.0 < hi < 1.0  # the seeds' -150 and -140 no longer set the range
+    with pytest.raises(DataFormatError, match="human has 3 values but energy 7"):
+        energy_histogram(energy, labels, classes, None, human=human[:3])
 
 
 def test_curves_one_line_per_strategy():

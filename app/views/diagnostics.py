@@ -50,8 +50,10 @@ with top_right:
     st.subheader("Energy per class")
     fig = state.energy_figure(key, live.round, h, res, classes)
     st.plotly_chart(fig, key="energy")
-    st.caption("Energy of each sample under its propagated class (lower = better connected to the "
-               "labeled set); dashed lines are the per-class reliability thresholds.")
+    st.caption("Energy of each propagated label under its class (lower = better connected to the "
+               "labeled set; your own labels are left out). Dashed lines are the per-class "
+               "reliability thresholds: a label below its class's line is reliable, one the network "
+               "trains on, weighted by how low it is.")
 
 bottom_left, bottom_right = st.columns(2, gap="large")
 def _simulation() -> None:
