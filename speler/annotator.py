@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from speler import loop
+from speler.atomic_file import write_atomically
 from speler.config import Config
 from speler.selection import Suggestion
 from speler.data.schema import SequenceSet
@@ -407,9 +408,7 @@ def write_simulation(path: str | Path, res, *, budget: int) -> Path:
     """The simulation's curves as JSON (the one writer the CLI and the app share)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"dataset": res.dataset, "budget": budget, "auc": res.auc,
-                               "curves": res.curves, "seconds": res.seconds}, indent=2,
-                              default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-    tmp.replace(path)
-    return path
+    text = json.dumps({"dataset": res.dataset, "budget": budget, "auc": res.auc,
+                       "curves": res.curves, "seconds": res.seconds}, indent=2,
+                      default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    return write_atomically(path, lambda fh: fh.write(text.encode()))

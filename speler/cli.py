@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import getpass
 import logging
 import os
 import sys
@@ -238,14 +239,21 @@ def _run_info(args: argparse.Namespace) -> int:
 
 # -- label / undo --------------------------------------------------------------------------------
 def _default_annotator() -> str:
-    return os.environ.get("SPELER_ANNOTATOR") or os.environ.get("USER") or ""
+    """$SPELER_ANNOTATOR, else the login name (``getpass.getuser``: $LOGNAME, $USER, ... then the
+    password database, so a shell without $USER, as root in a container, still names someone)."""
+    if os.environ.get("SPELER_ANNOTATOR"):
+        return os.environ["SPELER_ANNOTATOR"]
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a uid with no entry in the password database
+        return ""
 
 
 def _add_label(p: argparse.ArgumentParser) -> None:
     p.add_argument("project", help="project name")
     p.add_argument("id", help="sample id")
     p.add_argument("label", help="class name")
-    p.add_argument("--annotator", default=None, help="who labels (default $SPELER_ANNOTATOR or $USER)")
+    p.add_argument("--annotator", default=None, help="who labels (default $SPELER_ANNOTATOR, else your login name)")
 
 
 def _run_label(args: argparse.Namespace) -> int:

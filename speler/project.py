@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from speler import __version__
+from speler.atomic_file import write_atomically
 from speler.config import Config
 from speler.data.schema import SequenceSet
 from speler.errors import ConfigError, ProjectError
@@ -279,9 +280,7 @@ class Project:
 
     def save_config(self, config: Config) -> None:
         """Replace config.json (atomically) and ``self.config``."""
-        tmp = self.path / f".{CONFIG_FILE}.tmp"
-        config.save(tmp)
-        os.replace(tmp, self.path / CONFIG_FILE)
+        write_atomically(self.path / CONFIG_FILE, lambda fh: fh.write(config.to_json().encode()))
         self._config = config
 
     @property

@@ -36,8 +36,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +46,7 @@ import torch
 from torch import nn
 
 from speler import distributed as dist
+from speler.atomic_file import write_atomically
 from speler.config import TrainConfig
 from speler.cuda_graph import GraphStep
 from speler.data.layouts import Layout
@@ -831,15 +830,7 @@ def save_checkpoint(path: str | Path, fit_or_model: FitResult | nn.Module, *, co
                           "epochs_run": len(fit_or_model.history)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, lambda fh: torch.save(payload, fh))
 
 
 def load_checkpoint(path: str | Path, ds: SequenceSet) -> Checkpoint:

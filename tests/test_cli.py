@@ -84,6 +84,25 @@ def test_label_undo_and_info_counts(capsys, project, skeleton_set):
     assert code == 0 and out.strip() == "nothing to undo"
 
 
+def test_label_without_user_variables_names_the_login(capsys, project, monkeypatch):
+    """A shell without $USER (root in a container) still records who labeled: the password
+    database's name for this uid."""
+    import pwd
+
+    from speler.store import LabelStore
+
+    for var in ("SPELER_ANNOTATOR", "LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(var, raising=False)
+    code, _, err = run(capsys, "--root", project, "label", "demo", "skel_005", "action3")
+    assert code == 0, err
+    monkeypatch.setenv("SPELER_ANNOTATOR", "ada")
+    code, _, err = run(capsys, "--root", project, "label", "demo", "skel_006", "action3")
+    assert code == 0, err
+    with LabelStore.open(project / "demo" / "store.sqlite") as store:
+        who = {e.sample_id: e.annotator for e in store.events() if e.source == "human"}
+    assert who == {"skel_005": pwd.getpwuid(os.getuid()).pw_name, "skel_006": "ada"}
+
+
 def test_info_shows_rounds(capsys, project):
     with Project.open(project, "demo") as p:
         r = p.store.begin_round()

@@ -10,14 +10,13 @@ A SequenceSet is validated when created and when loaded; errors name the file, s
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from speler.atomic_file import write_atomically
 from speler.data.layouts import Layout
 from speler.errors import DataFormatError
 
@@ -205,16 +204,7 @@ class SequenceSet:
         )
         if self.y_true is not None:
             arrays["y_true"] = self.y_true.astype(np.int64)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.chmod(tmp, 0o644)  # mkstemp makes the file private; data files are ordinary files
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomically(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> "SequenceSet":

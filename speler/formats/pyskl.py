@@ -21,13 +21,12 @@ person. A folder is read as all its ``.pkl``/``.pickle`` files.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from speler.atomic_file import write_atomically
 from speler.data.layouts import Layout, get_layout
 from speler.data.schema import SequenceSet
 from speler.errors import DataFormatError
@@ -254,12 +253,4 @@ def write_pyskl(ds: SequenceSet, path: str | Path, *, labels: np.ndarray | None 
         "classes": list(ds.classes),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(obj, fh, protocol=4)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, lambda fh: pickle.dump(obj, fh, protocol=4))
