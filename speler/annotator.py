@@ -359,9 +359,10 @@ class Annotator:
             self._base = self._state = None
         return res
 
-    def export(self, *, format: str, path: str | Path | None = None) -> Path:
+    def export(self, *, format: str | None = None, path: str | Path | None = None) -> Path:
         """Writes the label table from the live state to ``path`` (default: the project's
-        exports folder) and returns the file."""
+        exports folder) as ``format`` (default: the one ``path``'s extension names, else csv)
+        and returns the file."""
         from speler.export import export_labels
 
         with self._lock:

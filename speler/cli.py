@@ -491,7 +491,9 @@ def _print_trained(res, human: np.ndarray, out: Path) -> None:
 # -- export / doubts --------------------------------------------------------------------------------
 def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("project", help="project name")
-    p.add_argument("--format", default="csv", choices=["csv", "json", "npz", "pyskl"])
+    p.add_argument("--format", default=None, choices=["csv", "json", "npz", "pyskl"],
+                   help="file format (default: the one --out's extension names, .csv .json .npz "
+                        "or .pkl; csv without --out)")
     p.add_argument("--out", help="output path (default PROJECT/exports/PROJECT-labels.<ext>)")
 
 

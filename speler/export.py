@@ -145,6 +145,28 @@ def _saved_reliable(project: Project, n: int) -> np.ndarray:
 
 # -- exports ----------------------------------------------------------------------------------
 
+def export_format(format: str | None, path: str | Path | None) -> str:
+    """The format of an export: ``format`` when given, else the one that ``path``'s extension
+    names (.csv, .json, .npz, .pkl), csv without a path. ConfigError when the extension names no
+    format and none is given, or names another format than the one given (a file called
+    labels.json holding CSV)."""
+    if format is not None and format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
+    if path is None:
+        return format or "csv"
+    suffix = Path(path).suffix.lower()
+    named = next((f for f, ext in EXTENSIONS.items() if ext == suffix), None)
+    if format is None and named is None:
+        raise ConfigError(
+            f"{path}: cannot tell the export format from the extension {suffix or '(none)'!r}; "
+            f"name the file {', '.join(EXTENSIONS.values())} or choose a format "
+            f"({', '.join(FORMATS)})")
+    if format is not None and named is not None and named != format:
+        raise ConfigError(f"{path}: the extension {suffix} says {named}, but the format asked "
+                          f"for is {format}; name the file {EXTENSIONS[format]} or ask for {named}")
+    return format or named
+
+
 def check_export(project: Project, *, format: str, path: str | Path | None = None) -> None:
     """ConfigError when ``project`` cannot be exported as ``format`` (unknown format, or PYSKL for
     a project of sensor series: PYSKL pickles hold skeleton keypoints). ``path`` names the
@@ -159,18 +181,18 @@ def check_export(project: Project, *, format: str, path: str | Path | None = Non
             "instead")
 
 
-def export_labels(project: Project, *, format: str, path: str | Path | None = None,
+def export_labels(project: Project, *, format: str | None = None, path: str | Path | None = None,
                   propagation: PropagationResult | None = None) -> Path:
     """Write the label table of ``project`` and return the file written.
 
-    format: 'csv' | 'json' | 'npz' | 'pyskl' (ConfigError listing them otherwise; ConfigError
-        for 'pyskl' on a series project, see ``check_export``, before anything is written).
+    format: 'csv' | 'json' | 'npz' | 'pyskl', or None: the one ``path``'s extension names (csv
+        without a path); see ``export_format`` for the ConfigErrors, and ``check_export`` for
+        'pyskl' on a series project; each before anything is written.
     path: target file; default ``project.exports_dir / f"{project.name}-labels{ext}"``.
     propagation: passed to ``label_table`` (live energy / margin / reliability).
     The file is written to a temporary name beside ``path`` and renamed into place.
     """
-    if format not in FORMATS:
-        raise ConfigError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
+    format = export_format(format, path)
     target = Path(path) if path is not None else \
         project.exports_dir / f"{project.name}-labels{EXTENSIONS[format]}"
     check_export(project, format=format, path=target)

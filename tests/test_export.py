@@ -13,7 +13,7 @@ from speler import formats
 from speler.config import GraphConfig, PropagationConfig
 from speler.errors import ConfigError
 from speler.export import (
-    FORMATS, TRUE_COLUMN, Doubt, doubts, export_labels, label_table, read_export,
+    FORMATS, TRUE_COLUMN, Doubt, doubts, export_format, export_labels, label_table, read_export,
 )
 from speler.graph.knn import affinity, build_knn
 from speler.graph.propagate import propagate
@@ -151,6 +151,28 @@ def test_unknown_format_lists_formats(project):
     with pytest.raises(ConfigError, match="unknown export format 'xlsx'; known: csv, json, npz, pyskl"):
         export_labels(p, format="xlsx")
     assert FORMATS == ("csv", "json", "npz", "pyskl")
+
+
+def test_the_format_comes_from_the_file_name_unless_given(project, tmp_path):
+    """``--out labels.json`` writes JSON (it wrote CSV under that name); a format that the name
+    contradicts, or a name that says none, is refused before anything is written."""
+    p, ds, info = project
+    for name, fmt in (("a.json", "json"), ("b.NPZ", "npz"), ("c.csv", "csv")):
+        path = export_labels(p, path=tmp_path / name)
+        pd.testing.assert_frame_equal(read_export(path), read_export(
+            export_labels(p, format=fmt, path=tmp_path / f"ref{path.suffix.lower()}")))
+    assert json.loads((tmp_path / "a.json").read_text())["header"]["columns"]
+    assert export_labels(p).name == f"{p.name}-labels.csv"  # no name, no format: csv
+    assert export_format(None, tmp_path / "x.pkl") == "pyskl"
+    assert export_format("csv", tmp_path / "labels.txt") == "csv"  # a name that says no format
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match=r"d.json: the extension .json says json, but the format "
+                                          r"asked for is csv; name the file .csv or ask for json"):
+        export_labels(p, format="csv", path=tmp_path / "d.json")
+    with pytest.raises(ConfigError, match=r"e.txt: cannot tell the export format from the "
+                                          r"extension '.txt'; name the file .csv, .json, .npz, .pkl"):
+        export_labels(p, path=tmp_path / "e.txt")
+    assert sorted(tmp_path.iterdir()) == before
 
 
 @pytest.mark.parametrize("fmt", ["csv", "json"])
