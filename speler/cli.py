@@ -51,6 +51,19 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{self.prog}: {message}")
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (the usage error names the option)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 # -- output helpers ------------------------------------------------------------------------------
 def _out(*lines: str) -> None:
     for line in lines:
@@ -122,7 +135,8 @@ def _add_import(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", help="file or folder to read (or use --sample)")
     p.add_argument("--project", required=True, help="name of the project to create")
     p.add_argument("--sample", help="import a bundled sample instead of PATH (see `samples`)")
-    p.add_argument("--format", help="force a reader instead of detecting the format")
+    p.add_argument("--format", help="force a reader instead of detecting the format: "
+                                    + ", ".join(_reader_names()))
     p.add_argument("--labels", help="CSV of id,label rows: your own labels for some samples")
     p.add_argument("--allow-new-classes", action="store_true",
                    help="let --labels add classes the data does not name")
@@ -140,6 +154,12 @@ def _add_import(p: argparse.ArgumentParser) -> None:
     g.add_argument("--protocol-labeled", type=float, metavar="GAMMA",
                    help="share γ of the kept samples whose labels stay visible")
     g.add_argument("--protocol-seed", type=int, default=0, metavar="S", help="seed (default 0)")
+
+
+def _reader_names() -> list[str]:
+    from speler.formats import FORMATS
+
+    return sorted(FORMATS)
 
 
 def _run_import(args: argparse.Namespace) -> int:
@@ -351,7 +371,12 @@ def _run_round(args: argparse.Namespace) -> int:
         m = res.metrics
         _out(f"round {res.round:03d} done in {res.seconds:.1f} s "
              f"({', '.join(f'{k} {v:.1f} s' for k, v in res.stage_seconds.items())})",
-             f"human labels {m.human_labels}, reliable pseudo-labels {m.reliable} of {m.n}")
+             f"labels from people {m.human_labels} (given here or imported), reliable "
+             f"pseudo-labels {m.reliable} of {m.n}")
+        j = m.judgement
+        if j is not None:
+            _out(f"network: {j.reason}" if m.train is not None
+                 else f"network: not trained ({j.reason})")
         q = m.quality.propagated if m.quality is not None else None
         if q is not None:
             _out(f"on held-out truth (unlabeled samples): accuracy {q.accuracy:.3f}, "
@@ -374,9 +399,15 @@ def _add_suggest(p: argparse.ArgumentParser) -> None:
     from speler.selection import STRATEGIES
 
     p.add_argument("project", help="project name")
-    p.add_argument("-n", type=int, default=10, help="how many suggestions (default 10)")
-    p.add_argument("--strategy", default="speler", choices=list(STRATEGIES))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-n", type=_at_least(1), default=10,
+                   help="how many suggestions (default 10): a batch chosen together, where a "
+                        "sample next to one already chosen in the graph waits unless the batch "
+                        "would be short, so not the first N of a longer list")
+    p.add_argument("--strategy", default="speler", choices=list(STRATEGIES),
+                   help="how to choose (default speler: low-energy boundary samples, rare classes "
+                        "first; the others are baselines for comparison)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the strategies that draw at random (default 0)")
 
 
 def _run_suggest(args: argparse.Namespace) -> int:
@@ -506,7 +537,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _add_doubts(p: argparse.ArgumentParser) -> None:
     p.add_argument("project", help="project name")
-    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--top", type=_at_least(1), default=20,
+                   help="how many doubtful human labels to list at most (default 20)")
 
 
 def _run_doubts(args: argparse.Namespace) -> int:
@@ -528,16 +560,23 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
     source.add_argument("path", nargs="?", help="fully labeled file or folder (or use --sample)")
     source.add_argument("--sample",
                         help="a bundled sample (already long-tailed and partially labeled)")
-    p.add_argument("--format", help="force a reader")
-    p.add_argument("--imbalance", type=float, default=10.0, help="protocol imbalance π for PATH")
-    p.add_argument("--labeled", type=float, default=0.1, help="protocol labeled ratio γ for PATH")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--budget", type=int, default=10, help="labels per round")
-    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
-    p.add_argument("--retrain-every", type=int, default=0,
+    p.add_argument("--format", help="force a reader: " + ", ".join(_reader_names()))
+    p.add_argument("--imbalance", type=float, default=10.0,
+                   help="protocol imbalance π for PATH (default 10)")
+    p.add_argument("--labeled", type=float, default=0.1,
+                   help="protocol labeled ratio γ for PATH (default 0.1)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the protocol split and of the random strategies (default 0)")
+    p.add_argument("--rounds", type=_at_least(1), default=5,
+                   help="rounds of simulated labeling (default 5)")
+    p.add_argument("--budget", type=_at_least(1), default=10,
+                   help="labels the simulated annotator gives per round (default 10)")
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES),
+                   help="strategies to compare (default all)")
+    p.add_argument("--retrain-every", type=_at_least(0), default=0,
                    help="retrain the model every K rounds (0: round-0 model throughout)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. views.network=never (repeatable)")
     p.add_argument("--out", help="write the curves as JSON here, and a Plotly HTML beside it")
 
 
@@ -668,14 +707,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m speler",
                      description="SpeLER: annotate skeleton and sensor sequences with spectral-"
                                  "balanced energy propagation.")
-    parser.add_argument("--root", default=None,
-                        help="folder holding the projects (default $SPELER_HOME or ./annotations)")
+    root_help = "folder holding the projects (default $SPELER_HOME or ./annotations)"
+    parser.add_argument("--root", default=None, help=root_help)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.add_argument("--version", action="version", version=f"speler {__version__}")
+    # the same two options after the command too (``info basic --root DIR``); SUPPRESS: a
+    # sub-command without them keeps what was given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", default=argparse.SUPPRESS, help=root_help)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, parents=[common])
         cmd.add(p)
         p.set_defaults(_run=cmd.run)
     return parser

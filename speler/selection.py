@@ -7,7 +7,8 @@ suggestions come back (fewer when fewer unlabeled samples remain).
 
 Strategies (``STRATEGIES``):
 
-- ``speler`` (default). Boundary samples that are well connected, minority first, diverse:
+- ``speler`` (default). Boundary samples connected to the labels (outliers gated out), minority
+  first, diverse:
   * boundary: ``b = 1 - margin`` (the propagation's margin is top-1 minus top-2 of the row-normalised
     scores, in [0, 1]; a larger scale is divided by its maximum). The margin itself, not its rank
     among the candidates: a rank would put a margin of 0.3 next to one of 0.8 whenever few samples

@@ -137,6 +137,31 @@ def test_unknown_label_and_id(capsys, project):
         assert [e.source for e in p.store.events()] == ["imported"] * int((p.data.y >= 0).sum())
 
 
+def test_root_and_verbose_also_after_the_command(capsys, project, tmp_path):
+    code, out, err = run(capsys, "info", "demo", "--root", project)
+    assert code == 0, err
+    assert "N=40 C=3 T=16 V=25 M=2" in out
+    code, out, err = run(capsys, "--root", project, "info", "demo", "-v")  # the first --root kept
+    assert code == 0 and "N=40" in out, err
+    code, _, err = run(capsys, "--root", tmp_path / "elsewhere", "info", "demo", "--root", project)
+    assert code == 0, err  # the one nearest the project wins, as a user reads it
+
+
+@pytest.mark.parametrize("argv, option, says", [
+    (["suggest", "demo", "-n", "0"], "-n", "must be at least 1, got 0"),
+    (["suggest", "demo", "-n", "-3"], "-n", "must be at least 1, got -3"),
+    (["suggest", "demo", "-n", "two"], "-n", "expected a whole number, got 'two'"),
+    (["doubts", "demo", "--top", "0"], "--top", "must be at least 1, got 0"),
+])
+def test_counts_below_their_minimum_are_usage_errors(capsys, project, argv, option, says):
+    """``suggest -n 0`` said "every sample has a human label"; ``-n -3`` named the library's
+    'budget'."""
+    code, out, err = run(capsys, "--root", project, *argv)
+    assert code == 2 and out == ""
+    line = one_error_line(err)
+    assert f"argument {option}" in line and says in line, line
+
+
 def test_usage_errors_are_one_line(capsys, tmp_path):
     code, _, err = run(capsys, "--root", tmp_path, "import", "x.ts")
     assert code == 2 and "--project" in one_error_line(err)
@@ -464,6 +489,8 @@ def test_propagate_reports_the_solve_that_made_the_live_labels(capsys, tmp_path,
     Project.create(tmp_path, "ser", series_set, preprocess=False).close()
     code, out, err = run(capsys, "--root", tmp_path, "round", "ser", "--set", "train.epochs=1")
     assert code == 0, err
+    said = [line for line in out.splitlines() if line.startswith("network: ")]
+    assert len(said) == 1 and re.match(r"network: (joins|stays out|not trained \(too few)", said[0])
     code, out, err = run(capsys, "--root", tmp_path, "propagate", "ser")
     assert code == 0, err
     first = out.splitlines()[0]
@@ -483,8 +510,9 @@ def test_cli_and_annotator_export_the_same_bytes(capsys, tmp_path):
     code, _, err = run(capsys, "--root", tmp_path, "import", "--sample", "basicmotions",
                        "--project", "b", *fast)
     assert code == 0, err
-    code, _, err = run(capsys, "--root", tmp_path, "round", "b")
+    code, out, err = run(capsys, "--root", tmp_path, "round", "b")
     assert code == 0, err
+    assert "\nnetwork: not trained (views.network is 'never')\n" in out  # says what the round did
     with Annotator.open(tmp_path, "b") as ann:  # a label after the round: live != saved
         pick = ann.suggest(n=1)[0]
         ann.label(pick.id, ann.data.classes[int(ann.data.y_true[pick.index])])
