@@ -118,10 +118,20 @@ def _apply_label_csv(ds: SequenceSet, path: str | Path, *, allow_new_classes: bo
         raise DataFormatError(f"{exc}; {what}: add --allow-new-classes to let {path} add them"
                               ) from None
     classes = tuple(ds.classes) + tuple(imp.new_classes)
+    idx = np.asarray(imp.index, dtype=np.int64)
+    new = np.asarray(imp.labels, dtype=np.int64)
+    notes = [str(p) for p in imp.problems]
+    old = ds.y[idx]
+    differ = np.flatnonzero((old >= 0) & (old != new))
+    if differ.size:  # the person's CSV wins, but not silently
+        shown = "; ".join(f"{ds.ids[idx[k]]}: {classes[old[k]]} -> {classes[new[k]]}"
+                          for k in differ[:3])
+        notes.insert(0, f"{differ.size} of its labels replace a different label that the data "
+                        f"files give (the CSV's are kept): {shown}"
+                        f"{'; ...' if differ.size > 3 else ''}")
     y = ds.y.copy()
-    y[np.asarray(imp.index, dtype=np.int64)] = np.asarray(imp.labels, dtype=np.int64)
-    return (ds.replace(classes=classes, y=y), [str(p) for p in imp.problems],
-            list(imp.new_classes))
+    y[idx] = new
+    return ds.replace(classes=classes, y=y), notes, list(imp.new_classes)
 
 
 class Annotator:

@@ -35,7 +35,7 @@ import numpy as np
 from speler import __version__
 from speler import distributed as dist
 from speler.config import Config, apply_overrides
-from speler.errors import SpelerError
+from speler.errors import LabelError, SpelerError
 
 logger = logging.getLogger("speler")
 
@@ -218,7 +218,7 @@ def _run_info(args: argparse.Namespace) -> int:
         header = ["class", "human", "imported", "propagated"]
         truth_col = d.y_true is not None
         if truth_col:
-            header.append("unlabeled (true class)")
+            header.append("others by truth")
             truth = d.y_true[unlabeled_mask]
             unl = np.bincount(truth[truth >= 0], minlength=n_c)
         rows = []
@@ -246,6 +246,9 @@ def _run_info(args: argparse.Namespace) -> int:
              f"propagated, {int((src == 'none').sum())} without any label",
              f"classes   {n_c}", "")
         _out(*_table(header, rows))
+        if truth_col:
+            _out("(others by truth: the samples no person labeled, propagated or not, counted by "
+                 "the true class the data holds for evaluation only)")
         _out("")
         if not rounds:
             _out("rounds    none yet")
@@ -459,6 +462,9 @@ def _run_train(args: argparse.Namespace) -> int:
         project = ann.project
         cfg = _project_config(args, project)
         human = project.store.human_labels()
+        if not (human >= 0).any():
+            raise LabelError(f"project {project.name}: no labels yet to train on; label a few "
+                             "samples first")
         with _Progress("epochs") as bar:
             res = fit(project.data, human, config=cfg.train, progress=bar)
         out = _checkpoint_path(args, project)

@@ -225,6 +225,15 @@ def test_import_basicmotions_with_label_csv(capsys, tmp_path):
         h = p.store.human_labels()
         assert h[0] == 1 and h[3] == 0 and (np.delete(h, [0, 3]) == -1).all()
         np.testing.assert_array_equal(p.data.y_true, y)  # file labels kept as hidden truth
+    # with the file labels in force, a CSV label that contradicts one is kept and said
+    assert y[0] != 1 and y[3] == 0
+    code, out, err = run(capsys, "--root", tmp_path, "import", BASICMOTIONS, "--project", "bm4",
+                         "--labels", csv)
+    assert code == 0, err
+    assert (f"note: {csv}: 1 of its labels replace a different label that the data files give "
+            f"(the CSV's are kept): {ids[0]}: {classes[y[0]]} -> {classes[1]}\n") in err
+    with Project.open(tmp_path, "bm4") as p:
+        assert p.store.human_labels()[0] == 1
 
     bad = tmp_path / "bad.csv"
     bad.write_text("id,label\n" + f"{ids[0]},NotAClass\nnobody,{classes[0]}\n")
@@ -475,6 +484,16 @@ def test_label_csv_for_unlabeled_data_names_allow_new_classes(capsys, tmp_path):
     code, _, err = run(capsys, "--root", tmp_path, "import", data, "--project", "npy",
                        "--labels", csv, "--allow-new-classes")
     assert code == 0, err
+
+
+def test_train_without_labels_names_the_project(capsys, tmp_path, skeleton_set):
+    Project.create(tmp_path, "none", skeleton_set.replace(y=np.full(skeleton_set.n, -1)),
+                   preprocess=False).close()
+    code, out, err = run(capsys, "--root", tmp_path, "train", "none")
+    assert code == 2 and out == ""
+    assert one_error_line(err) == ("error: project none: no labels yet to train on; label a few "
+                                   "samples first")
+    assert not (tmp_path / "none" / "checkpoints").exists()
 
 
 def test_train_with_few_labels_says_there_was_no_early_stopping(capsys, project):

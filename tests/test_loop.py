@@ -149,6 +149,19 @@ def test_failed_round_leaves_store_and_folders_as_they_were(tmp_path):
         assert json.dumps(typed.to_json(), sort_keys=True) == saved
 
 
+def test_a_round_stopped_by_ctrl_c_says_so(tmp_path):
+    project = _project(tmp_path)
+
+    def interrupt(stage, done, total):
+        if stage == "propagate":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_round(project, progress=interrupt)
+    [r] = project.store.rounds()
+    assert (r.status, r.reason) == ("failed", "interrupted (Ctrl-C or a stop signal)")
+
+
 def test_round_needs_human_labels(tmp_path):
     ds = _small_sample()
     project = Project.create(tmp_path, "empty", ds.replace(y=np.full(ds.n, -1)), config=_config())

@@ -170,6 +170,20 @@ def _parse(text: str, where: Path) -> _TsFile:
     return ts
 
 
+def _values_only(text: str) -> bool:
+    """Whether ``text`` is a comma-separated list of two or more numbers (or '?')."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) < 2:
+        return False
+    for p in parts:
+        try:
+            float(p)
+        except ValueError:
+            if p != "?":
+                return False
+    return True
+
+
 def _parse_case(line: str, lineno: int, ts: _TsFile, where: Path):
     """(line number, negative if values were missing; [per-dimension float64 (T,)]; label)."""
     fields = line.split(":")
@@ -178,6 +192,12 @@ def _parse_case(line: str, lineno: int, ts: _TsFile, where: Path):
         if len(fields) < 2:
             raise fail(where, f"line {lineno}: case has no class label after the last ':'")
         label = fields.pop().strip()
+        if label not in ts.labels and _values_only(label):
+            # values where the label belongs: the line stops inside a dimension (a cut file)
+            expected = "" if ts.dims is None else f" of the {ts.dims} expected"
+            raise fail(where, f"line {lineno}: the case ends in values where its class label "
+                              f"should be, after {len(fields)} dimension(s){expected}: the line "
+                              "looks cut short (a truncated or damaged file?)")
         if label not in ts.labels:
             raise fail(where, f"line {lineno}: class label {label[:40]!r} is not one of the header's"
                               f" @classLabel list {ts.labels[:10]}")
