@@ -187,6 +187,12 @@ class GraphConfig:
 @dataclass(frozen=True)
 class PropagationConfig:
     alpha: float = 0.8  # (I - alpha S) M = (1 - alpha) Y
+    seed_exponent: float = 0.5  # β: a human label of class c seeds n_c^-β (n_c: c's labels), so a
+    # class's seed mass grows as n_c^(1-β) and the balance evens out p_c ∝ n_c^(1-β); 0 = every
+    # label seeds 1 (the paper). 0.5: a label added to a class that has some already no longer
+    # floods its neighbours (simulated annotation, five real sets, 5 seeds: mean macro-F1 along
+    # the labeling curve 0.650 → 0.692 with SpeLER's suggestions, 0.592 → 0.649 with random
+    # ones; protocol splits 0.661 → 0.659; speler/graph/propagate.py)
     balance: bool = True  # spectral balance w_ij (p_c(i) p_c(j))^-1/2
     balance_prior: str = "labels"  # p_c: share of the human labels ("labels") or of the labels
     # and the first pass's predictions ("predictions"); see speler/graph/propagate.py
@@ -203,6 +209,7 @@ class PropagationConfig:
     def __post_init__(self) -> None:
         _check(self, "propagation", [
             ("alpha", 0.0 < self.alpha < 1.0, "in (0, 1)"),
+            ("seed_exponent", 0.0 <= self.seed_exponent <= 1.0, "in [0, 1]"),
             ("balance_prior", self.balance_prior in BALANCE_PRIORS,
              f"one of {', '.join(BALANCE_PRIORS)}"),
             ("tol", self.tol > 0, "> 0"), ("max_iter", self.max_iter >= 1, ">= 1"),

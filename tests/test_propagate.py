@@ -15,7 +15,8 @@ from speler.errors import ConfigError, DataFormatError, LabelError
 from speler.graph.knn import affinity, build_knn
 from speler.graph.propagate import (
     PropagationWarning, balance_weights, class_thresholds, combine, energy_from_scores,
-    estimate_prior, label_prior, normalized_operator, propagate, spectral_balance, with_system,
+    estimate_prior, label_prior, normalized_operator, propagate, seed_matrix, spectral_balance,
+    with_system,
 )
 
 def _problem(n=300, C=4, seed=0, spread=1.2, labeled=24):
@@ -33,11 +34,20 @@ def _problem(n=300, C=4, seed=0, spread=1.2, labeled=24):
     return x, y, W, labels
 
 
-def _dense_solution(S_dense: np.ndarray, labels: np.ndarray, C: int, alpha: float) -> np.ndarray:
+def _dense_solution(S_dense: np.ndarray, labels: np.ndarray, C: int, alpha: float,
+                    beta: float = PropagationConfig().seed_exponent) -> np.ndarray:
+    """(I - αS)^-1 (1 - α) Y, each label of class c seeding n_c^-β (n_c: c's labels)."""
     n = len(labels)
     Y = np.zeros((n, C))
-    Y[labels >= 0, labels[labels >= 0]] = 1.0
+    for i in np.flatnonzero(labels >= 0):
+        Y[i, labels[i]] = float((labels == labels[i]).sum()) ** -beta
     return np.linalg.solve(np.eye(n) - alpha * S_dense, (1 - alpha) * Y)
+
+
+def _prior_by_hand(labels: np.ndarray, C: int, beta: float) -> np.ndarray:
+    """p_c ∝ max(n_c, 1/2)^(1 - β): class c's share of the seed mass."""
+    mass = np.array([max(float((labels == c).sum()), 0.5) ** (1 - beta) for c in range(C)])
+    return mass / mass.sum()
 
 
 def _dense_normalized(W: sp.csr_matrix, w: np.ndarray | None = None) -> np.ndarray:
@@ -49,12 +59,15 @@ def _dense_normalized(W: sp.csr_matrix, w: np.ndarray | None = None) -> np.ndarr
     return Wd * g[:, None] * g[None, :]
 
 
-@pytest.mark.parametrize("alpha", [0.5, 0.9, 0.99])
-def test_plain_propagation_equals_dense_closed_form(alpha):
+@pytest.mark.parametrize("alpha, beta", [(0.5, 0.5), (0.9, 0.5), (0.99, 0.5), (0.9, 0.0),
+                                         (0.9, 1.0)])
+def test_plain_propagation_equals_dense_closed_form(alpha, beta):
     _, _, W, labels = _problem(seed=1)
-    cfg = PropagationConfig(alpha=alpha, balance=False, tol=1e-8, max_iter=1000)
+    assert len(set(np.bincount(labels[labels >= 0]))) > 1  # unequal label counts: β matters
+    cfg = PropagationConfig(alpha=alpha, balance=False, tol=1e-8, max_iter=1000,
+                            seed_exponent=beta)
     r = propagate(W, labels, num_classes=4, config=cfg)
-    M = _dense_solution(_dense_normalized(W), labels, 4, alpha)
+    M = _dense_solution(_dense_normalized(W), labels, 4, alpha, beta)
     assert r.solve.converged and r.scores.dtype == np.float32 and r.scores.shape == (300, 4)
     assert np.abs(r.scores - M).max() <= 1e-5 * np.abs(M).max()
 
@@ -66,8 +79,11 @@ def test_balanced_propagation_equals_dense_closed_form(balance_prior):
     pred = np.where(labels >= 0, -1, (y + (np.arange(300) % 7 == 0)) % 4)  # imperfect predictions
     cfg = PropagationConfig(alpha=0.9, tol=1e-8, max_iter=1000, balance_prior=balance_prior)
     r = propagate(W, labels, num_classes=4, config=cfg, predictions=pred)
-    p = label_prior(labels, 4) if balance_prior == "labels" else estimate_prior(labels, pred, 4)
-    assert not np.allclose(label_prior(labels, 4), estimate_prior(labels, pred, 4), atol=0.02)
+    beta = cfg.seed_exponent
+    p = _prior_by_hand(labels, 4, beta) if balance_prior == "labels" \
+        else estimate_prior(labels, pred, 4)
+    np.testing.assert_allclose(label_prior(labels, 4, beta), _prior_by_hand(labels, 4, beta))
+    assert not np.allclose(label_prior(labels, 4, beta), estimate_prior(labels, pred, 4), atol=0.02)
     who = np.where(labels >= 0, labels, pred)
     M = _dense_solution(_dense_normalized(W, p[who] ** -0.5), labels, 4, 0.9)
     np.testing.assert_allclose(r.prior, p, rtol=1e-6)
@@ -76,6 +92,22 @@ def test_balanced_propagation_equals_dense_closed_form(balance_prior):
     lab = labels >= 0
     assert (r.labels[lab] == labels[lab]).all()
     assert (r.labels[~lab] == M[~lab].argmax(axis=1)).all()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_a_class_seed_mass_grows_as_its_label_count_to_one_minus_beta(beta):
+    """Each label of class c seeds (1 - α) n_c^-β: 9 labels hold 9^(1-β) times the mass of 1, the
+    share ``label_prior`` gives the balance; the rows of a shard are the whole matrix's rows."""
+    labels = np.array([0] * 9 + [1] + [-1] * 5 + [2] * 4)
+    cfg = PropagationConfig(alpha=0.8, seed_exponent=beta)
+    B = seed_matrix(labels, 4, cfg)
+    mass = B.sum(axis=0)
+    np.testing.assert_allclose(mass, 0.2 * np.array([9 ** (1 - beta), 1, 4 ** (1 - beta), 0]),
+                               rtol=1e-6)
+    assert (B[labels < 0] == 0).all() and (np.count_nonzero(B, axis=1) == (labels >= 0)).all()
+    p = label_prior(labels, 4, beta)  # the labeled classes in the ratios of their seed mass
+    np.testing.assert_allclose(p[:3] / p[1], mass[:3] / mass[1], rtol=1e-6)
+    np.testing.assert_array_equal(seed_matrix(labels, 4, cfg, rows=slice(8, 16)), B[8:16])
 
 
 def test_balance_formula_on_hand_made_graph():

@@ -40,7 +40,7 @@ from speler.config import PropagationConfig
 from speler.errors import ConfigError, DataFormatError, LabelError
 from speler.graph.knn_distributed import ShardedKnn
 from speler.graph.propagate import (
-    FIRST_PASS_TOL, _cg_loop, _torch_csr, balance_weights, estimate_prior, label_prior,
+    FIRST_PASS_TOL, _cg_loop, _torch_csr, balance_weights, estimate_prior, label_prior, seed_matrix,
     solver_threads,
 )
 
@@ -352,9 +352,7 @@ def propagate_scores(
                                       f"shape {(rows, C)}, got {warm_start.shape}")
     mine = labels[lo:lo + rows]
     pred_mine = None if predictions is None else np.asarray(predictions, np.int64)[lo:lo + rows]
-    lab = mine >= 0
-    B = np.zeros((rows, C), dtype=np.float32)
-    B[lab, mine[lab]] = 1.0 - config.alpha
+    B = seed_matrix(labels, C, config, rows=slice(lo, lo + rows))
     X0 = warm_start
     first = None
     w = None
@@ -370,7 +368,7 @@ def propagate_scores(
             if X0 is None:
                 X0 = first.X
         if prior is None and config.balance_prior == "labels":
-            prior = label_prior(labels, C)
+            prior = label_prior(labels, C, config.seed_exponent)
         elif prior is None:
             hard = pred_mine
             if hard is None:
