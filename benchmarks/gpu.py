@@ -65,7 +65,9 @@ from speler.config import Config, GraphConfig, PropagationConfig, TrainConfig  #
 from speler.data.layouts import get_layout  # noqa: E402
 from speler.data.schema import SequenceSet  # noqa: E402
 from speler.graph.knn import _normalize_rows, _recall, affinity, build_knn  # noqa: E402
-from speler.graph.propagate import _block_cg_torch, normalized_operator, propagate  # noqa: E402
+from speler.graph.propagate import (  # noqa: E402
+    _block_cg_torch, normalized_operator, propagate, seed_matrix,
+)
 from speler.models import build_model  # noqa: E402
 from speler.train import (  # noqa: E402
     EMBED_BATCH_CPU, EMBED_BATCH_CUDA, _autocast, batch_size_for, embed, fit,
@@ -324,9 +326,8 @@ def graph_and_propagation(x: np.ndarray, labels: np.ndarray, y: np.ndarray, C: i
     W, out["affinity_s"] = timed(lambda: affinity(g, gamma=gcfg.gamma))
     g = None  # the lists are not needed any more
     S, out["operator_s"] = timed(lambda: normalized_operator(W))
-    B = np.zeros((len(x), C), dtype=np.float32)
+    B = seed_matrix(labels, C, pcfg)
     lab = labels >= 0
-    B[lab, labels[lab]] = 1 - pcfg.alpha
     solve = lambda: _block_cg_torch(S, B, pcfg, None, None, "bench", pcfg.tol, None,  # noqa: E731
                                     device=device)
     (M, iters, conv, _, _), out["cg_s"] = timed(solve)

@@ -1,7 +1,8 @@
 """Writing a file so that readers see the old contents or the new ones, never half of either.
 
-Every file a project keeps or exports (data, checkpoints, PYSKL pickles, config, simulation
-results) is written through ``write_atomically``: into a hidden temporary file beside the target,
+The files a project keeps (data, checkpoints, config, simulation results) and PYSKL pickles are
+written through ``write_atomically`` (label exports have their own writer in ``speler.export``,
+which also names the target in its errors): into a hidden temporary file beside the target,
 renamed over it once complete, and removed when the write fails or is interrupted. The file gets
 the permissions any newly created file gets (0666 less the umask), where ``tempfile.mkstemp``
 would leave it readable by its owner alone, so people who share a project folder could not
@@ -25,6 +26,8 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> P
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the rename: a crash leaves old or new, not empty
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -378,8 +378,13 @@ def _run_round(args: argparse.Namespace) -> int:
              f"pseudo-labels {m.reliable} of {m.n}")
         j = m.judgement
         if j is not None:
-            _out(f"network: {j.reason}" if m.train is not None
-                 else f"network: not trained ({j.reason})")
+            if m.train is None:
+                said = f"not trained ({j.reason})"
+            elif j.reason.startswith(("joins", "stays out")):
+                said = j.reason
+            else:  # a setting decided it: views.network is 'always'
+                said = f"{'joins' if j.joined else 'stays out'} ({j.reason})"
+            _out(f"network: {said}")
         q = m.quality.propagated if m.quality is not None else None
         if q is not None:
             _out(f"on held-out truth (unlabeled samples): accuracy {q.accuracy:.3f}, "
@@ -461,16 +466,22 @@ def _run_train(args: argparse.Namespace) -> int:
     with _open_project(args, args.project) as ann:
         project = ann.project
         cfg = _project_config(args, project)
-        human = project.store.human_labels()
-        if not (human >= 0).any():
-            raise LabelError(f"project {project.name}: no labels yet to train on; label a few "
-                             "samples first")
+        human = _labels_to_train_on(project)
         with _Progress("epochs") as bar:
             res = fit(project.data, human, config=cfg.train, progress=bar)
         out = _checkpoint_path(args, project)
         save_checkpoint(out, res, config=cfg.train, ds=project.data)
         _print_trained(res, human, out)
     return EXIT_OK
+
+
+def _labels_to_train_on(project) -> np.ndarray:
+    """The project's human labels; LabelError naming the project when there are none."""
+    human = project.store.human_labels()
+    if not (human >= 0).any():
+        raise LabelError(f"project {project.name}: no labels yet to train on; label a few "
+                         "samples first")
+    return human
 
 
 def _run_train_ranks(args: argparse.Namespace) -> int:
@@ -485,7 +496,7 @@ def _run_train_ranks(args: argparse.Namespace) -> int:
         def read() -> RankInputs:
             project = ann.project
             return RankInputs(data=project.path / DATA_FILE, fingerprint=project.data.fingerprint(),
-                              human=project.store.human_labels(),
+                              human=_labels_to_train_on(project),
                               config=_project_config(args, project))
 
         inputs = share_inputs(read)

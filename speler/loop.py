@@ -259,7 +259,7 @@ def _abandon_round(project: Project, no: int, tmp: Path, exc: BaseException) -> 
     if final.exists() and not _round_done(project, no):
         shutil.rmtree(final, ignore_errors=True)
     try:
-        why = ("interrupted (Ctrl-C or a stop signal)" if isinstance(exc, KeyboardInterrupt)
+        why = ("interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt)
                else f"{type(exc).__name__}: {exc}")
         project.store.fail_round(no, why)
     except Exception:  # the store may itself be the failure; recovery happens next time

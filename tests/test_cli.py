@@ -100,7 +100,11 @@ def test_label_without_user_variables_names_the_login(capsys, project, monkeypat
     assert code == 0, err
     with LabelStore.open(project / "demo" / "store.sqlite") as store:
         who = {e.sample_id: e.annotator for e in store.events() if e.source == "human"}
-    assert who == {"skel_005": pwd.getpwuid(os.getuid()).pw_name, "skel_006": "ada"}
+    try:
+        login = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid without a password entry: nobody to name
+        login = ""
+    assert who == {"skel_005": login, "skel_006": "ada"}
 
 
 def test_info_shows_rounds(capsys, project):
@@ -143,6 +147,11 @@ def test_root_and_verbose_also_after_the_command(capsys, project, tmp_path):
     assert "N=40 C=3 T=16 V=25 M=2" in out
     code, out, err = run(capsys, "--root", project, "info", "demo", "-v")  # the first --root kept
     assert code == 0 and "N=40" in out, err
+    from speler.cli import build_parser
+
+    assert build_parser().parse_args(["info", "x", "-v"]).verbose is True
+    assert build_parser().parse_args(["-v", "info", "x"]).verbose is True
+    assert build_parser().parse_args(["info", "x"]).verbose is False
     code, _, err = run(capsys, "--root", tmp_path / "elsewhere", "info", "demo", "--root", project)
     assert code == 0, err  # the one nearest the project wins, as a user reads it
 

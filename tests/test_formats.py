@@ -773,6 +773,9 @@ def test_uea_missing_and_unequal(tmp_path: Path) -> None:
     # a file cut inside a case: its values where the label belongs, not an "unknown class"
     ("1,2:3,4", r"line 13: the case ends in values where its class label should be, after 1 "
                 r"dimension\(s\) of the 2 expected: the line looks cut short"),
+    ("1,2:3,4,", "line 13: the case ends in values where its class label should be"),
+    ("1,2,3", r"line 13: case has no class label after the last ':' \(it ends in values: the "
+              r"line looks cut short\)"),
     ("1,2:3,4:7", "line 13: class label '7' is not one of"),  # one number: a wrong label
 ])
 def test_uea_bad_cases(tmp_path: Path, line: str, message: str) -> None:

@@ -110,6 +110,22 @@ def test_a_class_seed_mass_grows_as_its_label_count_to_one_minus_beta(beta):
     np.testing.assert_array_equal(seed_matrix(labels, 4, cfg, rows=slice(8, 16)), B[8:16])
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_a_class_without_labels_weighs_half_of_one_label_and_is_never_the_fallback(beta):
+    labels = np.array([-1, 2, 2, 2, -1, 1, -1])
+    p = label_prior(labels, 4, beta)
+    mass = np.array([0.5, 1.0, 3.0 ** (1 - beta), 0.5])
+    np.testing.assert_allclose(p, mass / mass.sum())
+    # two samples no label reaches: they take the most likely labeled class, never class 0 or 3
+    W = sp.csr_matrix(np.array([[0, 1, 0, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0, 0],
+                                [0, 1, 0, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0],
+                                [0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 0, 0],
+                                [0, 0, 0, 0, 0, 0, 0]], float))
+    r = propagate(W, labels, num_classes=4, config=PropagationConfig(seed_exponent=beta))
+    assert r.labels[6] in (1, 2) and not r.connected[6]
+    assert set(r.labels.tolist()) <= {1, 2}
+
+
 def test_balance_formula_on_hand_made_graph():
     # path 0 - 1 - 2 - 3 with weights 1, 2, 3; classes 0, 0, 1, 1 with p = (0.8, 0.2)
     W = sp.csr_matrix(np.array([[0, 1, 0, 0], [1, 0, 2, 0], [0, 2, 0, 3], [0, 0, 3, 0]], float))
@@ -273,6 +289,12 @@ def test_warm_start_from_a_result_keeps_its_balance():
     M9 = _dense_solution(_dense_normalized(W, w), new, 4, 0.9)
     assert np.abs(warm9.scores - M9).max() <= 1e-5 * np.abs(M9).max()
     assert warm9.solve.products > 2 * warm9.solve.iterations
+    # so is another seed exponent: every class's seeds have another scale
+    one = PropagationConfig(tol=1e-7, seed_exponent=0.0)
+    warm0 = propagate(W, new, num_classes=4, config=one, warm_start=first)
+    M0 = _dense_solution(_dense_normalized(W, w), new, 4, cfg.alpha, 0.0)
+    assert np.abs(warm0.scores - M0).max() <= 1e-5 * np.abs(M0).max()
+    assert warm0.solve.products > 2 * warm0.solve.iterations
 
 
 def test_a_result_solved_elsewhere_names_its_graph_and_warm_starts_as_one_from_propagate():

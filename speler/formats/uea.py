@@ -171,9 +171,12 @@ def _parse(text: str, where: Path) -> _TsFile:
 
 
 def _values_only(text: str) -> bool:
-    """Whether ``text`` is a comma-separated list of two or more numbers (or '?')."""
+    """Whether ``text`` is a comma-separated list of two or more numbers (or '?'), the last part
+    possibly empty (a line cut right after a comma)."""
     parts = [p.strip() for p in text.split(",")]
-    if len(parts) < 2:
+    if parts and parts[-1] == "":
+        parts.pop()
+    if len(parts) < 2 and not (len(parts) == 1 and text.rstrip().endswith(",")):
         return False
     for p in parts:
         try:
@@ -190,7 +193,8 @@ def _parse_case(line: str, lineno: int, ts: _TsFile, where: Path):
     label = None
     if ts.has_labels:
         if len(fields) < 2:
-            raise fail(where, f"line {lineno}: case has no class label after the last ':'")
+            cut = " (it ends in values: the line looks cut short)" if _values_only(line) else ""
+            raise fail(where, f"line {lineno}: case has no class label after the last ':'{cut}")
         label = fields.pop().strip()
         if label not in ts.labels and _values_only(label):
             # values where the label belongs: the line stops inside a dimension (a cut file)

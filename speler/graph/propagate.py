@@ -21,14 +21,15 @@ Pipeline (``propagate``), all on a sparse affinity W (``knn.affinity``), never a
      the human labels at β = 0). The propagation's mass follows the seeds, so this is what
      the balance must even out: a class with few seeds gets boosted, one that the annotator
      labeled generously (the rare classes, under a minimum of one label per class or when
-     suggestions favour them) does not get boosted again. When labels are drawn in proportion to
-     the classes, as in the paper's protocol, it is the paper's ``p_c`` in expectation.
+     suggestions favour them) does not get boosted again. At β = 0, with labels drawn in
+     proportion to the classes as in the paper's protocol, it is the paper's ``p_c`` in
+     expectation.
    - "predictions": ``p_c = (#human labels of c + #unlabeled samples predicted c) / n``.
      Predictions are the caller's (``predictions``, e.g. the model's), else those of
      ``warm_start``, else those of a first, unbalanced propagation (solved to
      ``FIRST_PASS_TOL``: only its classes are used).
    True labels of unlabeled samples never enter; each count enters once. A class with no count
-   gets half a sample.
+   gets half of what one label (one sample) holds.
 3. Spectral balance ``ŵ_ij = w_ij (p_c(i) p_c(j))^-1/2``, then ``S = D̂^-1/2 Ŵ D̂^-1/2`` (a sample
    without edges keeps a zero row). ``p_c(i)``: the human label's p, else the predicted class's;
    a prediction that comes from a propagation is taken softly, ``p_c(i) = exp(Σ_c P_ic log p_c)``
@@ -58,8 +59,9 @@ Pipeline (``propagate``), all on a sparse affinity W (``knn.affinity``), never a
    ``ω_i = max(0, -E_i) / max_{reliable} max(0, -E)`` on reliable samples, else 0 (the trainer
    may renormalise per batch, as the paper does).
 
-Why these choices (benchmarks/ablation_propagation.py: MSR Action3D, UTKinect, NATOPS, Epilepsy,
-BasicMotions, plain features, π ∈ {10, 50}, 5 / 10 % labels, 5 seeds; macro-F1 on unlabeled):
+Why these choices (measured with one unit of seed mass per label, β = 0, except step 1's;
+benchmarks/ablation_propagation.py: MSR Action3D, UTKinect, NATOPS, Epilepsy, BasicMotions, plain
+features, π ∈ {10, 50}, 5 / 10 % labels, 5 seeds; macro-F1 on unlabeled):
 - Plain LP with the paper's α = 0.99 (0.26) loses to LabelSpreading (0.41) because at α → 1 the
   solution is dominated by the top eigenvector of S, whose weight per class is the seed count:
   every weakly connected sample goes to the class with most seeds (rare share 1 % for 3 % true).
@@ -317,13 +319,13 @@ def combine(time_result: PropagationResult, freq_result: PropagationResult) -> P
 
 
 def label_prior(labels: np.ndarray, num_classes: int, seed_exponent: float = 0.0) -> np.ndarray:
-    """p_c ∝ n_c^(1 - β), n_c = #human labels of c floored at half a label, β = ``seed_exponent``:
-    the share of the seed mass class c holds (``seed_matrix``), what the balance evens out
-    (float64 (C,), sums to 1; uniform without labels; β = 0: the share of the labels).
-    ``labels``: int (n,), -1 where unlabeled."""
+    """p_c ∝ n_c^(1 - β), n_c = #human labels of c, β = ``seed_exponent``: the share of the seed
+    mass class c holds (``seed_matrix``), what the balance evens out; a class without labels
+    gets half of what one label holds, 0.5, at every β (float64 (C,), sums to 1; uniform without
+    labels; β = 0: the share of the labels). ``labels``: int (n,), -1 where unlabeled."""
     counts = np.bincount(labels[labels >= 0], minlength=num_classes).astype(np.float64)
-    counts = np.maximum(counts, 0.5) ** (1.0 - seed_exponent)
-    return counts / counts.sum()
+    mass = np.where(counts > 0, np.maximum(counts, 1.0) ** (1.0 - seed_exponent), 0.5)
+    return mass / mass.sum()
 
 
 def seed_matrix(labels: np.ndarray, num_classes: int, config: PropagationConfig, *,
@@ -623,9 +625,10 @@ def with_system(result: PropagationResult, W, config: PropagationConfig) -> Prop
 
 
 def _system(W: sp.csr_matrix, config: PropagationConfig) -> tuple:
-    """The solved system of a validated W, less the scores' checksum: its fingerprint, α, tol
-    and balance."""
-    return (_fingerprint(W), float(config.alpha), float(config.tol), bool(config.balance))
+    """The solved system of a validated W, less the scores' checksum: its fingerprint, α, tol,
+    balance and seed exponent (each class's seed scale)."""
+    return (_fingerprint(W), float(config.alpha), float(config.tol), bool(config.balance),
+            float(config.seed_exponent))
 
 
 def _kept_on(owner, attr: str, stamp: Callable[[], tuple], make: Callable[[], object]):
