@@ -276,7 +276,8 @@ def _add_label(p: argparse.ArgumentParser) -> None:
     p.add_argument("project", help="project name")
     p.add_argument("id", help="sample id")
     p.add_argument("label", help="class name")
-    p.add_argument("--annotator", default=None, help="who labels (default $SPELER_ANNOTATOR, else your login name)")
+    p.add_argument("--annotator", default=None,
+                   help="who labels (default $SPELER_ANNOTATOR, else your login name)")
 
 
 def _run_label(args: argparse.Namespace) -> int:

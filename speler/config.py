@@ -190,9 +190,9 @@ class PropagationConfig:
     seed_exponent: float = 0.5  # β: a human label of class c seeds n_c^-β (n_c: c's labels), so a
     # class's seed mass grows as n_c^(1-β) and the balance evens out p_c ∝ n_c^(1-β); 0 = every
     # label seeds 1 (the paper). 0.5: a label added to a class that has some already no longer
-    # floods its neighbours (simulated annotation, five real sets, 5 seeds: mean macro-F1 along
-    # the labeling curve 0.650 → 0.692 with SpeLER's suggestions, 0.592 → 0.649 with random
-    # ones; protocol splits 0.661 → 0.659; speler/graph/propagate.py)
+    # floods its neighbours (benchmarks/round_quality.py --simulate, five real sets, 5 seeds:
+    # area under the macro-F1 curve 0.649 → 0.691 with SpeLER's suggestions, 0.594 → 0.636 with
+    # random ones; protocol splits 0.661 → 0.659; speler/graph/propagate.py)
     balance: bool = True  # spectral balance w_ij (p_c(i) p_c(j))^-1/2
     balance_prior: str = "labels"  # p_c: share of the human labels ("labels") or of the labels
     # and the first pass's predictions ("predictions"); see speler/graph/propagate.py

@@ -188,7 +188,8 @@ def detect(path: str | Path) -> str:
         raise DataFormatError(f"{p}: no file of a known format in this folder; formats: {_known()}")
     if len(found) > 1:
         which = ", ".join(f"{k} ({v.relative_to(p).as_posix()})" for k, v in sorted(found.items()))
-        raise DataFormatError(f"{p}: files of several formats: {which}; choose one (the format option: --format on the command line, Format in the app)")
+        raise DataFormatError(f"{p}: files of several formats: {which}; choose one (--format on "
+                              "the command line, Format in the app)")
     return next(iter(found))
 
 

@@ -6,16 +6,19 @@ Pipeline (``propagate``), all on a sparse affinity W (``knn.affinity``), never a
    column (n_c: c's labels, β = ``config.seed_exponent``, 0.5 by default), zero rows elsewhere,
    so class c's seeds hold a mass that grows as ``n_c^(1-β)``. β = 0 is the paper's one-hot Y:
    every label adds a full unit of mass, and a label added to a class that has some already
-   floods its neighbours (simulated annotation on the five real sets, 5 seeds each, 6 rounds of
-   2 % of N, network off: with SpeLER's suggestions a round lost more than 0.1 macro-F1 in 18 of
-   150 rounds; random labels ended below where they began, 0.637 → 0.579). β = 1 divides by |L_c| (Iscen et al.): with
-   the balance of the label counts on top that corrects the prior twice (25 % of the samples
-   put into classes that hold 3 % of them), so the balance below evens out the mass the seeds
-   do hold, ``n_c^(1-β)``. β = 0.5 against 0: mean macro-F1 along the labeling curve 0.650 →
-   0.692 (SpeLER's suggestions, better in 22 of 25 runs; 7 rounds losing more than 0.1) and
-   0.592 → 0.649 (random ones; ending at 0.677); on the protocol splits (one label set each,
-   below) 0.661 → 0.659 over the 20 set × setting means, better in 29 of 100 runs and worse in
-   48 (NATOPS π=10 γ=10 % 0.593 → 0.728, BasicMotions γ=10 % 0.829 → 0.774).
+   floods its neighbours. In simulated annotation (benchmarks/round_quality.py --simulate: the
+   five real sets, π = 10, γ = 5 %, 5 seeds, 6 rounds of 2 % of N, network off) a round lost
+   more than 0.1 macro-F1 in 18 of 150 rounds with SpeLER's suggestions, and random labels
+   ended about where they began (0.637 → 0.598; below it in 14 of 25 runs). β = 1 divides by
+   |L_c| (Iscen et al.): with the balance of the label counts on top that corrects the prior
+   twice (25 % of the samples put into classes that hold 3 % of them), so the balance below
+   evens out the mass the seeds do hold, ``n_c^(1-β)``. β = 0.5 against 0, same runs: area
+   under the macro-F1 curve 0.649 → 0.691 with SpeLER's suggestions (better in 22 of 25 runs,
+   on all five sets; 7 rounds losing more than 0.1) and 0.594 → 0.636 with random ones (19 of
+   25); on the protocol splits (one label set each, the floor, all four settings below) 0.661
+   → 0.659, better in 29 of 100 runs and worse in 48 (NATOPS π=10 γ=10 % 0.593 → 0.728,
+   BasicMotions π=10 γ=10 % 0.829 → 0.774); a full round at π = 10 (network, round 1) 0.637 →
+   0.633 at γ = 5 % and 0.659 → 0.666 at γ = 10 %.
 2. Class proportions ``p`` (``prior``), by ``config.balance_prior``:
    - "labels" (default): each class's share of the seed mass, ``p_c ∝ n_c^(1-β)`` (the share of
      the human labels at β = 0). The propagation's mass follows the seeds, so this is what
