@@ -381,7 +381,7 @@ def _run_round(args: argparse.Namespace) -> int:
         if j is not None:
             if m.train is None:
                 said = f"not trained ({j.reason})"
-            elif j.reason.startswith(("joins", "stays out")):
+            elif j.mode == "auto":  # the judgement's reason starts with its verdict
                 said = j.reason
             else:  # a setting decided it: views.network is 'always'
                 said = f"{'joins' if j.joined else 'stays out'} ({j.reason})"

@@ -609,10 +609,11 @@ def energy_histogram(
     for name, mask in (("human", human), ("reliable", reliable)):
         if mask is not None and np.shape(mask) != energy.shape:
             raise DataFormatError(f"viz: {name} has {np.size(mask)} values but energy {energy.size}")
+    reliable = None if reliable is None else np.asarray(reliable, dtype=bool)
     if human is not None:
         keep = ~np.asarray(human, dtype=bool)
         energy, labels = energy[keep], labels[keep]
-        reliable = None if reliable is None else np.asarray(reliable, dtype=bool)[keep]
+        reliable = None if reliable is None else reliable[keep]
     if thresholds is not None:
         thresholds = np.asarray(thresholds, dtype=np.float64).ravel()
         if thresholds.shape != (len(classes),):
@@ -625,7 +626,6 @@ def energy_histogram(
     rows = int(np.ceil(len(panels) / cols))
     titles = [p[1] for p in panels]
     if reliable is not None:
-        reliable = np.asarray(reliable, dtype=bool)
         titles = [f"{name}<br><span style='font-size:10px'>{int(reliable[labels == c].sum())} of"
                   f" {int((labels == c).sum())} reliable</span>" for c, name in panels]
     row_px = 170 if reliable is None else 190  # a second title line

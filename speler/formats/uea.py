@@ -174,9 +174,10 @@ def _values_only(text: str) -> bool:
     """Whether ``text`` is a comma-separated list of two or more numbers (or '?'), the last part
     possibly empty (a line cut right after a comma)."""
     parts = [p.strip() for p in text.split(",")]
-    if parts and parts[-1] == "":
+    cut = parts[-1] == ""
+    if cut:
         parts.pop()
-    if len(parts) < 2 and not (len(parts) == 1 and text.rstrip().endswith(",")):
+    if len(parts) < (1 if cut else 2):
         return False
     for p in parts:
         try:
