@@ -201,6 +201,10 @@ class PropagationConfig:
     # graph), 2 samples changing reliability, and the final solve in 7.3 iterations, not 12.2
     max_iter: int = 200  # CG iteration cap
     tau_hat: float = -9.5  # base energy threshold; energies are scaled so the median sample is -10
+    rebalance_tolerance: float = 0.1  # between rounds a new label keeps the round's balance
+    # until some class's p_c would move by more than this share; then the live propagation is
+    # re-balanced (speler.graph.propagate.balance_drift; figures in speler.loop.update_state).
+    # 0 = re-balance on every label
     reorder: bool = True  # solve in reverse Cuthill-McKee order (cache locality) from 20k samples
     threads: int = 0  # torch threads for the solver; 0 = 1 on graphs under 1M non-zeros, else
     # the cores no other task is busy on (speler.graph.propagate.solver_threads, measured there)
@@ -214,6 +218,7 @@ class PropagationConfig:
              f"one of {', '.join(BALANCE_PRIORS)}"),
             ("tol", self.tol > 0, "> 0"), ("max_iter", self.max_iter >= 1, ">= 1"),
             ("tau_hat", self.tau_hat <= 0, "<= 0 (energies are negative)"),
+            ("rebalance_tolerance", self.rebalance_tolerance >= 0, ">= 0"),
             ("threads", self.threads >= 0, ">= 0"),
             ("device", self.device in ("auto", "cpu", "cuda") or (
                 self.device.startswith("cuda:") and self.device[5:].isdigit()),

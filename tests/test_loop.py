@@ -114,6 +114,51 @@ def test_label_updates_propagation_without_retraining(natops_round):
     assert project.store.human_labels()[s.index] == -1
 
 
+def test_a_live_update_keeps_the_rounds_balance_until_a_class_share_moves_past_the_tolerance():
+    import dataclasses
+
+    from speler.config import GraphConfig, PropagationConfig
+    from speler.graph.knn import affinity, build_knn
+    from speler.graph.propagate import label_prior, propagate, spectral_balance
+    from speler.loop import LoopState, update_state
+
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(3), [150, 100, 50])
+    x = rng.standard_normal((3, 8))[y] * 1.5 + rng.standard_normal((300, 8))
+    W = affinity(build_knn(x, config=GraphConfig(use_gpu=False), k=10))
+    labels = np.full(300, -1)
+    for c, k in enumerate([12, 6, 1]):
+        labels[np.flatnonzero(y == c)[:k]] = c
+    cfg = Config(propagation=PropagationConfig(tol=1e-7))
+    first = propagate(W, labels, num_classes=3, config=cfg.propagation)
+    state = LoopState(round=0, embeddings={}, probs=np.zeros((300, 3), np.float32), graphs={},
+                      weights={}, affinity=W, result=first, human=labels)
+    big, rare = labels.copy(), labels.copy()
+    big[np.flatnonzero(y == 0)[20]] = 0  # 12 → 13: shares move < 10 %
+    rare[np.flatnonzero(y == 2)[20]] = 2  # 1 → 2: the class's share × √2 less the others' growth
+    kept = update_state(state, big, num_classes=3, config=cfg).result
+    np.testing.assert_array_equal(kept.solve.balance_weights, first.solve.balance_weights)
+    np.testing.assert_array_equal(kept.prior, first.prior)
+    assert kept.solve.products < 2 * kept.solve.iterations  # the new label's column alone
+    moved = update_state(state, rare, num_classes=3, config=cfg).result
+    np.testing.assert_allclose(moved.prior, label_prior(rare, 3, 0.5), rtol=1e-6)
+    w, _ = spectral_balance(W, rare, num_classes=3, config=cfg.propagation,
+                            warm_start=first.scores)
+    np.testing.assert_allclose(moved.solve.balance_weights, w, rtol=1e-6)
+    again = propagate(W, rare, num_classes=3, config=cfg.propagation, warm_start=first.scores)
+    np.testing.assert_allclose(moved.scores, again.scores, atol=1e-5 * np.abs(again.scores).max())
+    assert (moved.labels == again.labels).all()
+    # the tolerance decides: 0 re-balances for any label, a large one never
+    always = dataclasses.replace(cfg, propagation=dataclasses.replace(
+        cfg.propagation, rebalance_tolerance=0.0))
+    never = dataclasses.replace(cfg, propagation=dataclasses.replace(
+        cfg.propagation, rebalance_tolerance=10.0))
+    assert not np.array_equal(update_state(state, big, num_classes=3, config=always)
+                              .result.solve.balance_weights, first.solve.balance_weights)
+    np.testing.assert_array_equal(update_state(state, rare, num_classes=3, config=never)
+                                  .result.solve.balance_weights, first.solve.balance_weights)
+
+
 def _project(tmp_path, name="p") -> Project:
     return Project.create(tmp_path, name, _small_sample(), config=_config())
 

@@ -14,7 +14,8 @@ from speler.config import GraphConfig, PropagationConfig
 from speler.errors import ConfigError, DataFormatError, LabelError
 from speler.graph.knn import affinity, build_knn
 from speler.graph.propagate import (
-    PropagationWarning, balance_weights, class_thresholds, combine, energy_from_scores,
+    PropagationWarning, balance_drift, balance_weights, class_thresholds, combine,
+    energy_from_scores,
     estimate_prior, label_prior, normalized_operator, propagate, seed_matrix, spectral_balance,
     with_system,
 )
@@ -295,6 +296,33 @@ def test_warm_start_from_a_result_keeps_its_balance():
     M0 = _dense_solution(_dense_normalized(W, w), new, 4, cfg.alpha, 0.0)
     assert np.abs(warm0.scores - M0).max() <= 1e-5 * np.abs(M0).max()
     assert warm0.solve.products > 2 * warm0.solve.iterations
+
+
+def test_balance_drift_is_the_largest_relative_move_of_a_class_share():
+    _, y, W, labels = _problem(n=400, seed=17)
+    labels[np.flatnonzero(labels == 3)[1:]] = -1  # class 3 keeps one label, class 0 has 12
+    cfg = PropagationConfig(tol=1e-7)
+    first = propagate(W, labels, num_classes=4, config=cfg)
+    assert balance_drift(first, labels, cfg) == 0.0
+    unlabeled = np.flatnonzero(labels < 0)
+    second = labels.copy()
+    second[unlabeled[(y[unlabeled] == 3)][0]] = 3  # 1 → 2 labels: its mass × √2
+    before, after = _prior_by_hand(labels, 4, 0.5), _prior_by_hand(second, 4, 0.5)
+    assert balance_drift(first, second, cfg) == pytest.approx(np.max(np.abs(after / before - 1)))
+    assert balance_drift(first, second, cfg) > 0.3
+    big = labels.copy()
+    big[unlabeled[(y[unlabeled] == 0)][0]] = 0  # 12 → 13 labels: every share moves < 10 %
+    assert 0 < balance_drift(first, big, cfg) < 0.1
+    assert balance_drift(first, second, dataclasses.replace(cfg, balance=False)) == 0.0
+    # with the prior of the predictions, a label that agrees with the prediction moves no count
+    pcfg = dataclasses.replace(cfg, balance_prior="predictions")
+    pfirst = propagate(W, labels, num_classes=4, config=pcfg)
+    node = unlabeled[0]
+    agree, disagree = labels.copy(), labels.copy()
+    agree[node] = pfirst.labels[node]
+    disagree[node] = (pfirst.labels[node] + 1) % 4
+    assert balance_drift(pfirst, agree, pcfg) == 0.0
+    assert balance_drift(pfirst, disagree, pcfg) > 0.0
 
 
 def test_a_result_solved_elsewhere_names_its_graph_and_warm_starts_as_one_from_propagate():

@@ -553,6 +553,31 @@ def result_from_scores(M: np.ndarray, labels: np.ndarray, C: int, config: Propag
     )
 
 
+def balance_drift(result: PropagationResult, labels: np.ndarray,
+                  config: PropagationConfig) -> float:
+    """How far the balance kept in ``result`` is from the one ``labels`` call for: the largest
+    relative change of a class's proportion p_c from ``result``'s human labels to ``labels``, both
+    taken as a re-balance from ``result``'s scores would take them (0 without the balance).
+
+    A warm start from a PropagationResult keeps its balance (instant feedback, step 4), which is
+    right while the labels given since hold a small share of their classes. The first labels of a
+    rare class move its seed mass a lot (1 → 2 labels: ×√2 at β = 0.5) and the kept p_c then
+    boosts that class as if it still had one: the same flooding as an unscaled seed. ``loop``
+    re-balances from ``result``'s scores once this exceeds ``config.rebalance_tolerance``."""
+    if not config.balance:
+        return 0.0
+    C = result.scores.shape[1]
+    before = np.where(result.labeled, result.labels, -1)
+    if config.balance_prior == "labels":
+        p0 = label_prior(before, C, config.seed_exponent)
+        p1 = label_prior(labels, C, config.seed_exponent)
+    else:
+        memberships = _row_normalize(result.scores)
+        guess = _argmax_or(memberships, memberships.sum(axis=1) > 0, None)
+        p0, p1 = estimate_prior(before, guess, C), estimate_prior(labels, guess, C)
+    return float(np.max(np.abs(p1 / p0 - 1.0))) if C else 0.0
+
+
 def spectral_balance(
     W: sp.spmatrix,
     labels: np.ndarray,
