@@ -7,7 +7,7 @@ map plus isotropic noise, samples in random order, 5 % of each class labeled (at
 
 For each --n: kNN graph (GraphConfig defaults, --k) with time and recall@k (measured on a sample of
 queries for approximate indexes), affinity, propagation without and with the spectral balance (time,
-iterations, peak RSS during the call), re-propagation after one new label with a warm start, the
+iterations, peak RSS during the call), re-propagation after one new label with a warm start (balance kept, and re-balanced), the
 memory-bandwidth bound of one CG iteration (bytes moved / measured copy bandwidth, once streaming
 and once re-reading a row of the block for every non-zero), and in the same run the baselines:
 scikit-learn LabelSpreading(kernel="knn", n_neighbors=10) up to --ls-max, the paper's dense inverse
@@ -210,7 +210,10 @@ def run(n: int, args, gcfg: GraphConfig, pcfg: PropagationConfig, bandwidth: flo
                         "ratio_to_reread": it_s / (b["reread"] / bandwidth)}
 
     # instant feedback: one more human label, warm start from the previous result (its balance
-    # weights and prior kept); "cold" solves the same system from zero, "full" reruns everything
+    # weights and prior kept); "rebalanced" makes the balance again from the previous scores (what
+    # speler.loop.update_state does once new labels move a class's share past
+    # propagation.rebalance_tolerance); "cold" solves the kept system from zero, "full" reruns
+    # everything
     bal = res["balanced"]
     rng = np.random.default_rng(args.seed + 1)
     node = int(rng.choice(np.flatnonzero(labels < 0)))
@@ -218,12 +221,15 @@ def run(n: int, args, gcfg: GraphConfig, pcfg: PropagationConfig, bandwidth: flo
     new[node] = y[node]
     with PeakRSS() as mem:
         warm = propagate(W, new, num_classes=C, config=pcfg, warm_start=bal)
+    rebalanced = propagate(W, new, num_classes=C, config=pcfg, warm_start=bal.scores)
     cold = propagate(W, new, num_classes=C, config=pcfg,
                      warm_start=replace(bal, scores=np.zeros_like(bal.scores)))
     full = propagate(W, new, num_classes=C, config=pcfg)
     ws, cs = warm.solve, cold.solve
     out["warm_start"] = {"seconds": ws.seconds, "iterations": ws.iterations,
-                         "products": ws.products, "cold_seconds": cs.seconds,
+                         "products": ws.products, "rebalanced_seconds": rebalanced.solve.seconds,
+                         "rebalanced_products": rebalanced.solve.products,
+                         "cold_seconds": cs.seconds,
                          "cold_iterations": cs.iterations, "cold_products": cs.products,
                          "full_seconds": full.solve.seconds,
                          "max_rel_diff": float(np.abs(warm.scores - cold.scores).max()
@@ -231,8 +237,9 @@ def run(n: int, args, gcfg: GraphConfig, pcfg: PropagationConfig, bandwidth: flo
                          "labels_changed_vs_full": int((warm.labels != full.labels).sum()),
                          "peak_rss_gb": mem.peak / 1e9}
     print(f"  warm start after one label: {ws.seconds:.2f} s ({ws.products} products) vs "
+          f"re-balanced {rebalanced.solve.seconds:.2f} s ({rebalanced.solve.products}), "
           f"cold {cs.seconds:.2f} s ({cs.products}), full {full.solve.seconds:.2f} s", flush=True)
-    del warm, cold, full, res, ws, cs
+    del warm, rebalanced, cold, full, res, ws, cs
 
     if n <= args.ls_max:
         t = time.perf_counter()
@@ -261,7 +268,7 @@ def run(n: int, args, gcfg: GraphConfig, pcfg: PropagationConfig, bandwidth: flo
 
 def print_table(results: list[dict]) -> None:
     print(f"\n{'n':>9s} {'kNN':>8s} {'s':>7s} {'recall':>7s} | {'prop s':>7s} {'it':>6s} {'RSS GB':>7s}"
-          f" | {'warm s':>7s} | {'it/bound':>9s} | {'F1 plain':>8s} {'F1 bal':>7s} {'F1 LS':>7s} "
+          f" | {'warm/rebal s':>12s} | {'it/bound':>9s} | {'F1 plain':>8s} {'F1 bal':>7s} {'F1 LS':>7s} "
           f"{'F1 dense':>8s} | {'tailR p/b/LS':>15s} | {'LS s':>7s}")
     for r in results:
         ls = r.get("label_spreading", {})
@@ -270,7 +277,8 @@ def print_table(results: list[dict]) -> None:
         print(f"{r['n']:9d} {r['knn']['method']:>8s} {r['knn']['seconds']:7.1f} "
               f"{'exact' if rec is None else f'{rec:.3f}':>7s} | {r['balanced']['seconds']:7.1f} "
               f"{r['balanced']['iterations']:>3d}+{r['balanced']['first_pass_iterations']:<2d} "
-              f"{r['balanced']['peak_rss_gb']:7.2f} | {r['warm_start']['seconds']:7.2f} | "
+              f"{r['balanced']['peak_rss_gb']:7.2f} | {r['warm_start']['seconds']:5.2f}/"
+              f"{r['warm_start'].get('rebalanced_seconds', float('nan')):<6.2f} | "
               f"{r['bandwidth']['ratio_to_streaming']:4.0f}/{r['bandwidth']['ratio_to_reread']:<4.1f} | "
               f"{r['plain']['macro_f1']:8.3f} {r['balanced']['macro_f1']:7.3f} "
               f"{ls.get('macro_f1', float('nan')):7.3f} {de.get('macro_f1', float('nan')):8.3f} | "
