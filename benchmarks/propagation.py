@@ -8,8 +8,9 @@ map plus isotropic noise, samples in random order, 5 % of each class labeled (at
 For each --n: kNN graph (GraphConfig defaults, --k) with time and recall@k (measured on a sample of
 queries for approximate indexes), affinity, propagation without and with the spectral balance (time,
 iterations, peak RSS during the call), re-propagation after one new label with a warm start
-(balance kept, and re-balanced), the memory-bandwidth bound of one CG iteration (bytes moved / measured copy bandwidth, once streaming
-and once re-reading a row of the block for every non-zero), and in the same run the baselines:
+(balance kept, and re-balanced), the memory-bandwidth bound of one CG iteration (bytes moved /
+measured copy bandwidth, once streaming and once re-reading a row of the block for every
+non-zero), and in the same run the baselines:
 scikit-learn LabelSpreading(kernel="knn", n_neighbors=10) up to --ls-max, the paper's dense inverse
 up to --dense-max. Quality: macro-F1, accuracy, tail recall (last third of the classes) and the
 share of samples predicted in the tail. Prints a table and merges the figures into
