@@ -43,6 +43,10 @@ STAGES = loop.STAGES  # a round reports these, in this order
 STAGE_TITLES = {"views": "Label-free views", "train": "Training", "embed": "Embedding", "knn": "kNN graph",
                 "propagate": "Propagation", "suggest": "Suggestions"}
 
+# session key: the id of a sample the person asked to see (the Label page shows it first, until
+# it is labeled or skipped; the Diagnostics page's label doubts set it too)
+OPENED_SAMPLE = "opened_sample"
+
 _create_lock = threading.Lock()
 
 
@@ -215,6 +219,22 @@ def suggestions(annotator: Annotator, state, *, n: int, strategy: str,
     queue = annotator.suggest(n=n, strategy=strategy, exclude=tuple(skipped))
     st.session_state["queue"] = (key, queue)
     return queue
+
+
+# -- the Label page's keys ----------------------------------------------------------------------
+FIXED_KEYS = "1234567890"  # up to ten classes: each has its own key, the same on every sample
+TOP_KEYS = 9  # more classes: keys 1-9 label a sample's nine most likely; a search box the rest
+
+
+def label_keys(classes: tuple[str, ...], order) -> tuple[list[str], str]:
+    """The Label page's keyboard: (the classes that get a button and a key, in key order; their
+    keys). Up to ten classes each keep their own key on every sample, so the hand learns them
+    (the guess is marked by colour, not by place); beyond that keys 1-9 go to this sample's nine
+    most likely classes (``order``: class indices, most likely first; 1 = the guess) and a search
+    box holds the rest."""
+    if len(classes) <= len(FIXED_KEYS):
+        return list(classes), FIXED_KEYS[:len(classes)]
+    return [classes[int(k)] for k in order[:TOP_KEYS]], FIXED_KEYS[:TOP_KEYS]
 
 
 # -- cached views -------------------------------------------------------------------------------

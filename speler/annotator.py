@@ -25,7 +25,8 @@ from speler.atomic_file import write_atomically
 from speler.config import Config
 from speler.selection import Suggestion
 from speler.data.schema import SequenceSet
-from speler.errors import ProjectError
+from speler.errors import LabelError, ProjectError
+from speler.graph.doubts import disagreement
 from speler.project import Project, check_name, default_root
 
 SIMULATION_FILE = "simulation.json"
@@ -228,15 +229,26 @@ class Annotator:
 
     def suggestion_for(self, sample_id: str, *, reason: str) -> Suggestion:
         """Sample ``sample_id`` as a suggestion (the live state's guess, runner-up, energy and
-        margin, no score), e.g. to show a sample again after its label was undone."""
+        margin, no score), e.g. to show a sample again after its label was undone, or one a
+        person asked for. A sample with a human label has its own seed in the scores, so its
+        guess and runner-up are read from its graph neighbours instead (as label doubts are:
+        ``speler.graph.doubts``): the label and the class they favour most besides it, the
+        stronger first."""
         with self._lock:
             state = self.require_state("describing a sample")
             i = self.project.store.sample_index(sample_id)
             res = state.result
-            order = np.argsort(-np.asarray(res.scores[i]), kind="stable")
+            if state.human[i] >= 0 and res.scores.shape[1] > 1:
+                one = np.full_like(state.human, -1)
+                one[i] = state.human[i]
+                d = disagreement(res, one, affinity=state.affinity)
+                pair = (int(d.label[0]), int(d.best[0]))
+                guess, runner = pair if d.label_mass[0] >= d.best_mass[0] else pair[::-1]
+            else:
+                order = np.argsort(-np.asarray(res.scores[i]), kind="stable")
+                guess, runner = int(res.labels[i]), int(order[1]) if len(order) > 1 else -1
             return Suggestion(index=i, id=sample_id, score=float("nan"), reason=reason,
-                              predicted=int(res.labels[i]),
-                              runner_up=int(order[1]) if len(order) > 1 else -1,
+                              predicted=guess, runner_up=runner,
                               energy=float(res.energy[i]), margin=float(res.margin[i]))
 
     def suggest_after(self, sample_id: str, label_name: str, *, n: int | None = None,
@@ -257,9 +269,11 @@ class Annotator:
                                  strategy=strategy or cfg.strategy, seed=seed, config=self.config)
         return [s for s in picks if s.id not in skip][:n]
 
-    def neighbours(self, index: int, *, k: int = 3) -> list[int]:
-        """Up to ``k`` nearest human-labeled samples of sample ``index``."""
-        return loop.neighbours(self.require_state("showing neighbours"), index, k=k)
+    def neighbours(self, index: int, *, k: int = 3, first_of: tuple[int, ...] = ()) -> list[int]:
+        """Up to ``k`` nearest human-labeled samples of sample ``index``; the nearest of each
+        class in ``first_of`` first (``loop.neighbours``)."""
+        return loop.neighbours(self.require_state("showing neighbours"), index, k=k,
+                               first_of=first_of)
 
     def doubts(self, *, top: int = 20) -> list:
         """Human labels the graph strongly disagrees with, strongest first."""
@@ -321,13 +335,40 @@ class Annotator:
             return None
 
     # -- writing -------------------------------------------------------------------------------
-    def label(self, sample_id: str, label_name: str, *, annotator: str = "") -> loop.LoopState | None:
-        """Writes a human label, then the propagated labels it changed (no retraining)."""
+    def label(self, sample_id: str, label_name: str, *, annotator: str = "",
+              seen: int | None = None) -> loop.LoopState | None:
+        """Writes a human label, then the propagated labels it changed (no retraining).
+
+        ``seen``: the sample's human label (class index, -1 for none) as the caller showed it to
+        the person (e.g. a page opened before someone else labeled it in another tab or from the
+        command line). When the store holds another by now, nothing is written and LabelError
+        says who labeled it what, and when; None: no check (the command line's ``label``, which
+        names the sample on purpose)."""
         with self._lock:
+            if seen is not None:
+                self._check_unchanged(sample_id, int(seen))
             before = self.state()
             self.project.store.add_label(sample_id, label_name, source="human",
                                          annotator=annotator)
             return self._repropagate(before)
+
+    def _check_unchanged(self, sample_id: str, seen: int) -> None:
+        store = self.project.store
+        now = int(store.human_labels()[store.sample_index(sample_id)])
+        if now == seen:
+            return
+        classes = self.data.classes
+        shown = "unlabeled" if seen < 0 else f"labeled {classes[seen]}"
+        last = next((e for e in reversed(store.events(sample_id))
+                     if e.source in ("human", "imported")), None)
+        if now < 0:
+            what = "its label was undone"
+        else:
+            what = f"it was labeled {classes[now]}"
+        if last is not None:
+            what += f" by {last.annotator or 'someone without a name'} at {last.time}"
+        raise LabelError(f"{sample_id}: {what}, after this page showed it {shown}; nothing was "
+                         f"saved. Look at it again and label it if you still want to change it.")
 
     def undo(self, *, annotator: str | None = None):
         """Writes an undo of the latest human label (of ``annotator`` when given), then the

@@ -904,8 +904,12 @@ def doubts(project: Project, state: LoopState, *, top: int = 20) -> list:
     return _doubts(project, state.result, top=top, affinity=state.affinity)
 
 
-def neighbours(state: LoopState, index: int, *, k: int = 3, view: str = "combined") -> list[int]:
-    """Up to ``k`` nearest human-labeled samples of sample ``index`` by embedding similarity."""
+def neighbours(state: LoopState, index: int, *, k: int = 3, view: str = "combined",
+               first_of: tuple[int, ...] = ()) -> list[int]:
+    """Up to ``k`` nearest human-labeled samples of sample ``index`` by embedding similarity,
+    nearest first; with ``first_of`` (classes, e.g. the guess and the runner-up), the nearest
+    labeled sample of each of those classes comes first, in that order (a class without a label
+    is passed over), so the person can compare the sample with an example of each candidate."""
     labeled = np.flatnonzero(state.human >= 0)
     labeled = labeled[labeled != index]
     if len(labeled) == 0:
@@ -913,8 +917,14 @@ def neighbours(state: LoopState, index: int, *, k: int = 3, view: str = "combine
     emb = state.embeddings[view]
     q = emb[index] / (np.linalg.norm(emb[index]) + 1e-12)
     e = emb[labeled] / (np.linalg.norm(emb[labeled], axis=1, keepdims=True) + 1e-12)
-    order = np.argsort(-(e @ q), kind="stable")[:k]
-    return labeled[order].tolist()
+    ranked = labeled[np.argsort(-(e @ q), kind="stable")]
+    picked: list[int] = []
+    for c in first_of:
+        of_c = ranked[state.human[ranked] == c]
+        if len(of_c) and len(picked) < k and int(of_c[0]) not in picked:
+            picked.append(int(of_c[0]))
+    picked += [int(j) for j in ranked if int(j) not in picked][:k - len(picked)]
+    return picked
 
 
 def _json_default(o):

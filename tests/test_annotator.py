@@ -7,7 +7,7 @@ import pytest
 
 from speler.annotator import Annotator, import_project
 from speler.config import Config, apply_overrides
-from speler.errors import ProjectError
+from speler.errors import LabelError, ProjectError
 from speler.export import read_export
 
 FAST = ["train.epochs=4", "train.supervised_epochs=1", "views.rocket_features=500", "views.dim=16",
@@ -180,3 +180,66 @@ def test_suggestion_for_describes_a_sample_from_the_live_state(annotated):
     assert again.energy == pytest.approx(pick.energy) and again.margin == pytest.approx(pick.margin)
     with pytest.raises(Exception, match="no-such-id"):
         ann.suggestion_for("no-such-id", reason="x")
+
+
+def test_a_label_given_from_a_stale_view_is_refused_and_writes_nothing(annotated):
+    root, ann = annotated
+    pick = ann.suggest(n=1)[0]
+    classes = ann.data.classes
+    other = Annotator.open(root, "basic")  # another tab, or the command line
+    other.label(pick.id, classes[0], annotator="bob")
+    events = len(ann.project.store.events())
+    with pytest.raises(LabelError, match=rf"{pick.id}: it was labeled {classes[0]} by bob at .*"
+                                          r"after this page showed it unlabeled; nothing was saved"):
+        ann.label(pick.id, classes[1], annotator="alice", seen=-1)
+    assert len(ann.project.store.events()) == events
+    assert ann.project.store.human_labels()[pick.index] == 0
+    # the view that saw bob's label may change it; without ``seen`` nothing is checked
+    ann.label(pick.id, classes[1], annotator="alice", seen=0)
+    assert ann.project.store.human_labels()[pick.index] == 1
+    other.undo(annotator="bob")  # bob's label is no longer in force either way: only alice's
+    ann.undo(annotator="alice")
+    with pytest.raises(LabelError, match="its label was undone"):
+        ann.label(pick.id, classes[2], annotator="alice", seen=1)
+    assert ann.project.store.human_labels()[pick.index] == -1
+
+
+def test_neighbours_show_an_example_of_each_candidate_class_first(annotated):
+    _, ann = annotated
+    state = ann.state()
+    human = state.human
+    pick = ann.suggest(n=1)[0]
+    plain = ann.neighbours(pick.index, k=3)
+    first = ann.neighbours(pick.index, k=3, first_of=(pick.predicted, pick.runner_up))
+    assert len(first) == 3 and pick.index not in first and (human[first] >= 0).all()
+    nearest_of = {c: next(j for j in _by_similarity(state, pick.index) if human[j] == c)
+                  for c in (pick.predicted, pick.runner_up)}
+    assert first[:2] == [nearest_of[pick.predicted], nearest_of[pick.runner_up]]
+    assert first[2] == next(j for j in plain if j not in first[:2])
+    # a class nobody labeled is passed over
+    missing = ann.neighbours(pick.index, k=2, first_of=(99,))
+    assert missing == plain[:2]
+
+
+def _by_similarity(state, index):
+    emb = state.embeddings["combined"]
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    order = np.argsort(-(unit @ unit[index]), kind="stable")
+    return [int(j) for j in order if j != index and state.human[j] >= 0]
+
+
+def test_suggestion_for_a_labeled_sample_reads_its_neighbours(annotated):
+    _, ann = annotated
+    state = ann.state()
+    # a confident sample of one class, labeled as another: its neighbours favour the first
+    unl = np.flatnonzero(state.human < 0)
+    i = int(unl[np.argmax(state.result.margin[unl])])
+    own = int(state.result.labels[i])
+    wrong = (own + 1) % ann.data.num_classes
+    sid = str(ann.data.ids[i])
+    ann.label(sid, ann.data.classes[wrong], annotator="tester")
+    try:
+        s = ann.suggestion_for(sid, reason="you opened it")
+        assert (s.predicted, s.runner_up) == (own, wrong)
+    finally:
+        ann.undo(annotator="tester")

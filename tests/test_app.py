@@ -514,3 +514,96 @@ def test_skips_survive_a_reload_and_can_be_undone(trained):
     fresh.button(key="unskip").click().run()
     assert not fresh.exception
     assert _current_id(fresh) == sample
+
+
+def test_label_keys_stay_with_their_class_up_to_ten_classes():
+    state = _app_state()
+    four = ("a", "b", "c", "d")
+    for order in ([2, 0, 1, 3], [3, 1, 0, 2]):  # two samples with other guesses: the same keys
+        assert state.label_keys(four, np.array(order)) == (list(four), "1234")
+    ten = tuple("abcdefghij")
+    assert state.label_keys(ten, np.arange(10)[::-1]) == (list(ten), "1234567890")
+    eleven = tuple("abcdefghijk")  # beyond ten: the nine most likely, the guess on 1
+    order = np.array([10, 3, 5, 0, 1, 2, 4, 6, 7, 8, 9])
+    assert state.label_keys(eleven, order) == ([eleven[k] for k in order[:9]], "123456789")
+
+
+def test_the_label_page_keys_and_neighbours(trained, home):
+    at = _page(trained, "label")
+    with Project.open(home, SAMPLE) as project:
+        assert len(project.data.classes) > 10  # the bundled sample: keys follow the likelihood
+    assert "1 = the guess, then the next most likely" in _texts(at)
+    guess = next(m.value for m in at.markdown if "Propagated guess" in str(m.value))
+    first = f">{at.button(key='label_1').label}</span>"
+    assert first in guess.split("runner-up")[0]  # key 1 is the guess
+    # the neighbours start with a labeled example of the guess
+    heads = [str(m.value) for m in at.markdown if "&nbsp; `" in str(m.value)]
+    assert heads and first in heads[0], heads
+
+
+def test_a_label_from_a_page_someone_else_labeled_meanwhile_is_refused(trained, home):
+    from speler.annotator import Annotator
+
+    at = _page(trained, "label")
+    sample = _current_id(at)
+    with Annotator.open(home, SAMPLE) as other:  # another tab or the command line
+        other.label(sample, other.data.classes[0], annotator="bob")
+    before = _human_events(home)
+    at.button(key="label_2").click().run()
+    assert not at.exception
+    assert any("by bob" in e.value and "after this page showed it unlabeled; nothing was saved"
+               in e.value for e in at.error), _texts(at)
+    assert _human_events(home) == before  # bob's label stands
+    with Annotator.open(home, SAMPLE) as other:
+        other.undo(annotator="bob")
+
+
+def test_open_a_sample_by_id_shows_it_first_even_when_labeled(trained, home):
+    at = _page(trained, "label")
+    with LabelStore.open(home / SAMPLE / "store.sqlite") as store:
+        labeled = np.flatnonzero(store.human_labels() >= 0)
+        sid, cls = store.ids[labeled[0]], store.classes[store.human_labels()[labeled[0]]]
+    at.text_input(key="open_id").input("no-such-sample").run()
+    assert any("no-such-sample" in e.value for e in at.error), _texts(at)
+    at.text_input(key="open_id").input(sid).run()
+    assert not at.exception
+    assert _current_id(at) == sid
+    assert f"you opened it: labeled {cls} by people" in _texts(at)
+    at.button(key="skip").click().run()  # skipping closes it
+    assert _current_id(at) != sid
+    at.button(key="unskip").click().run()
+
+
+def test_the_annotator_name_survives_a_reload_in_the_address(trained):
+    at = _page(trained, "label")
+    at.text_input(key="annotator_input").input("alice").run()
+    assert at.query_params.get("annotator") in ("alice", ["alice"])
+    fresh = AppTest.from_file(MAIN, default_timeout=120)
+    fresh.query_params["annotator"] = "alice"
+    fresh.run()
+    _page(fresh, "label")
+    assert any(e.label == "Annotator: alice" for e in fresh.expander), [e.label for e in fresh.expander]
+
+
+def test_a_label_doubt_opens_on_the_label_page(trained, home):
+    from speler.annotator import Annotator
+
+    with Annotator.open(home, SAMPLE) as ann:  # a confident sample labeled as another class
+        live = ann.state()
+        unl = np.flatnonzero(live.human < 0)
+        i = int(unl[np.argmax(live.result.margin[unl])])
+        sid = str(ann.data.ids[i])
+        wrong = ann.data.classes[(int(live.result.labels[i]) + 1) % ann.data.num_classes]
+        ann.label(sid, wrong, annotator="tester")
+    try:
+        at = _page(trained, "diagnostics")
+        pick = at.selectbox(key="doubt_pick")
+        assert sid in pick.options, pick.options
+        pick.select(sid).run()
+        at.button(key="doubt_open").click().run()
+        assert not at.exception, [e.message for e in at.exception]
+        assert _current_id(at) == sid, _texts(at)
+        assert f"you opened it: labeled {wrong} by people" in _texts(at)
+    finally:
+        with Annotator.open(home, SAMPLE) as ann:
+            ann.undo(annotator="tester")

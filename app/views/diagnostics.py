@@ -172,7 +172,15 @@ with bottom_right:
                 height=320 if len(found) > 8 else "auto",  # no empty rows under a short list
                 column_config={"score": st.column_config.NumberColumn(format="%.2f")})
             st.caption("Human labels whose graph neighbours point strongly elsewhere: worth a second "
-                       "look (relabel them from the Label page's search box after a round).")
+                       "look.")
+            pick = st.selectbox("Look at one again", [d.id for d in found], key="doubt_pick",
+                                help="opens it first on the Label page, beside labeled examples "
+                                     "of its label and of the class the graph says; label it "
+                                     "again there to change it")
+            if st.button("Open it on the Label page", key="doubt_open",
+                         icon=":material/open_in_new:"):
+                st.session_state[state.OPENED_SAMPLE] = pick
+                st.switch_page("views/label.py")
 
 with st.expander("Graph views: what the propagation ran on", expanded=True):
     _views_section()

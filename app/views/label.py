@@ -22,41 +22,77 @@ from speler.selection import Suggestion
 annotator = state.current_annotator()
 project = annotator.project  # display only: data and store lookups
 NAME = annotator.name
-TOP_KEYS = 9  # number keys 1-9 label the nine most likely classes; a search box has the rest
+OPENED = state.OPENED_SAMPLE
 
 
 def _person() -> str:
-    """Who labels in this session (saved with every label)."""
-    if "annotator" not in st.session_state:  # kept outside the widget, so it survives page changes
-        st.session_state["annotator"] = os.environ.get("SPELER_ANNOTATOR", "")
-    return st.session_state["annotator"]
+    """Who labels in this session (saved with every label). Kept outside the widget, so it
+    survives page changes, and in the page's address (``?annotator=``), so it survives a reload
+    and a bookmark."""
+    if "annotator" not in st.session_state:
+        st.session_state["annotator"] = (st.query_params.get("annotator", "").strip()
+                                         or os.environ.get("SPELER_ANNOTATOR", ""))
+    name = st.session_state["annotator"]
+    if name and st.query_params.get("annotator") != name:
+        st.query_params["annotator"] = name
+    return name
 
 
 def _set_person() -> None:
-    st.session_state["annotator"] = st.session_state.get("annotator_input", "").strip()
+    name = st.session_state.get("annotator_input", "").strip()
+    st.session_state["annotator"] = name
+    if name:
+        st.query_params["annotator"] = name
+    else:
+        st.query_params.pop("annotator", None)
 
 
-def _do_label(sample_id: str, class_name: str) -> None:
+def _do_label(sample_id: str, class_name: str, seen: int) -> None:
+    """``seen``: the sample's human label when the page showed it (-1: none): if someone else
+    labeled it since (another tab, the command line), nothing is saved and the page says so."""
+    _close(sample_id)
     try:
-        state.open_annotator(NAME).label(sample_id, class_name, annotator=_person())
+        state.open_annotator(NAME).label(sample_id, class_name, annotator=_person(), seen=seen)
     except SpelerError as exc:
-        state.flash("error", f"{exc}\n\nPick a class from the buttons or the search box.")
+        state.flash("error", f"{exc}")
         return
     state.flash("toast", f"{sample_id} → {class_name}")
 
 
-def _do_other(sample_id: str) -> None:
+def _do_other(sample_id: str, seen: int) -> None:
     choice = st.session_state.get("other_class")
     st.session_state["other_class"] = None
     if choice:
-        _do_label(sample_id, choice)
+        _do_label(sample_id, choice, seen)
 
 
 def _skipped() -> set[str]:
     return state.skipped(state.open_annotator(NAME), _person())
 
 
+def _do_open() -> None:
+    """Show the sample whose id was typed first (any sample, labeled ones too: e.g. a label
+    doubt from the Diagnostics page), until it is labeled or skipped."""
+    sample_id = st.session_state.get("open_id", "").strip()
+    st.session_state["open_id"] = ""
+    if not sample_id:
+        return
+    try:
+        project.store.sample_index(sample_id)
+    except SpelerError as exc:
+        state.flash("error", f"{exc}")
+        return
+    st.session_state[OPENED] = sample_id
+    _skipped().discard(sample_id)
+
+
+def _close(sample_id: str) -> None:
+    if st.session_state.get(OPENED) == sample_id:
+        del st.session_state[OPENED]
+
+
 def _do_skip(sample_id: str) -> None:
+    _close(sample_id)
     _skipped().add(sample_id)
     front = st.session_state.get("front", [])
     if sample_id in front:
@@ -96,15 +132,17 @@ def _chip(name: str, color: str, *, small: bool = False) -> str:
             f"border-radius:10px;font-size:{size};font-weight:600'>{html.escape(name)}</span>")
 
 
-def _button_css(names: list[str], colors: dict[str, str]) -> str:
-    """Class colours on the label buttons: a stripe on each, the guess (key 1) filled."""
+def _button_css(names: list[str], colors: dict[str, str], guess: str | None) -> str:
+    """Class colours on the label buttons: a stripe on each, the guess's button filled (its text
+    in the colour that reads on it, hovered too)."""
     rules = [f".st-key-label_{k + 1} button {{border-left: 7px solid {colors[n]};}}"
              for k, n in enumerate(names)]
-    if names:
-        c = colors[names[0]]
-        rules.append(f".st-key-label_1 button {{background: {c}; border-color: {c}; color: {_ink(c)};}}"
-                     f".st-key-label_1 button:hover {{filter: brightness(0.92); color: {_ink(c)};}}"
-                     f".st-key-label_1 button p, .st-key-label_1 button span {{color: {_ink(c)};}}")
+    if guess in names:
+        key, c = f".st-key-label_{names.index(guess) + 1} button", colors[guess]
+        ink = _ink(c)
+        rules.append(f"{key}, {key}:hover, {key}:focus {{background: {c}; border-color: {c}; "
+                     f"color: {ink};}} {key}:hover {{filter: brightness(0.92);}}"
+                     f"{key} p, {key} span, {key}:hover p, {key}:hover span {{color: {ink};}}")
     return "<style>" + "".join(rules) + "</style>"
 
 
@@ -117,18 +155,32 @@ def _queue(state_, classes: tuple[str, ...]) -> list:
     front = [i for i in st.session_state.get("front", [])
              if human[project.store.sample_index(i)] < 0]
     st.session_state["front"] = front
-    if not front:
-        return queue
     reasons = st.session_state.get("reasons", {})
     extra = [annotator.suggestion_for(sid, reason=reasons.get(sid, "you undid its label"))
              for sid in front]
-    return extra + [s for s in queue if s.id not in set(front)]
+    opened = st.session_state.get(OPENED)
+    if opened is not None:
+        i = project.store.sample_index(opened)
+        had = (f"labeled {classes[int(human[i])]} by people; label it again to change that, or "
+               f"skip it" if human[i] >= 0 else "not labeled by people yet")
+        extra = [annotator.suggestion_for(opened, reason=f"you opened it: {had}")] + [
+            s for s in extra if s.id != opened]
+    if not extra:
+        return queue
+    shown = {s.id for s in extra}
+    return extra + [s for s in queue if s.id not in shown]
 
 
 def _main_figure(index: int, pred: str | None, colors: dict[str, str]):
     """The suggested sample's figure: animated 3D skeleton or series lines (cached per sample)."""
     return state.sample_figure(annotator, index, title="", height=430,
                                color=colors.get(pred, "#444444") if pred else "#444444")
+
+
+def _open_box() -> None:
+    st.text_input("Open a sample by id", key="open_id", on_change=_do_open,
+                  placeholder="e.g. an id from the label doubts on the Diagnostics page",
+                  help="shows that sample first, labeled or not, until you label or skip it")
 
 
 @st.fragment
@@ -156,20 +208,25 @@ def _panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
         if skipped:
             b.button(f"Show the {len(skipped)} skipped samples again", key="unskip",
                      on_click=_do_unskip)
+        _open_box()
         return
 
     sug = queue[0]
     i = int(sug.index)
+    seen = int(live.human[i])  # its human label as shown: a label click checks it is still so
     st.session_state.setdefault("reasons", {})[sug.id] = sug.reason  # kept for a later undo
     scores = np.asarray(live.result.scores[i], dtype=np.float64)
     order = np.argsort(-scores, kind="stable")
     pred = classes[sug.predicted] if sug.predicted >= 0 else None
     runner = classes[sug.runner_up] if sug.runner_up >= 0 else None
 
+    keyed, keys = state.label_keys(classes, order)
+    how = ("each class keeps its key" if len(keyed) == len(classes)
+           else "1 = the guess, then the next most likely")
     st.caption(f"Project **{NAME}** · round {live.round} · {human_n:,} of {ds.n:,} samples labeled "
                f"by people · {len(queue)} in the queue"
                + (f" · {len(skipped)} skipped" if skipped else "")
-               + f" · keys 1–{min(TOP_KEYS, len(classes))} label, S skips, U undoes")
+               + f" · keys {keys[0]}–{keys[-1]} label ({how}), S skips, U undoes your last label")
     left, right = st.columns([3, 2], gap="medium")
 
     with right:  # first: the id and the buttons reach the browser before the plot
@@ -186,23 +243,23 @@ def _panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
         m2.metric("Margin", f"{sug.margin:.3f}", help="gap between the two best classes; small = boundary")
         st.caption(f"Why: {sug.reason}")
 
-        top = [classes[k] for k in order[:TOP_KEYS]]
-        st.html(_button_css(top, colors))
+        st.html(_button_css(keyed, colors, pred))
         grid = st.columns(3)
-        for k, name in enumerate(top):
+        for k, name in enumerate(keyed):
             grid[k % 3].button(
-                name, key=f"label_{k + 1}", shortcut=str(k + 1), width="stretch",
-                on_click=_do_label, args=(sug.id, name), help=f"label {sug.id} as {name}",
+                name, key=f"label_{k + 1}", shortcut=keys[k], width="stretch",
+                on_click=_do_label, args=(sug.id, name, seen),
+                help=f"label {sug.id} as {name}" + (" (the guess)" if name == pred else ""),
             )
-        if len(classes) > TOP_KEYS:
-            rest = [classes[k] for k in order[TOP_KEYS:]]
+        if len(keyed) < len(classes):
+            rest = [c for c in (classes[k] for k in order) if c not in keyed]
             st.selectbox("Another class", rest, index=None, key="other_class",
                          placeholder=f"Search the other {len(rest)} classes…",
-                         on_change=_do_other, args=(sug.id,))
+                         on_change=_do_other, args=(sug.id, seen))
         a, b = st.columns(2)
         a.button("Skip", key="skip", shortcut="S", width="stretch", on_click=_do_skip,
                  args=(sug.id,), icon=":material/skip_next:")
-        b.button("Undo", key="undo", shortcut="U", width="stretch", on_click=_do_undo,
+        b.button("Undo last label", key="undo", shortcut="U", width="stretch", on_click=_do_undo,
                  icon=":material/undo:")
         if skipped:
             st.button(f"Show the {len(skipped)} skipped samples again", key="unskip",
@@ -210,17 +267,23 @@ def _panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
         with st.expander("Annotator: " + (_person() or "not set")):
             st.text_input("Your name", key="annotator_input", value=_person(),
                           on_change=_set_person, help="saved with every label you give")
+        _open_box()
 
     with left:
         st.plotly_chart(_main_figure(i, pred, colors), key="main_plot",
                         config={"displaylogo": False})
 
     st.markdown("##### Nearest labeled neighbours")
-    nbrs = annotator.neighbours(i, k=3)
+    nbrs = annotator.neighbours(i, k=3, first_of=_candidates(sug))
     if not nbrs:
         st.caption("No labeled samples yet.")
     elif not ds.layout.is_series:
-        st.caption("Each in four moments of its motion, left to right, seen from the front.")
+        st.caption("The nearest labeled example of the guess and of the runner-up, then the "
+                   "nearest of any class; each in four moments of its motion, left to right, seen "
+                   "from the front.")
+    else:
+        st.caption("The nearest labeled example of the guess and of the runner-up, then the "
+                   "nearest of any class.")
     cols = st.columns(3)
     for col, j in zip(cols, nbrs):
         lab = classes[int(live.human[j])]
@@ -238,11 +301,16 @@ def _panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
                    lambda: _warm_after_label(live, sug, skipped, classes, colors))
 
 
+def _candidates(s: Suggestion) -> tuple[int, ...]:
+    """The guess and the runner-up of a suggestion (the classes it is shown beside)."""
+    return tuple(c for c in (s.predicted, s.runner_up) if c >= 0)
+
+
 def _warm(live, suggestions: list, classes: tuple[str, ...], colors: dict[str, str]) -> None:
     """Build (into the caches) the figures of ``suggestions`` and of their labeled neighbours."""
     for s in suggestions:
         _main_figure(int(s.index), classes[s.predicted] if s.predicted >= 0 else None, colors)
-        for j in annotator.neighbours(int(s.index), k=3):
+        for j in annotator.neighbours(int(s.index), k=3, first_of=_candidates(s)):
             state.thumbnail(annotator, j, color=colors[classes[int(live.human[j])]])
 
 
