@@ -138,7 +138,7 @@ def select_project(name: str) -> None:
     if st.session_state.get("project") != name:
         st.session_state["project"] = name
         st.query_params["project"] = name
-        for key in ("queue", "front", "reasons"):
+        for key in ("queue", "front", "reasons", OPENED_SAMPLE):
             st.session_state.pop(key, None)
 
 

@@ -396,7 +396,7 @@ def _run_round(args: argparse.Namespace) -> int:
 
 def _print_suggestions(project, suggestions) -> None:
     classes = project.data.classes
-    rows = [(k + 1, s.id, f"{s.score:.3f}", classes[s.predicted] if s.predicted >= 0 else "-",
+    rows = [(k + 1, s.id, f"{s.score:.3g}", classes[s.predicted] if s.predicted >= 0 else "-",
              s.reason) for k, s in enumerate(suggestions)]
     if not rows:
         _out("no suggestions: every sample has a human label")
@@ -421,6 +421,11 @@ def _add_suggest(p: argparse.ArgumentParser) -> None:
 
 def _run_suggest(args: argparse.Namespace) -> int:
     with _open_project(args, args.project) as ann:
+        if ann.latest_round() is None:  # no graph yet: the first labels (Annotator.first_labels)
+            _out(f"no round yet in {args.project}: typical samples of the data's main groups, "
+                 f"largest first, to give the first labels to (then run `round`)")
+            _print_suggestions(ann.project, ann.first_labels(n=args.n))
+            return EXIT_OK
         _print_suggestions(ann.project, ann.suggest(n=args.n, strategy=args.strategy,
                                                     seed=args.seed))
     return EXIT_OK

@@ -556,6 +556,81 @@ def _coreset(inputs: _Inputs, budget: int, rng: np.random.Generator) -> list[Sug
     return _make(inputs, cand[pos], scores, reason)
 
 
+def first_labels(embeddings: np.ndarray, labeled: np.ndarray, *, budget: int, groups: int,
+                 ids: Sequence[str], seed: int = 0,
+                 skipped: np.ndarray | None = None) -> list[Suggestion]:
+    """Before any round, when there is no graph or propagation to ask: samples to label first.
+
+    The label-free ``embeddings`` (rows, e.g. the random-kernel view of ``speler.features``) are
+    split into ``groups`` clusters (spherical k-means, ``speler.graph.cells``, from k-means++
+    starting points drawn under ``seed``); each cluster offers its unlabeled sample nearest its
+    centre (typical, not an outlier as a k-centre pick would be), the largest clusters first and
+    those that hold a labeled sample after all the others, so the first labels cover the data's
+    main modes before its corners. ``labeled``, ``skipped``: bool (n,); a skipped sample is
+    passed over like a labeled one, but its cluster still counts as unlabeled (its next most
+    typical sample is offered). ``predicted`` and ``runner_up`` are -1, ``energy`` and ``margin``
+    NaN (nothing is propagated yet); ``score`` is the cluster's size."""
+    import torch
+
+    from speler.graph.cells import KMEANS_ITERS, spherical_kmeans
+
+    X = np.asarray(embeddings, dtype=np.float32)
+    labeled = np.asarray(labeled, dtype=bool)
+    n = len(X)
+    if len(labeled) != n or len(ids) != n or (skipped is not None and len(skipped) != n):
+        raise DataFormatError(f"first_labels: {n} embeddings, {len(labeled)} labeled flags and "
+                              f"{len(ids)} ids; they must be one per sample")
+    if budget < 1:
+        raise ConfigError(f"first_labels: budget must be >= 1, got {budget}")
+    skipped = np.zeros(n, dtype=bool) if skipped is None else np.asarray(skipped, dtype=bool)
+    free = np.flatnonzero(~labeled & ~skipped)
+    if len(free) == 0:
+        return []
+    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    k = int(max(1, min(groups, n)))
+    rng = np.random.default_rng(seed)
+    xt = torch.from_numpy(np.ascontiguousarray(X))
+    centres = spherical_kmeans(xt, torch.from_numpy(_kmeans_pp(X, k, rng)), KMEANS_ITERS).numpy()
+    sim = X @ centres.T
+    cluster = np.argmax(sim, axis=1)
+    size = np.bincount(cluster, minlength=k)
+    has_label = np.bincount(cluster[labeled], minlength=k) > 0
+    own = sim[np.arange(n), cluster]
+    picks = []
+    for c in range(k):
+        members = free[cluster[free] == c]
+        if len(members):
+            best = members[np.lexsort((members, -own[members]))[0]]
+            picks.append((bool(has_label[c]), -int(size[c]), int(best), c))
+    picks.sort()
+    out = []
+    for labeled_c, neg_size, i, c in picks[:budget]:
+        share = -neg_size / n
+        also = "; it holds a labeled sample already" if labeled_c else ", none of them labeled yet"
+        out.append(Suggestion(
+            index=i, id=str(ids[i]), score=float(-neg_size),
+            reason=f"typical of a group of {-neg_size:,} similar samples ({share:.0%} of the "
+                   f"data){also}",
+            predicted=-1, runner_up=-1, energy=float("nan"), margin=float("nan")))
+    return out
+
+
+def _kmeans_pp(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k distinct starting rows of unit rows X by k-means++ seeding (each next one drawn with
+    probability ∝ its squared distance to the nearest chosen), so a small group far from the
+    rest gets a centre of its own more often than under a uniform draw."""
+    first = int(rng.integers(len(X)))
+    chosen = [first]
+    d2 = np.maximum(2.0 - 2.0 * (X @ X[first]), 0.0).astype(np.float64)
+    for _ in range(k - 1):
+        total = d2.sum()
+        nxt = int(rng.choice(len(X), p=d2 / total)) if total > 0 else int(
+            rng.choice(np.setdiff1d(np.arange(len(X)), chosen)))
+        chosen.append(nxt)
+        d2 = np.minimum(d2, np.maximum(2.0 - 2.0 * (X @ X[nxt]), 0.0))
+    return np.asarray(chosen, dtype=np.int64)
+
+
 STRATEGIES: dict[str, Callable[[_Inputs, int, np.random.Generator], list[Suggestion]]] = {
     "speler": _speler,
     "random": _random,

@@ -85,12 +85,27 @@ def test_suggest_leaves_out_skipped_samples(annotated):
     assert first[0].id not in [s.id for s in again] and len(again) == 3
 
 
-def test_before_a_round_there_is_nothing_to_suggest(tmp_path):
+def test_before_a_round_there_is_nothing_to_suggest_but_first_labels(tmp_path):
     ann = import_project(tmp_path, "fresh", sample="basicmotions").annotator
     with ann:
         assert ann.state() is None and ann.latest_round() is None
         with pytest.raises(ProjectError, match="run a round first"):
             ann.suggest()
+    ann = import_project(tmp_path, "hidden", sample="basicmotions", no_file_labels=True).annotator
+    with ann:  # the files' labels hidden: nobody has labeled anything yet
+        first = ann.first_labels(n=4)
+        assert len(first) == 4 and len({s.id for s in first}) == 4
+        assert all(ann.project.store.human_labels()[s.index] < 0 for s in first)
+        assert all(s.predicted == -1 and "similar samples" in s.reason for s in first)
+        # the truth the sample's files carry (kept hidden) says they are of different classes
+        assert len({int(ann.data.y_true[s.index]) for s in first}) >= 3
+        # a skipped one is passed over (its group offers its next most typical sample); a
+        # labeled one leaves the list
+        later = ann.first_labels(n=4, exclude=[first[0].id])
+        assert first[0].id not in [s.id for s in later] and first[1].id in [s.id for s in later]
+        assert later[0].score == first[0].score  # the same group, still without a label
+        ann.label(first[1].id, ann.data.classes[0], annotator="t")
+        assert first[1].id not in [s.id for s in ann.first_labels(n=4)]
         with pytest.raises(ProjectError, match="already exists"):
             import_project(tmp_path, "fresh", sample="basicmotions")
 

@@ -119,8 +119,9 @@ def test_opens_on_bundled_sample_and_every_page_runs(home):
     assert len(at.get("plotly_chart")) >= 1  # class counts
     for page in ("round", "label", "diagnostics", "export"):
         _page(at, page)
-    _page(at, "label")
-    assert "Run round 0 first" in _texts(at)
+    _page(at, "label")  # no round yet: typical samples to label, and the way to round 0
+    assert "Every class has a label: run round 0 for suggestions" in _texts(at)
+    assert "similar samples" in _texts(at)
     _page(at, "round")
     assert at.button(key="run_round").label == "Run round 0"
 
@@ -607,3 +608,33 @@ def test_a_label_doubt_opens_on_the_label_page(trained, home):
     finally:
         with Annotator.open(home, SAMPLE) as ann:
             ann.undo(annotator="tester")
+
+
+def test_before_any_round_the_label_page_offers_first_labels(home):
+    """A project without labels (the files' labels hidden) is labeled from the app alone: the
+    Label page shows typical samples, and the round starts once there is a label."""
+    from speler.annotator import import_project
+
+    import_project(home, "bm_first", path=BASICMOTIONS_TS, no_file_labels=True).annotator.close()
+    at = AppTest.from_file(MAIN, default_timeout=120)
+    at.query_params["project"] = "bm_first"
+    at.run()
+    _page(at, "round")
+    assert at.button(key="run_round").disabled
+    assert any("No human labels yet" in w.value for w in at.warning), _texts(at)
+    _page(at, "label")
+    assert "no round yet" in _texts(at) and "0 of 4 classes have a label" in _texts(at)
+    assert "each class keeps its key" in _texts(at)
+    sample = _current_id(at)
+    assert "similar samples" in _texts(at)
+    with LabelStore.open(home / "bm_first" / "store.sqlite") as store:
+        classes = store.classes
+    assert [at.button(key=f"label_{k}").label for k in range(1, 5)] == list(classes)
+    at.button(key="label_3").click().run()
+    assert not at.exception
+    with LabelStore.open(home / "bm_first" / "store.sqlite") as store:
+        events = [e for e in store.events() if e.source == "human"]
+        assert [(e.sample_id, e.label) for e in events] == [(sample, classes[2])]
+    assert _current_id(at) != sample and "1 of 4 classes have a label" in _texts(at)
+    _page(at, "round")
+    assert not at.button(key="run_round").disabled

@@ -559,3 +559,14 @@ def test_cli_and_annotator_export_the_same_bytes(capsys, tmp_path):
             for d in (a, b):
                 d.get("header", d).pop("time", None)
         assert a == b
+
+
+def test_suggest_before_any_round_lists_samples_to_label_first(capsys, tmp_path):
+    code, _, err = run(capsys, "--root", tmp_path, "import", BASICMOTIONS, "--project", "bm",
+                       "--no-file-labels")
+    assert code == 0, err
+    code, out, err = run(capsys, "--root", tmp_path, "suggest", "bm", "-n", "3")
+    assert code == 0, err
+    assert out.startswith("no round yet in bm: typical samples of the data's main groups")
+    rows = [line for line in out.splitlines() if "similar samples" in line]
+    assert len(rows) == 3 and all(re.match(r"\d+\s+BasicMotions_TRAIN#\d+\s", r) for r in rows)

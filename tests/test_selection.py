@@ -339,3 +339,45 @@ def test_a_large_batch_respects_the_contract(strategy):
     assert len(out) == 50
     assert not labeled[[s.index for s in out]].any()
     assert len({s.index for s in out}) == 50
+
+
+def _blobs(sizes, *, d=16, seed=0):
+    """Well separated unit-vector clusters of the given sizes, rows shuffled; (x, cluster)."""
+    rng = np.random.default_rng(seed)
+    centres = np.linalg.qr(rng.standard_normal((d, len(sizes))))[0].T * 4.0
+    cluster = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    x = centres[cluster] + 0.05 * rng.standard_normal((len(cluster), d))
+    return x.astype(np.float32), cluster
+
+
+def test_first_labels_offer_one_typical_sample_per_group_largest_first():
+    from speler.selection import first_labels
+
+    sizes = [60, 30, 15, 6]
+    x, cluster = _blobs(sizes)
+    ids = [f"s{i}" for i in range(len(x))]
+    none = np.zeros(len(x), dtype=bool)
+    picks = first_labels(x, none, budget=4, groups=4, ids=ids)
+    assert [int(cluster[p.index]) for p in picks] == [0, 1, 2, 3]  # every group, largest first
+    assert [p.score for p in picks] == [60.0, 30.0, 15.0, 6.0]
+    for p in picks:  # the member nearest its group's centre: typical, not an outlier
+        members = np.flatnonzero(cluster == cluster[p.index])
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+        centre = unit[members].mean(axis=0)
+        assert p.index == members[np.argmax(unit[members] @ centre)]
+        assert p.id == ids[p.index] and p.predicted == p.runner_up == -1
+        assert np.isnan(p.energy) and np.isnan(p.margin)
+        assert f"a group of {int(p.score)} similar samples" in p.reason
+    # a group with a label goes last; a skipped sample is passed over, its group's next offered
+    labeled = none.copy()
+    labeled[picks[0].index] = True
+    skipped = none.copy()
+    skipped[picks[1].index] = True
+    again = first_labels(x, labeled, budget=4, groups=4, ids=ids, skipped=skipped)
+    assert [int(cluster[p.index]) for p in again] == [1, 2, 3, 0]
+    assert picks[1].index not in [p.index for p in again] and "labeled sample already" in again[3].reason
+    assert first_labels(x, np.ones(len(x), dtype=bool), budget=3, groups=4, ids=ids) == []
+    with pytest.raises(DataFormatError, match="one per sample"):
+        first_labels(x, none[:-1], budget=3, groups=4, ids=ids)
+    with pytest.raises(ConfigError, match="budget must be >= 1"):
+        first_labels(x, none, budget=0, groups=4, ids=ids)

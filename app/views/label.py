@@ -177,6 +177,44 @@ def _main_figure(index: int, pred: str | None, colors: dict[str, str]):
                                color=colors.get(pred, "#444444") if pred else "#444444")
 
 
+def _controls(sample_id: str, seen: int, classes: tuple[str, ...], order, colors: dict[str, str],
+              guess: str | None, skipped: set[str]) -> None:
+    """The label buttons (``state.label_keys``; the guess filled), the search box for classes
+    without a key, skip, undo, the skipped samples' recall and the annotator's name."""
+    keyed, keys = state.label_keys(classes, order)
+    st.html(_button_css(keyed, colors, guess))
+    grid = st.columns(3)
+    for k, name in enumerate(keyed):
+        grid[k % 3].button(
+            name, key=f"label_{k + 1}", shortcut=keys[k], width="stretch",
+            on_click=_do_label, args=(sample_id, name, seen),
+            help=f"label {sample_id} as {name}" + (" (the guess)" if name == guess else ""),
+        )
+    if len(keyed) < len(classes):
+        rest = [c for c in (classes[k] for k in order) if c not in keyed]
+        st.selectbox("Another class", rest, index=None, key="other_class",
+                     placeholder=f"Search the other {len(rest)} classes…",
+                     on_change=_do_other, args=(sample_id, seen))
+    a, b = st.columns(2)
+    a.button("Skip", key="skip", shortcut="S", width="stretch", on_click=_do_skip,
+             args=(sample_id,), icon=":material/skip_next:")
+    b.button("Undo last label", key="undo", shortcut="U", width="stretch", on_click=_do_undo,
+             icon=":material/undo:")
+    if skipped:
+        st.button(f"Show the {len(skipped)} skipped samples again", key="unskip",
+                  on_click=_do_unskip, type="tertiary", icon=":material/replay:")
+    with st.expander("Annotator: " + (_person() or "not set")):
+        st.text_input("Your name", key="annotator_input", value=_person(),
+                      on_change=_set_person, help="saved with every label you give")
+
+
+def _keys_caption(classes: tuple[str, ...], order) -> str:
+    keyed, keys = state.label_keys(classes, order)
+    how = ("each class keeps its key" if len(keyed) == len(classes)
+           else "1 = the guess, then the next most likely")
+    return f"keys {keys[0]}–{keys[-1]} label ({how}), S skips, U undoes your last label"
+
+
 def _open_box() -> None:
     st.text_input("Open a sample by id", key="open_id", on_change=_do_open,
                   placeholder="e.g. an id from the label doubts on the Diagnostics page",
@@ -220,13 +258,10 @@ def _panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
     pred = classes[sug.predicted] if sug.predicted >= 0 else None
     runner = classes[sug.runner_up] if sug.runner_up >= 0 else None
 
-    keyed, keys = state.label_keys(classes, order)
-    how = ("each class keeps its key" if len(keyed) == len(classes)
-           else "1 = the guess, then the next most likely")
     st.caption(f"Project **{NAME}** · round {live.round} · {human_n:,} of {ds.n:,} samples labeled "
                f"by people · {len(queue)} in the queue"
                + (f" · {len(skipped)} skipped" if skipped else "")
-               + f" · keys {keys[0]}–{keys[-1]} label ({how}), S skips, U undoes your last label")
+               + f" · {_keys_caption(classes, order)}")
     left, right = st.columns([3, 2], gap="medium")
 
     with right:  # first: the id and the buttons reach the browser before the plot
@@ -243,30 +278,7 @@ def _panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
         m2.metric("Margin", f"{sug.margin:.3f}", help="gap between the two best classes; small = boundary")
         st.caption(f"Why: {sug.reason}")
 
-        st.html(_button_css(keyed, colors, pred))
-        grid = st.columns(3)
-        for k, name in enumerate(keyed):
-            grid[k % 3].button(
-                name, key=f"label_{k + 1}", shortcut=keys[k], width="stretch",
-                on_click=_do_label, args=(sug.id, name, seen),
-                help=f"label {sug.id} as {name}" + (" (the guess)" if name == pred else ""),
-            )
-        if len(keyed) < len(classes):
-            rest = [c for c in (classes[k] for k in order) if c not in keyed]
-            st.selectbox("Another class", rest, index=None, key="other_class",
-                         placeholder=f"Search the other {len(rest)} classes…",
-                         on_change=_do_other, args=(sug.id, seen))
-        a, b = st.columns(2)
-        a.button("Skip", key="skip", shortcut="S", width="stretch", on_click=_do_skip,
-                 args=(sug.id,), icon=":material/skip_next:")
-        b.button("Undo last label", key="undo", shortcut="U", width="stretch", on_click=_do_undo,
-                 icon=":material/undo:")
-        if skipped:
-            st.button(f"Show the {len(skipped)} skipped samples again", key="unskip",
-                      on_click=_do_unskip, type="tertiary", icon=":material/replay:")
-        with st.expander("Annotator: " + (_person() or "not set")):
-            st.text_input("Your name", key="annotator_input", value=_person(),
-                          on_change=_set_person, help="saved with every label you give")
+        _controls(sug.id, seen, classes, order, colors, pred, skipped)
         _open_box()
 
     with left:
@@ -299,6 +311,53 @@ def _panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
     # the guess (key 1), which the Annotator works out in memory without writing it.
     state.prefetch(lambda: _warm(live, queue[1:2], classes, colors),
                    lambda: _warm_after_label(live, sug, skipped, classes, colors))
+
+
+@st.fragment
+def _first_panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
+    """Before any round (no graph, no guess): typical samples of the data's main groups to give
+    the first labels with (``Annotator.first_labels``); the same keys, skip and undo."""
+    state.show_flash()
+    ds = project.data
+    skipped = _skipped()
+    with state.user_error("Check the project's data on the Project page."):
+        with st.spinner("Describing the samples for the first labels…"):
+            queue = annotator.first_labels(exclude=tuple(skipped))
+    human = project.store.human_labels()
+    counts = np.bincount(human[human >= 0], minlength=len(classes))
+    st.caption(f"Project **{NAME}** · no round yet · {int(counts.sum()):,} of {ds.n:,} samples "
+               f"labeled by people · {int((counts > 0).sum())} of {len(classes)} classes have a "
+               f"label" + (f" · {len(skipped)} skipped" if skipped else "")
+               + f" · {_keys_caption(classes, np.arange(len(classes)))}")
+    if (counts > 0).all():
+        st.info("Every class has a label: run round 0 for suggestions. Until then these are "
+                "typical samples of the data's main groups, largest first.",
+                icon=":material/flag:")
+    else:
+        st.info("There is no round yet, so nothing to suggest from: these are typical samples of "
+                "the data's main groups, largest first. Give a label to a few samples of every "
+                "class you recognise, then run round 0: its suggestions start from your labels.",
+                icon=":material/flag:")
+    if counts.sum():
+        st.page_link("views/round.py", label="Run round 0 on the Round page",
+                     icon=":material/model_training:")
+    if not queue:
+        st.success("Nothing left to show here" + (f" but the {len(skipped)} samples you skipped"
+                                                   if skipped else "") + ": run round 0.")
+        if skipped:
+            st.button(f"Show the {len(skipped)} skipped samples again", key="unskip",
+                      on_click=_do_unskip)
+        return
+    sug = queue[0]
+    left, right = st.columns([3, 2], gap="medium")
+    with right:
+        with st.container(key="current_sample"):
+            st.markdown(f"#### {html.escape(sug.id)}")
+        st.caption(f"Why: {sug.reason}")
+        _controls(sug.id, -1, classes, np.arange(len(classes)), colors, None, skipped)
+    with left:
+        st.plotly_chart(_main_figure(int(sug.index), None, colors), key="main_plot",
+                        config={"displaylogo": False})
 
 
 def _candidates(s: Suggestion) -> tuple[int, ...]:
@@ -336,8 +395,6 @@ if job is not None and job.running:
     st.info("A round is running; you can keep labeling. Its results replace these suggestions when "
             "it finishes.", icon=":material/hourglass_top:")
 if live is None:
-    state.show_flash()
-    st.info(f"Project {NAME} has no suggestions yet: they come from a round. Run round 0 first.")
-    st.page_link("views/round.py", label="Go to Round", icon=":material/model_training:")
+    _first_panel(classes, state.class_colors(classes))
     st.stop()
 _panel(classes, state.class_colors(classes))

@@ -51,9 +51,9 @@ ALL_LABELED = ("Every sample already has a human label (imported with the data),
                "split).")
 
 NO_LABELS = ("No human labels yet, and a round needs some (a few per class) before it can "
-             "suggest anything. The Label page works from a round, so give the first ones on the "
-             "command line (`python -m speler label {name} ID CLASS`, or `import --labels` with "
-             "a CSV), or import the data again with **Hide most** to keep a few of its labels.")
+             "suggest anything. Give the first ones on the Label page, which shows typical "
+             "samples of the data until the first round (or on the command line: `python -m "
+             "speler label {name} ID CLASS`, or `import --labels` with a CSV).")
 
 # What to do with the labels the data carry (the CLI's --no-file-labels and --protocol-* options).
 LABELS = {

@@ -188,17 +188,18 @@ with left:
     else:
         given = store.human_labels() >= 0
         if not given.any():
-            st.warning("No human labels yet: a round needs a few per class. Give them on the "
-                       f"command line (`python -m speler label {project.name} ID CLASS`), or "
-                       "import the data again on the Project page with **Hide most** to keep a "
-                       "few of its labels.", icon=":material/label_off:")
+            st.warning("No human labels yet: a round needs a few per class. The Label page shows "
+                       "typical samples of the data to give them to.", icon=":material/label_off:")
+            st.page_link("views/label.py", label="Give the first labels on the Label page",
+                         icon=":material/label:")
         elif bool(given.all()):
             st.warning("Every sample already has a human label, so a round has nothing to "
                        "propagate or suggest. To label this data yourself, or to try SpeLER on "
                        "it, import it again on the Project page with **Labels in the data: Hide "
                        "them** (or the long-tailed split).", icon=":material/task_alt:")
         st.button(f"Run round {nxt}", key="run_round", type="primary", on_click=_start,
-                  icon=":material/play_arrow:")
+                  icon=":material/play_arrow:", disabled=not given.any(),
+                  help=None if given.any() else "a round needs at least one human label")
         st.caption("Builds label-free views and their graph (the floor), trains the network on "
                    "the human labels plus reliable pseudo-labels, adds it to the graph only if "
                    "labels it never saw say it helps, then propagates and suggests what to label "

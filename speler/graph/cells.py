@@ -61,7 +61,7 @@ class CellIndex:
             self.proj = vecs[:, -dim:].flip(1).float().contiguous()
             train = train @ self.proj
         init = torch.from_numpy(rng.choice(ntrain, size=cells, replace=False))
-        self.centroids = _spherical_kmeans(_unit(train), init, KMEANS_ITERS)
+        self.centroids = spherical_kmeans(_unit(train), init, KMEANS_ITERS)
         del train
         xt = torch.from_numpy(x)
         cell = self._own_cell(xt)
@@ -308,7 +308,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1)
 
 
-def _spherical_kmeans(x: torch.Tensor, init: torch.Tensor, iters: int) -> torch.Tensor:
+def spherical_kmeans(x: torch.Tensor, init: torch.Tensor, iters: int) -> torch.Tensor:
     """Centroids (cells, dim) of unit rows x: assign by inner product, centroid = the normalised
     mean of its rows; a cell left empty keeps its centroid."""
     cent = x[init].clone()
