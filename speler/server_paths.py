@@ -33,17 +33,23 @@ def data_dirs() -> list[Path]:
 
 def check_data_path(path: str | Path) -> Path:
     """``path`` resolved, if it lies in one of ``data_dirs()``; AccessError otherwise, before
-    anything about the path (even whether it exists) is looked at."""
+    anything about the path (even whether it exists) is looked at. A relative path is read from
+    the data folders (as listed beside the field): the first in which it exists, else the first
+    it stays inside of (so the reader then says it is missing there)."""
     text = str(path).strip()
     if not text or "\x00" in text:
         raise AccessError(f"{text!r}: not a path")
+    allowed = data_dirs()
     try:
-        resolved = Path(text).expanduser().resolve()
+        given = Path(text).expanduser()
+        bases = [None] if given.is_absolute() else allowed
+        candidates = [(given if d is None else d / given).resolve() for d in bases]
     except (RuntimeError, OSError, ValueError) as exc:  # ~nosuchuser, a symlink loop
         raise AccessError(f"{text}: not a usable path ({exc})") from None
-    allowed = data_dirs()
-    if any(resolved == d or resolved.is_relative_to(d) for d in allowed):
-        return resolved
+    inside = [c for c in candidates
+              if any(c == d or c.is_relative_to(d) for d in allowed)]
+    if inside:
+        return next((c for c in inside if c.exists()), inside[0])
     where = ", ".join(str(d) for d in allowed) if allowed else "none are configured"
     raise AccessError(
         f"{text}: the app imports only from its data folders ({where}); copy the data into one, or"

@@ -50,6 +50,22 @@ def test_speler_data_dirs_replaces_the_defaults(tmp_path, monkeypatch):
         check_data_path("  ")
 
 
+def test_a_relative_path_is_read_from_the_data_folders(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b / "sets"):
+        d.mkdir(parents=True)
+    (b / "sets" / "x.ts").write_text("x")
+    (tmp_path / "secret.txt").write_text("x")
+    monkeypatch.setenv("SPELER_DATA_DIRS", os.pathsep.join([str(a), str(b)]))
+    monkeypatch.chdir(tmp_path)  # not where the app's working folder decides
+    assert check_data_path("sets/x.ts") == (b / "sets" / "x.ts").resolve()  # where it exists
+    assert check_data_path("sets/new.ts") == (a / "sets" / "new.ts").resolve()  # else the first
+    for outside in ("../secret.txt", "secret.txt/../../secret.txt"):
+        with pytest.raises(AccessError, match="the app imports only from its data folders"):
+            check_data_path(outside)
+    assert check_data_path("secret.txt") == (a / "secret.txt").resolve()  # not the cwd's file
+
+
 def test_streamlit_config_binds_localhost_from_the_repo_root():
     cfg = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert cfg["server"]["address"] == "localhost"

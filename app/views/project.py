@@ -191,8 +191,10 @@ def _path_tab() -> None:
     allowed = data_dirs()
     raw = st.text_input("File or folder on the server", key="server_path",
                         placeholder=str(allowed[0]) if allowed else "/data/ntu/nturgb+d_skeletons",
-                        help=f"inside one of the data folders set by {DATA_DIRS_ENV}")
-    st.caption("Data folders: " + (", ".join(f"`{d}`" for d in allowed) if allowed else
+                        help=f"inside one of the data folders set by {DATA_DIRS_ENV}; a "
+                             f"relative path is read from them")
+    st.caption("Data folders: " + (", ".join(f"`{d}`" for d in allowed) + " (a relative path "
+                                   "is read from them)" if allowed else
                                    f"none (set {DATA_DIRS_ENV} where the app is started)"))
     form = _import_form("path", _suggest_name(raw.strip().rstrip("/")) if raw.strip() else "")
     if not st.button("Import path", key="path_go", disabled=not raw.strip(), type="primary"):
