@@ -638,3 +638,20 @@ def test_before_any_round_the_label_page_offers_first_labels(home):
     assert _current_id(at) != sample and "1 of 4 classes have a label" in _texts(at)
     _page(at, "round")
     assert not at.button(key="run_round").disabled
+
+
+def test_a_class_without_a_key_is_picked_then_confirmed(trained, home):
+    at = _page(trained, "label")
+    sample = _current_id(at)
+    before = _human_events(home)
+    other = at.selectbox(key="other_class")
+    assert at.button(key="other_go").disabled
+    other.select(other.options[-1]).run()  # picking alone writes nothing
+    assert _human_events(home) == before and _current_id(at) == sample
+    chosen = at.selectbox(key="other_class").value
+    at.button(key="other_go").click().run()
+    assert not at.exception
+    last = _human_events(home)[-1]
+    assert (last.sample_id, last.label) == (sample, chosen) and _current_id(at) != sample
+    assert at.selectbox(key="other_class").value is None  # cleared for the next sample
+    at.button(key="undo").click().run()

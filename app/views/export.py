@@ -44,8 +44,15 @@ with state.user_error("Run a new round on the Round page if the project changed.
 
 counts = table["source"].value_counts()
 cols = st.columns(4)
-for col, source in zip(cols, ("human", "imported", "propagated", "none")):
-    col.metric(source.capitalize(), f"{int(counts.get(source, 0)):,}")
+SOURCES = {  # the export's source column: what each count is
+    "human": ("Labeled by people here", "given in this project (app or command line)"),
+    "imported": ("Labeled by people, imported", "came with the data or a labels CSV; they count "
+                 "as human labels everywhere else"),
+    "propagated": ("Propagated", "from the latest round's graph, with energy and margin"),
+    "none": ("No label", "reached by no labeled sample"),
+}
+for col, (source, (label, why)) in zip(cols, SOURCES.items()):
+    col.metric(label, f"{int(counts.get(source, 0)):,}", help=f"source '{source}': {why}")
 
 left, right = st.columns([1, 3], gap="large")
 with left:

@@ -190,11 +190,15 @@ def _controls(sample_id: str, seen: int, classes: tuple[str, ...], order, colors
             on_click=_do_label, args=(sample_id, name, seen),
             help=f"label {sample_id} as {name}" + (" (the guess)" if name == guess else ""),
         )
-    if len(keyed) < len(classes):
+    if len(keyed) < len(classes):  # picked, then confirmed: Enter in the search box picks its
+        # first match, and a label must not follow from that alone
         rest = [c for c in (classes[k] for k in order) if c not in keyed]
-        st.selectbox("Another class", rest, index=None, key="other_class",
-                     placeholder=f"Search the other {len(rest)} classes…",
-                     on_change=_do_other, args=(sample_id, seen))
+        pick, go = st.columns([3, 1], vertical_alignment="bottom")
+        choice = pick.selectbox("Another class", rest, index=None, key="other_class",
+                                placeholder=f"Search the other {len(rest)} classes…")
+        go.button("Label", key="other_go", disabled=choice is None, width="stretch",
+                  on_click=_do_other, args=(sample_id, seen),
+                  help=f"label {sample_id} as the class picked beside")
     a, b = st.columns(2)
     a.button("Skip", key="skip", shortcut="S", width="stretch", on_click=_do_skip,
              args=(sample_id,), icon=":material/skip_next:")
@@ -259,7 +263,7 @@ def _panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
     runner = classes[sug.runner_up] if sug.runner_up >= 0 else None
 
     st.caption(f"Project **{NAME}** · round {live.round} · {human_n:,} of {ds.n:,} samples labeled "
-               f"by people · {len(queue)} in the queue"
+               f"by people · {len(queue)} suggestions, chosen again after every label"
                + (f" · {len(skipped)} skipped" if skipped else "")
                + f" · {_keys_caption(classes, order)}")
     left, right = st.columns([3, 2], gap="medium")

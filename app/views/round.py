@@ -94,6 +94,9 @@ def _stage_bars(job: state.Job) -> None:
         elif i == cur:
             frac = min(1.0, done / total) if total else 0.0
             text = f"{title}: {units[stage]} {done}/{total}"
+            if stage == "train":  # the cross-fitted networks count too, and each may stop early
+                text += (f" over all the round's networks (the cross-fitted ones, then the final "
+                         f"one; up to {annotator.config.train.epochs} epochs each)")
             if job.running:
                 text += f" · {time.time() - job.stage_started.get(stage, time.time()):.0f} s"
             else:
@@ -117,7 +120,8 @@ def _outcome(job: state.Job) -> None:
         res = job.result
         m = res.metrics
         st.success(f"Round {res.round} done in {res.seconds:.0f} s: {_or_unknown(m.human_labels)} "
-                   f"human labels, {_or_unknown(m.reliable)} reliable propagated labels, "
+                   f"labels from people (given here or imported), {_or_unknown(m.reliable)} "
+                   f"reliable propagated labels, "
                    f"{len(res.suggestions)} suggestions.")
         st.page_link("views/label.py", label="Label the suggestions", icon=":material/label:")
 
