@@ -80,7 +80,9 @@ with left:
             width="stretch", icon=":material/model_training:",
         )
     else:
-        st.caption("No checkpoint yet: it comes with the first round.")
+        st.caption("No checkpoint yet: it comes with the first round." if last is None else
+                   f"No checkpoint: round {last} trained no network (views.network is 'never', "
+                   f"or too few human labels to judge one).")
     st.caption(f"Files are also kept in `{project.exports_dir}`.")
 
 with right:
