@@ -1,6 +1,8 @@
 """Label page: the suggestion queue. One suggested sample at a time, animated, beside static
-pictures of its nearest labeled neighbours; label it with a click or a number key, skip it, or
-undo. Every label re-propagates at once (no retraining) and the next suggestion appears.
+pictures of labeled examples of its guess, its runner-up and its nearest class; label it with a
+click or a number key (``state.label_keys``), skip it, or undo. Every label re-propagates at once
+(no retraining) and the next suggestion appears. Before the first round: typical samples for the
+first labels (``Annotator.first_labels``), with the same controls.
 
 Speed: the panel is a fragment (a label reruns it, not the page), the id and buttons are sent
 before the plot, only the current sample is a 3D (WebGL) plot, and while the person looks at a
