@@ -11,7 +11,7 @@ import pytest
 from speler.config import PreprocessConfig
 from speler.data.kinematics import (
     ACTIONS, SAMPLE_FPS, SAMPLE_HEAD, SAMPLE_IMBALANCE, SAMPLE_LABELED_RATIO, SAMPLE_MIN_LABELED,
-    SAMPLE_SEED, choose_labeled, generate, long_tail_counts, make_subjects,
+    SAMPLE_SEED, build_sample, generate, long_tail_counts, make_subjects,
 )
 from speler.data.layouts import NTU25
 from speler.data.schema import SequenceSet
@@ -329,17 +329,30 @@ def test_sample_is_long_tailed_and_partially_labeled(sample):
 
 
 def test_sample_is_what_the_generator_makes(sample):
-    """The shipped file matches the generator with the documented seed (first episodes of every
-    class, which do not depend on how many follow) and the documented label choice."""
+    """The shipped file is what ``build_sample`` makes with the documented settings: the
+    generator's clips (the first episodes of every class do not depend on how many follow), the
+    documented label choice, in a random order with ids that do not name the action."""
+    built = build_sample()
+    np.testing.assert_array_equal(sample.ids, built.ids)
+    np.testing.assert_array_equal(sample.y_true, built.y_true)
+    np.testing.assert_array_equal(sample.y, built.y)
+    np.testing.assert_array_equal(sample.lengths, built.lengths)
+    np.testing.assert_allclose(sample.x, built.x, atol=1e-5)
     first = generate(n_per_class={a: 2 for a in ACTIONS}, seed=SAMPLE_SEED, fps=SAMPLE_FPS,
                      t_max=sample.shape[2])
-    idx = np.array([int(np.flatnonzero(sample.ids == i)[0]) for i in first.ids])
-    np.testing.assert_array_equal(sample.y_true[idx], first.y_true)
-    np.testing.assert_array_equal(sample.lengths[idx], first.lengths)
-    np.testing.assert_allclose(sample.x[idx], first.x, atol=1e-5)
-    y = choose_labeled(sample.y_true, labeled_ratio=SAMPLE_LABELED_RATIO,
-                       min_labeled=SAMPLE_MIN_LABELED, seed=SAMPLE_SEED)
-    np.testing.assert_array_equal(sample.y, y)
+    for k in range(first.n):  # each of them is in the file, once, with its action
+        same = np.flatnonzero(np.abs(sample.x - first.x[k]).reshape(sample.n, -1).max(1) < 1e-5)
+        assert len(same) == 1 and sample.y_true[same[0]] == first.y_true[k]
+    sizes = np.bincount(sample.y_true)  # the documented count of labels per class
+    np.testing.assert_array_equal(np.bincount(sample.y[sample.y >= 0], minlength=len(sizes)),
+                                  np.maximum(SAMPLE_MIN_LABELED,
+                                             np.round(SAMPLE_LABELED_RATIO * sizes)))
+    assert ((sample.y < 0) | (sample.y == sample.y_true)).all()
+    for sid in sample.ids:
+        assert re.fullmatch(r"synth-s\d\d-\d{4}", sid), sid
+    assert not any(a in "".join(sample.ids) or a in "".join(sample.source_file) for a in ACTIONS)
+    runs = np.count_nonzero(np.diff(sample.y_true))  # classes mixed, not in blocks
+    assert runs > sample.n // 2
 
 
 def test_long_tail_counts_follow_the_protocol_curve():

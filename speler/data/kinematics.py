@@ -1079,12 +1079,19 @@ def build_sample(
     progress: Callable[[int, int], None] | None = None,
 ) -> SequenceSet:
     """The bundled ``synthetic_actions`` set: long-tailed over ACTIONS (head class first), with
-    ``y_true`` = every label and ``y`` = a few labels per class (:func:`choose_labeled`)."""
+    ``y_true`` = every label and ``y`` = a few labels per class (:func:`choose_labeled`). The
+    samples come in a random order under ``seed`` with ids ``synth-sNN-NNNN`` (subject, position),
+    so neither an id nor a sample's place gives its action away, as in data a person labels."""
     counts = long_tail_counts(len(ACTIONS), head=head, imbalance=imbalance)
     ds = generate(n_per_class=dict(zip(ACTIONS, counts.tolist())), seed=seed, fps=fps,
                   progress=progress)
     y = choose_labeled(ds.y_true, labeled_ratio=labeled_ratio, min_labeled=min_labeled, seed=seed)
-    return ds.replace(y=y, where="synthetic_actions")
+    order = np.random.default_rng(np.random.SeedSequence([seed, 7919])).permutation(ds.n)
+    ds = ds.replace(y=y, where="synthetic_actions").subset(order)
+    subjects = [str(i).split("-")[-2] for i in ds.ids]  # generate's synth-<action>-sNN-eNNN
+    ids = np.array([f"synth-{s}-{k + 1:04d}" for k, s in enumerate(subjects)])
+    return ds.replace(ids=ids, source_file=np.full(ds.n, "kinematics"),
+                      source_index=np.arange(ds.n, dtype=np.int64))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
