@@ -478,22 +478,21 @@ def class_counts_figure(
     title: str = "Samples per class",
     height: int = 380,
 ) -> go.Figure:
-    """Stacked bars per class, one stack segment per label source (e.g. human, propagated, none).
+    """Bars per class, one per label source (e.g. human, propagated, none): side by side on a
+    log y axis (default; it keeps the long tail visible, and stacked segments would misstate
+    every count above the bottom one there), stacked on a linear one.
 
     counts: source name → int array (num_classes,). Human labels are drawn in the class colour,
-    propagated ones in a lighter hatched tint of it, samples without a label in grey. A log y axis
-    (default) keeps the long tail visible.
+    propagated ones in a lighter hatched tint of it, samples without a label in grey.
     """
     classes = [str(c) for c in classes]
     colors = class_colors(classes)
     fig = go.Figure()
-    total = np.zeros(len(classes))
     for source, values in counts.items():
         vals = np.asarray(values, dtype=np.float64).ravel()
         if vals.shape != (len(classes),):
             raise DataFormatError(
                 f"viz: counts[{source!r}] has {vals.size} values, expected one per class ({len(classes)})")
-        total += vals
         key = str(source).lower()
         if key in _NONE_NAMES:
             bar_colors = [UNLABELED_COLOR] * len(classes)
@@ -508,14 +507,14 @@ def class_counts_figure(
             hovertemplate="%{x}<br>" + str(source) + ": %{y:d}<extra></extra>",
         ))
     _base_layout(fig, title=title, height=height)
-    fig.update_layout(barmode="stack", bargap=0.25,
+    fig.update_layout(barmode="group" if log else "stack", bargap=0.25, bargroupgap=0.05,
                       legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"))
     fig.update_xaxes(title="class", tickangle=-30 if len(classes) > 8 else 0)
     if log:
-        top = max(float(total.max()), 1.0)
+        top = max(max((float(np.max(v)) for v in counts.values()), default=1.0), 1.0)
         ticks = [m * 10**e for e in range(int(np.log10(top)) + 2) for m in (1, 2, 5)
                  if m * 10**e <= top * 1.4]
-        fig.update_yaxes(type="log", title="samples (log scale)", range=[-0.1, np.log10(top) + 0.15],
+        fig.update_yaxes(type="log", title="samples (log scale)", range=[-0.35, np.log10(top) + 0.15],
                          tickvals=ticks, ticktext=[str(t) for t in ticks])
     else:
         fig.update_yaxes(title="samples")

@@ -163,19 +163,20 @@ def test_series_figure_one_line_per_channel():
         series_figure(x, ("a", "b"))
 
 
-def test_class_counts_stack_with_class_colours_on_a_log_axis():
+def test_class_counts_side_by_side_with_class_colours_on_a_log_axis():
     classes = ["walk", "wave", "clap"]
     counts = {"human": np.array([10, 3, 1]), "propagated": np.array([50, 20, 2]),
               "none": np.array([140, 30, 7])}
     fig = class_counts_figure(classes, counts)
     assert [t.name for t in fig.data] == ["human", "propagated", "none"]
-    assert fig.layout.barmode == "stack" and fig.layout.yaxis.type == "log"
+    assert fig.layout.barmode == "group" and fig.layout.yaxis.type == "log"  # log: not stacked
     colors = class_colors(classes)
     assert list(fig.data[0].marker.color) == [colors[c] for c in classes]
     assert list(fig.data[2].marker.color) == [UNLABELED_COLOR] * 3
     assert fig.data[1].marker.pattern.shape == "/"
-    assert fig.layout.yaxis.range[1] >= np.log10(200)
-    assert class_counts_figure(classes, counts, log=False).layout.yaxis.type != "log"
+    assert np.log10(140) <= fig.layout.yaxis.range[1] < np.log10(200)  # the largest bar, not a sum
+    linear = class_counts_figure(classes, counts, log=False).layout
+    assert linear.yaxis.type != "log" and linear.barmode == "stack"
     with pytest.raises(DataFormatError, match="expected one per class"):
         class_counts_figure(classes, {"human": np.array([1, 2])})
 

@@ -250,7 +250,9 @@ def _overview(annotator: Annotator) -> None:
     elif not human.any():
         st.warning(NO_LABELS.format(name=project.name), icon=":material/label_off:")
     shown = {k: v for k, v in counts.items() if v.any()} or {"human": counts["human"]}
-    st.markdown("**Samples per class** (log scale)")
+    st.markdown("**Samples per class**, by where their label comes from (log scale)"
+                if last is not None else "**Labels per class** (log scale; the classes' sizes "
+                "are unknown until labels spread in a round)")
     st.plotly_chart(state.class_counts_figure(ds.classes, shown), key="class_counts")
     with st.expander("Classes as a table"):
         st.dataframe(pd.DataFrame({"class": ds.classes, **counts}), hide_index=True, width="stretch")
