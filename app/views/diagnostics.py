@@ -48,8 +48,11 @@ with top_left:
             f"{before['lambda_min']:.3f} → {after['lambda_min']:.3f}.")
 with top_right:
     st.subheader("Energy per class")
-    fig = state.energy_figure(key, live.round, h, res, classes)
-    st.plotly_chart(fig, key="energy")
+    if not (live.human < 0).any():
+        st.info("Every sample has a label from people, so nothing is propagated and there is no "
+                "energy to show.", icon=":material/task_alt:")
+    else:
+        st.plotly_chart(state.energy_figure(key, live.round, h, res, classes), key="energy")
     st.caption("Energy of each propagated label under its class (lower = better connected to the "
                "labeled set; your own labels are left out). Dashed lines are the per-class "
                "reliability thresholds: a label below its class's line is reliable, one the network "
@@ -189,7 +192,7 @@ with st.expander("Propagation details"):
     info = {
         "round": live.round,
         "reliable propagated labels": int(np.sum(res.reliable & (live.human < 0))),
-        "views in the graph (weight)": live.weights,
+        "views in the graph (weight)": {v: round(float(w), 3) for v, w in live.weights.items()},
         "CG iterations": res.solve.iterations,
         "converged": bool(res.solve.converged),
     }
