@@ -655,3 +655,31 @@ def test_a_class_without_a_key_is_picked_then_confirmed(trained, home):
     assert (last.sample_id, last.label) == (sample, chosen) and _current_id(at) != sample
     assert at.selectbox(key="other_class").value is None  # cleared for the next sample
     at.button(key="undo").click().run()
+
+
+def test_an_outcome_older_than_the_latest_round_gives_way(trained, home):
+    """A round cancelled here, then one finished elsewhere (the command line): the Round page no
+    longer says 'Round cancelled' as if it were news."""
+    from datetime import datetime
+
+    app_state = _app_state()
+    jobs, _ = app_state._jobs()
+    key = (str(home), SAMPLE, "round")
+    kept = jobs.get(key)
+    fake = app_state.Job(kind="round", root=str(home), name=SAMPLE, cancelled=True)
+    fake.finished = time.time()
+    jobs[key] = fake
+    try:
+        at = _page(trained, "round")
+        assert any("Round cancelled" in w.value for w in at.warning), _texts(at)
+        with LabelStore.open(home / SAMPLE / "store.sqlite") as store:
+            latest = max(datetime.fromisoformat(r.finished).timestamp()
+                         for r in store.rounds() if r.finished)
+        fake.finished = latest - 60.0  # the latest round finished after it
+        at.run()
+        assert not any("Round cancelled" in w.value for w in at.warning), _texts(at)
+    finally:
+        if kept is None:
+            jobs.pop(key, None)
+        else:
+            jobs[key] = kept

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import datetime
 
 import pandas as pd
 import streamlit as st
@@ -169,6 +170,15 @@ def _status(r) -> tuple[str, str]:
     return r.status, reason
 
 
+def _superseded(job: state.Job) -> bool:
+    """A round run from this app that ended before the project's latest finished round (one run
+    since on the command line or from another app): its outcome is old news."""
+    if job.finished is None:
+        return False
+    ends = [datetime.fromisoformat(r.finished).timestamp() for r in store.rounds() if r.finished]
+    return bool(ends) and max(ends) > job.finished + 1.0
+
+
 def _cell(value, fmt: str = "{}") -> str:
     """A table cell: the formatted value, or empty when there is none (never 'None' or 'nan')."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -212,7 +222,7 @@ with left:
     @st.fragment(run_every=1.0 if running_at_draw else None)
     def _progress() -> None:
         j = state.round_job(annotator)
-        if j is None:
+        if j is None or _superseded(j):
             return
         if running_at_draw and not j.running:
             st.rerun(scope="app")  # the round ended: redraw the whole page once
