@@ -56,7 +56,7 @@ def test_round_label_undo_export(app_server, page):
     page.goto(app_server.url)
     page.get_by_role("heading", name="Project", exact=True).wait_for(timeout=120_000)
     _idle(page, timeout=120_000)
-    expect(page.get_by_text("Samples per class")).to_be_visible()
+    expect(page.get_by_text("Labels per class", exact=True)).to_be_visible()  # no round yet
     _shot(page, "project", bottom=True)
 
     with Project.open(app_server.home, SAMPLE) as project:
