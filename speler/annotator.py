@@ -392,13 +392,11 @@ class Annotator:
         shown = "unlabeled" if seen < 0 else f"labeled {classes[seen]}"
         last = next((e for e in reversed(store.events(sample_id))
                      if e.source in ("human", "imported")), None)
-        if now < 0:
-            what = "its label was undone"
-        else:
-            what = f"it was labeled {classes[now]}"
-        if last is not None:
-            what += f" by {last.annotator or 'someone without a name'} at {last.time}"
-        raise LabelError(f"{sample_id}: {what}, after this page showed it {shown}; nothing was "
+        what = "it has no label now" if now < 0 else f"it is labeled {classes[now]} now"
+        if last is not None:  # a label or an undo: whoever changed it last
+            who = last.annotator or "someone without a name"
+            what += f" (last changed by {who} at {last.time})"
+        raise LabelError(f"{sample_id}: {what}, but this page showed it {shown}; nothing was "
                          f"saved. Look at it again and label it if you still want to change it.")
 
     def undo(self, *, annotator: str | None = None):

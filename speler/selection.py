@@ -41,6 +41,9 @@ Strategies (``STRATEGIES``):
   samples the starting centres a random subset of that size (both under ``seed``), which keeps a
   batch at 100k samples well under a second (the first step costs pool × centres × d).
 
+Before any round there is no propagation to rank by: ``first_labels`` offers the most typical
+sample of each of the data's main groups (clusters of a label-free view) for the first labels.
+
 ``score`` is always "higher = suggested earlier"; ``predicted`` and ``runner_up`` are the
 propagation's two best classes for every strategy, ``energy`` and ``margin`` the propagation's.
 """

@@ -552,8 +552,8 @@ def test_a_label_from_a_page_someone_else_labeled_meanwhile_is_refused(trained, 
     before = _human_events(home)
     at.button(key="label_2").click().run()
     assert not at.exception
-    assert any("by bob" in e.value and "after this page showed it unlabeled; nothing was saved"
-               in e.value for e in at.error), _texts(at)
+    assert any("last changed by bob" in e.value and "but this page showed it unlabeled; nothing "
+               "was saved" in e.value for e in at.error), _texts(at)
     assert _human_events(home) == before  # bob's label stands
     with Annotator.open(home, SAMPLE) as other:
         other.undo(annotator="bob")
