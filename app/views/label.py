@@ -161,8 +161,12 @@ def _queue(state_, classes: tuple[str, ...]) -> list:
     extra = [annotator.suggestion_for(sid, reason=reasons.get(sid, "you undid its label"))
              for sid in front]
     opened = st.session_state.get(OPENED)
+    try:
+        i = -1 if opened is None else project.store.sample_index(opened)
+    except SpelerError:  # the project's data changed since
+        del st.session_state[OPENED]
+        opened = None
     if opened is not None:
-        i = project.store.sample_index(opened)
         had = (f"labeled {classes[int(human[i])]} by people; label it again to change that, or "
                f"skip it" if human[i] >= 0 else "not labeled by people yet")
         extra = [annotator.suggestion_for(opened, reason=f"you opened it: {had}")] + [
@@ -214,10 +218,12 @@ def _controls(sample_id: str, seen: int, classes: tuple[str, ...], order, colors
                       on_change=_set_person, help="saved with every label you give")
 
 
-def _keys_caption(classes: tuple[str, ...], order) -> str:
+def _keys_caption(classes: tuple[str, ...], order, *, guessed: bool = True) -> str:
+    """How the number keys work on this sample (``guessed``: ``order`` is by likelihood)."""
     keyed, keys = state.label_keys(classes, order)
     how = ("each class keeps its key" if len(keyed) == len(classes)
-           else "1 = the guess, then the next most likely")
+           else "1 = the guess, then the next most likely" if guessed
+           else "the first nine classes; the search box has the rest")
     return f"keys {keys[0]}–{keys[-1]} label ({how}), S skips, U undoes your last label"
 
 
@@ -334,7 +340,7 @@ def _first_panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
     st.caption(f"Project **{NAME}** · no round yet · {int(counts.sum()):,} of {ds.n:,} samples "
                f"labeled by people · {int((counts > 0).sum())} of {len(classes)} classes have a "
                f"label" + (f" · {len(skipped)} skipped" if skipped else "")
-               + f" · {_keys_caption(classes, np.arange(len(classes)))}")
+               + f" · {_keys_caption(classes, np.arange(len(classes)), guessed=False)}")
     if (counts > 0).all():
         st.info("Every class has a label: run round 0 for suggestions. Until then these are "
                 "typical samples of the data's main groups, largest first.",
