@@ -148,6 +148,19 @@ def test_a_live_update_keeps_the_rounds_balance_until_a_class_share_moves_past_t
     again = propagate(W, rare, num_classes=3, config=cfg.propagation, warm_start=first.scores)
     np.testing.assert_allclose(moved.scores, again.scores, atol=1e-5 * np.abs(again.scores).max())
     assert (moved.labels == again.labels).all()
+    # kept balances chain: small steps add up against the balance they keep (class 0: 12 → 22
+    # labels one at a time, each under 10 %, together past it)
+    chained, steps = state, []
+    zeros = np.flatnonzero((y == 0) & (labels < 0))
+    for k in range(10):
+        human = chained.human.copy()
+        human[zeros[k]] = 0
+        chained = update_state(chained, human, num_classes=3, config=cfg)
+        steps.append(not np.array_equal(chained.result.solve.balance_weights,
+                                        first.solve.balance_weights))
+    assert not steps[0] and steps[-1], steps
+    drift = label_prior(chained.human, 3, 0.5) / chained.result.prior - 1  # never past 10 %
+    assert np.abs(drift).max() <= 0.1
     # the tolerance decides: 0 re-balances for any label, a large one never
     always = dataclasses.replace(cfg, propagation=dataclasses.replace(
         cfg.propagation, rebalance_tolerance=0.0))

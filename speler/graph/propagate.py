@@ -556,8 +556,11 @@ def result_from_scores(M: np.ndarray, labels: np.ndarray, C: int, config: Propag
 def balance_drift(result: PropagationResult, labels: np.ndarray,
                   config: PropagationConfig) -> float:
     """How far the balance kept in ``result`` is from the one ``labels`` call for: the largest
-    relative change of a class's proportion p_c from ``result``'s human labels to ``labels``, both
-    taken as a re-balance from ``result``'s scores would take them (0 without the balance).
+    relative change of a class's proportion p_c (0 without the balance). With the prior of the
+    labels, from the prior the balance was made with (``result.prior``, which warm starts that
+    keep the balance carry on, so the drift of a chain of them adds up); with the prior of the
+    predictions, from ``result``'s human labels to ``labels``, both counted with the classes of
+    ``result``'s scores as a re-balance from them would count them.
 
     A warm start from a PropagationResult keeps its balance (instant feedback, step 4), which is
     right while the labels given since hold a small share of their classes. The first labels of a
@@ -567,11 +570,11 @@ def balance_drift(result: PropagationResult, labels: np.ndarray,
     if not config.balance:
         return 0.0
     C = result.scores.shape[1]
-    before = np.where(result.labeled, result.labels, -1)
     if config.balance_prior == "labels":
-        p0 = label_prior(before, C, config.seed_exponent)
+        p0 = np.asarray(result.prior, dtype=np.float64)
         p1 = label_prior(labels, C, config.seed_exponent)
     else:
+        before = np.where(result.labeled, result.labels, -1)
         memberships = _row_normalize(result.scores)
         guess = _argmax_or(memberships, memberships.sum(axis=1) > 0, None)
         p0, p1 = estimate_prior(before, guess, C), estimate_prior(labels, guess, C)
