@@ -36,5 +36,6 @@ h2 {font-size: 1.35rem !important;}
 </style>""")
 
 state.ensure_default_project()
+state.person()  # the annotator's name back into the address, whatever the page
 
 page.run()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 import traceback
@@ -117,6 +118,19 @@ def current_name() -> str | None:
         st.session_state["project"] = name
     if name is not None and st.query_params.get("project") != name:
         st.query_params["project"] = name
+    return name
+
+
+def person() -> str:
+    """Who labels in this session (saved with every label): kept in the session, so it survives
+    page changes, and in the page's address (``?annotator=``, written back on every page, since
+    Streamlit drops the address's parameters when the page changes), so it survives a reload."""
+    if "annotator" not in st.session_state:
+        st.session_state["annotator"] = (st.query_params.get("annotator", "").strip()
+                                         or os.environ.get("SPELER_ANNOTATOR", ""))
+    name = st.session_state["annotator"]
+    if name and st.query_params.get("annotator") != name:
+        st.query_params["annotator"] = name
     return name
 
 

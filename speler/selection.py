@@ -559,61 +559,76 @@ def _coreset(inputs: _Inputs, budget: int, rng: np.random.Generator) -> list[Sug
     return _make(inputs, cand[pos], scores, reason)
 
 
-def first_labels(embeddings: np.ndarray, labeled: np.ndarray, *, budget: int, groups: int,
-                 ids: Sequence[str], seed: int = 0,
-                 skipped: np.ndarray | None = None) -> list[Suggestion]:
-    """Before any round, when there is no graph or propagation to ask: samples to label first.
-
-    The label-free ``embeddings`` (rows, e.g. the random-kernel view of ``speler.features``) are
-    split into ``groups`` clusters (spherical k-means, ``speler.graph.cells``, from k-means++
-    starting points drawn under ``seed``); each cluster offers its unlabeled sample nearest its
-    centre (typical, not an outlier as a k-centre pick would be), the largest clusters first and
-    those that hold a labeled sample after all the others, so the first labels cover the data's
-    main modes before its corners. ``labeled``, ``skipped``: bool (n,); a skipped sample is
-    passed over like a labeled one, but its cluster still counts as unlabeled (its next most
-    typical sample is offered). ``predicted`` and ``runner_up`` are -1, ``energy`` and ``margin``
-    NaN (nothing is propagated yet); ``score`` is the cluster's size."""
+def typical_groups(embeddings: np.ndarray, *, groups: int,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(the group of each row, int64 (n,); its cosine similarity to its group's centre, float32
+    (n,)) of the label-free ``embeddings``: ``groups`` clusters by spherical k-means
+    (``speler.graph.cells``) from k-means++ starting points drawn under ``seed``. They do not
+    depend on any label, so a caller computes them once for ``first_labels``."""
     import torch
 
     from speler.graph.cells import KMEANS_ITERS, spherical_kmeans
 
     X = np.asarray(embeddings, dtype=np.float32)
-    labeled = np.asarray(labeled, dtype=bool)
     n = len(X)
-    if len(labeled) != n or len(ids) != n or (skipped is not None and len(skipped) != n):
-        raise DataFormatError(f"first_labels: {n} embeddings, {len(labeled)} labeled flags and "
-                              f"{len(ids)} ids; they must be one per sample")
-    if budget < 1:
-        raise ConfigError(f"first_labels: budget must be >= 1, got {budget}")
-    skipped = np.zeros(n, dtype=bool) if skipped is None else np.asarray(skipped, dtype=bool)
-    free = np.flatnonzero(~labeled & ~skipped)
-    if len(free) == 0:
-        return []
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
     X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
     k = int(max(1, min(groups, n)))
     rng = np.random.default_rng(seed)
     xt = torch.from_numpy(np.ascontiguousarray(X))
     centres = spherical_kmeans(xt, torch.from_numpy(_kmeans_pp(X, k, rng)), KMEANS_ITERS).numpy()
     sim = X @ centres.T
-    cluster = np.argmax(sim, axis=1)
+    cluster = np.argmax(sim, axis=1).astype(np.int64)
+    return cluster, sim[np.arange(n), cluster].astype(np.float32)
+
+
+def first_labels(groups: tuple[np.ndarray, np.ndarray], labeled: np.ndarray, *, budget: int,
+                 ids: Sequence[str], skipped: np.ndarray | None = None) -> list[Suggestion]:
+    """Before any round, when there is no graph or propagation to ask: samples to label first.
+
+    ``groups``: ``typical_groups`` of a label-free view. Each group offers its unlabeled samples
+    nearest its centre (typical, not outliers as k-centre picks would be): first every group's
+    most typical one, the largest groups first (a group that holds a labeled sample counts as
+    having offered one already), then every group's next, and so on, so the first labels cover
+    the data's main modes before their corners. ``labeled``, ``skipped``: bool (n,); a skipped sample is passed
+    over like a labeled one, but its group still counts as unlabeled. ``predicted`` and
+    ``runner_up`` are -1, ``energy`` and ``margin`` NaN (nothing is propagated yet); ``score``
+    is the group's size."""
+    cluster, own = (np.asarray(a) for a in groups)
+    labeled = np.asarray(labeled, dtype=bool)
+    n = len(cluster)
+    if len(own) != n or len(labeled) != n or len(ids) != n or (
+            skipped is not None and len(skipped) != n):
+        raise DataFormatError(f"first_labels: {n} groups, {len(own)} similarities, "
+                              f"{len(labeled)} labeled flags and {len(ids)} ids; they must be "
+                              f"one per sample")
+    if budget < 1:
+        raise ConfigError(f"first_labels: budget must be >= 1, got {budget}")
+    skipped = np.zeros(n, dtype=bool) if skipped is None else np.asarray(skipped, dtype=bool)
+    free = np.flatnonzero(~labeled & ~skipped)
+    if len(free) == 0:
+        return []
+    k = int(cluster.max()) + 1
     size = np.bincount(cluster, minlength=k)
     has_label = np.bincount(cluster[labeled], minlength=k) > 0
-    own = sim[np.arange(n), cluster]
-    picks = []
-    for c in range(k):
-        members = free[cluster[free] == c]
-        if len(members):
-            best = members[np.lexsort((members, -own[members]))[0]]
-            picks.append((bool(has_label[c]), -int(size[c]), int(best), c))
-    picks.sort()
+    # rank of each free sample within its group, most typical first (ties by index)
+    order = free[np.lexsort((free, -own[free], cluster[free]))]
+    first_of_group = np.r_[True, cluster[order][1:] != cluster[order][:-1]]
+    starts = np.flatnonzero(first_of_group)
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    c = cluster[order]
+    # a group with a label counts as if its most typical sample had been offered already
+    chosen = order[np.lexsort((order, -size[c], rank + has_label[c]))][:budget]
     out = []
-    for labeled_c, neg_size, i, c in picks[:budget]:
-        share = -neg_size / n
-        also = "; it holds a labeled sample already" if labeled_c else ", none of them labeled yet"
+    for i in chosen.tolist():
+        g = int(cluster[i])
+        also = ("; it holds a labeled sample already" if has_label[g]
+                else ", none of them labeled yet")
         out.append(Suggestion(
-            index=i, id=str(ids[i]), score=float(-neg_size),
-            reason=f"typical of a group of {-neg_size:,} similar samples ({share:.0%} of the "
-                   f"data){also}",
+            index=i, id=str(ids[i]), score=float(size[g]),
+            reason=f"typical of a group of {int(size[g]):,} similar samples "
+                   f"({size[g] / n:.0%} of the data){also}",
             predicted=-1, runner_up=-1, energy=float("nan"), margin=float("nan")))
     return out
 

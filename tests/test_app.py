@@ -579,6 +579,9 @@ def test_the_annotator_name_survives_a_reload_in_the_address(trained):
     at = _page(trained, "label")
     at.text_input(key="annotator_input").input("alice").run()
     assert at.query_params.get("annotator") in ("alice", ["alice"])
+    at.query_params.pop("annotator", None)  # a page change drops the address's parameters
+    _page(at, "export")
+    assert at.query_params.get("annotator") in ("alice", ["alice"])  # written back on any page
     fresh = AppTest.from_file(MAIN, default_timeout=120)
     fresh.query_params["annotator"] = "alice"
     fresh.run()
@@ -605,6 +608,10 @@ def test_a_label_doubt_opens_on_the_label_page(trained, home):
         assert not at.exception, [e.message for e in at.exception]
         assert _current_id(at) == sid, _texts(at)
         assert f"you opened it: labeled {wrong} by people" in _texts(at)
+        # its own seed dominates its scores; key 1 is still the guess shown (its neighbours')
+        guess = next(m.value for m in at.markdown if "Propagated guess" in str(m.value))
+        assert f">{at.button(key='label_1').label}</span>" in guess.split("runner-up")[0]
+        assert at.button(key="label_1").label != wrong
     finally:
         with Annotator.open(home, SAMPLE) as ann:
             ann.undo(annotator="tester")

@@ -351,13 +351,14 @@ def _blobs(sizes, *, d=16, seed=0):
 
 
 def test_first_labels_offer_one_typical_sample_per_group_largest_first():
-    from speler.selection import first_labels
+    from speler.selection import first_labels, typical_groups
 
     sizes = [60, 30, 15, 6]
     x, cluster = _blobs(sizes)
     ids = [f"s{i}" for i in range(len(x))]
     none = np.zeros(len(x), dtype=bool)
-    picks = first_labels(x, none, budget=4, groups=4, ids=ids)
+    groups = typical_groups(x, groups=4)
+    picks = first_labels(groups, none, budget=4, ids=ids)
     assert [int(cluster[p.index]) for p in picks] == [0, 1, 2, 3]  # every group, largest first
     assert [p.score for p in picks] == [60.0, 30.0, 15.0, 6.0]
     for p in picks:  # the member nearest its group's centre: typical, not an outlier
@@ -368,16 +369,20 @@ def test_first_labels_offer_one_typical_sample_per_group_largest_first():
         assert p.id == ids[p.index] and p.predicted == p.runner_up == -1
         assert np.isnan(p.energy) and np.isnan(p.margin)
         assert f"a group of {int(p.score)} similar samples" in p.reason
-    # a group with a label goes last; a skipped sample is passed over, its group's next offered
+    # a group with a label counts as offered; a skipped sample is passed over, its group's next
     labeled = none.copy()
     labeled[picks[0].index] = True
     skipped = none.copy()
     skipped[picks[1].index] = True
-    again = first_labels(x, labeled, budget=4, groups=4, ids=ids, skipped=skipped)
+    again = first_labels(groups, labeled, budget=4, ids=ids, skipped=skipped)
     assert [int(cluster[p.index]) for p in again] == [1, 2, 3, 0]
     assert picks[1].index not in [p.index for p in again] and "labeled sample already" in again[3].reason
-    assert first_labels(x, np.ones(len(x), dtype=bool), budget=3, groups=4, ids=ids) == []
+    # more than one per group: every group's next most typical, in the same order
+    more = first_labels(groups, none, budget=10, ids=ids)
+    assert [int(cluster[p.index]) for p in more] == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert len({p.index for p in more}) == 10
+    assert first_labels(groups, np.ones(len(x), dtype=bool), budget=3, ids=ids) == []
     with pytest.raises(DataFormatError, match="one per sample"):
-        first_labels(x, none[:-1], budget=3, groups=4, ids=ids)
+        first_labels(groups, none[:-1], budget=3, ids=ids)
     with pytest.raises(ConfigError, match="budget must be >= 1"):
-        first_labels(x, none, budget=0, groups=4, ids=ids)
+        first_labels(groups, none, budget=0, ids=ids)

@@ -12,7 +12,6 @@ built in a worker thread. tests/e2e/test_latency.py measures it."""
 from __future__ import annotations
 
 import html
-import os
 
 import numpy as np
 import streamlit as st
@@ -28,16 +27,8 @@ OPENED = state.OPENED_SAMPLE
 
 
 def _person() -> str:
-    """Who labels in this session (saved with every label). Kept outside the widget, so it
-    survives page changes, and in the page's address (``?annotator=``), so it survives a reload
-    and a bookmark."""
-    if "annotator" not in st.session_state:
-        st.session_state["annotator"] = (st.query_params.get("annotator", "").strip()
-                                         or os.environ.get("SPELER_ANNOTATOR", ""))
-    name = st.session_state["annotator"]
-    if name and st.query_params.get("annotator") != name:
-        st.query_params["annotator"] = name
-    return name
+    """Who labels in this session (saved with every label): ``state.person``."""
+    return state.person()
 
 
 def _set_person() -> None:
@@ -52,12 +43,12 @@ def _set_person() -> None:
 def _do_label(sample_id: str, class_name: str, seen: int) -> None:
     """``seen``: the sample's human label when the page showed it (-1: none): if someone else
     labeled it since (another tab, the command line), nothing is saved and the page says so."""
-    _close(sample_id)
     try:
         state.open_annotator(NAME).label(sample_id, class_name, annotator=_person(), seen=seen)
-    except SpelerError as exc:
+    except SpelerError as exc:  # an opened sample stays open: the message asks to look again
         state.flash("error", f"{exc}")
         return
+    _close(sample_id)
     state.flash("toast", f"{sample_id} → {class_name}")
 
 
@@ -266,7 +257,11 @@ def _panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
     seen = int(live.human[i])  # its human label as shown: a label click checks it is still so
     st.session_state.setdefault("reasons", {})[sug.id] = sug.reason  # kept for a later undo
     scores = np.asarray(live.result.scores[i], dtype=np.float64)
-    order = np.argsort(-scores, kind="stable")
+    # the guess and the runner-up shown (for a labeled sample its neighbours', for one no label
+    # reaches the prior's) first, then the other classes by score: key 1 is the guess shown
+    shown = [c for c in (sug.predicted, sug.runner_up) if c >= 0]
+    order = np.array(shown + [int(c) for c in np.argsort(-scores, kind="stable")
+                              if c not in shown], dtype=np.int64)
     pred = classes[sug.predicted] if sug.predicted >= 0 else None
     runner = classes[sug.runner_up] if sug.runner_up >= 0 else None
 

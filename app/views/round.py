@@ -171,11 +171,12 @@ def _status(r) -> tuple[str, str]:
 
 
 def _superseded(job: state.Job) -> bool:
-    """A round run from this app that ended before the project's latest finished round (one run
+    """A round run from this app that ended before the project's latest done round (one run
     since on the command line or from another app): its outcome is old news."""
     if job.finished is None:
         return False
-    ends = [datetime.fromisoformat(r.finished).timestamp() for r in store.rounds() if r.finished]
+    ends = [datetime.fromisoformat(r.finished).timestamp() for r in store.rounds()
+            if r.status == "done" and r.finished]
     return bool(ends) and max(ends) > job.finished + 1.0
 
 
