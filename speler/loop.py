@@ -869,11 +869,11 @@ def update_state(state: LoopState, human: np.ndarray, *, num_classes: int, confi
     1, 2 or 5 random labels on the five real sets (π = 10, γ = 5 %, 5 seeds, the floor graph)
     1.9 % of the unlabeled samples disagreed with a fresh propagation kept, 0.12 % re-balanced.
     benchmarks/round_quality.py --simulate (network off, 5 seeds), area under the macro-F1 curve
-    kept → re-balanced past 0.1: π = 10, γ = 5 %: 0.691 → 0.702 with SpeLER's suggestions (15
-    runs of 25 better, 10 worse; BasicMotions 0.901 → 0.885), 0.636 → 0.651 with random ones; at
-    π = 50, γ = 10 %: 0.722 → 0.727 and 0.718 → 0.718 (0.25, or every label, scored about the
-    same in a scratch run). On 200k samples, 60 classes, one label re-propagates in 0.9 s kept
-    and 2.9 s re-balanced (2 cores; a full propagation 5.5 s)."""
+    kept → re-balanced past 0.1: π = 10, γ = 5 %: 0.691 → 0.703 with SpeLER's suggestions (15
+    runs of 25 better, 10 worse; BasicMotions 0.901 → 0.886), 0.636 → 0.651 with random ones; at
+    π = 50, γ = 10 %: 0.722 → 0.728 and 0.718 → 0.716, within the seeds' noise (0.25, or every
+    label, scored about the same in a scratch run). On 200k samples, 60 classes, one label
+    re-propagates in 0.9 s kept and 2.9 s re-balanced (2 cores; a full propagation 5.5 s)."""
     pcfg = config.propagation
     warm: PropagationResult | np.ndarray = state.result
     if balance_drift(state.result, human, pcfg) > pcfg.rebalance_tolerance:
