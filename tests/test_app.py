@@ -105,6 +105,19 @@ def _human_events(home: Path):
         return [e for e in store.events() if e.source == "human"]
 
 
+def _label_button(at: AppTest, k: int):
+    """Label button ``k`` (1-based) of the sample shown: its key carries the sample."""
+    found = [b for b in at.button if b.key and b.key.startswith(f"label_{k}_")]
+    assert len(found) == 1, [b.key for b in at.button]
+    return found[0]
+
+
+def _other_go(at: AppTest):
+    found = [b for b in at.button if b.key and b.key.startswith("other_go_")]
+    assert len(found) == 1, [b.key for b in at.button]
+    return found[0]
+
+
 def _current_id(at: AppTest) -> str:
     heads = [m.value for m in at.markdown if str(m.value).startswith("#### ")]
     assert heads, _texts(at)
@@ -245,7 +258,7 @@ def test_label_click_writes_event_then_undo(trained, home):
     at = _page(trained, "label")
     before = _human_events(home)
     sample = _current_id(at)
-    button = at.button(key="label_1")
+    button = _label_button(at, 1)
     chosen = button.label
     button.click().run()
     assert not at.exception
@@ -264,14 +277,27 @@ def test_label_click_writes_event_then_undo(trained, home):
     assert _current_id(at) == sample  # the undone sample comes back first
 
 
+def test_label_buttons_are_keyed_by_the_sample_they_label(trained, home):
+    """A click sent while the browser still showed the previous sample names that sample's
+    button; the next run has no such button, so the click cannot label the new sample."""
+    at = _page(trained, "label")
+    sample = _current_id(at)
+    before = _label_button(at, 1).key
+    _label_button(at, 1).click().run()
+    assert _current_id(at) != sample and _label_button(at, 1).key != before
+    assert not any(b.key == before for b in at.button)
+    at.button(key="undo").click().run()
+    assert _current_id(at) == sample and _label_button(at, 1).key == before
+
+
 def test_label_second_class_and_skip(trained, home):
     at = _page(trained, "label")
     sample = _current_id(at)
     at.button(key="skip").click().run()
     assert _current_id(at) != sample
     sample = _current_id(at)
-    chosen = at.button(key="label_2").label
-    at.button(key="label_2").click().run()
+    chosen = _label_button(at, 2).label
+    _label_button(at, 2).click().run()
     last = _human_events(home)[-1]
     assert (last.sample_id, last.label) == (sample, chosen)
 
@@ -326,7 +352,7 @@ def test_export_page_writes_what_the_annotator_writes(trained, home, tmp_path, m
 
     monkeypatch.setattr(MediaFileManager, "add_deferred", record)
     at = _page(trained, "label")  # a label first, so the live state differs from the round's
-    at.button(key="label_1").click().run()
+    _label_button(at, 1).click().run()
     at = _page(at, "export")
     assert not at.error, _texts(at)
     page_csv = made[f"{SAMPLE}-labels.csv"]()  # what a click on CSV sends to the browser
@@ -535,7 +561,7 @@ def test_the_label_page_keys_and_neighbours(trained, home):
         assert len(project.data.classes) > 10  # the bundled sample: keys follow the likelihood
     assert "1 = the guess, then the next most likely" in _texts(at)
     guess = next(m.value for m in at.markdown if "Propagated guess" in str(m.value))
-    first = f">{at.button(key='label_1').label}</span>"
+    first = f">{_label_button(at, 1).label}</span>"
     assert first in guess.split("runner-up")[0]  # key 1 is the guess
     # the neighbours start with a labeled example of the guess
     heads = [str(m.value) for m in at.markdown if "&nbsp; `" in str(m.value)]
@@ -550,7 +576,7 @@ def test_a_label_from_a_page_someone_else_labeled_meanwhile_is_refused(trained, 
     with Annotator.open(home, SAMPLE) as other:  # another tab or the command line
         other.label(sample, other.data.classes[0], annotator="bob")
     before = _human_events(home)
-    at.button(key="label_2").click().run()
+    _label_button(at, 2).click().run()
     assert not at.exception
     assert any("last changed by bob" in e.value and "but this page showed it unlabeled; nothing "
                "was saved" in e.value for e in at.error), _texts(at)
@@ -610,8 +636,8 @@ def test_a_label_doubt_opens_on_the_label_page(trained, home):
         assert f"you opened it: labeled {wrong} by people" in _texts(at)
         # its own seed dominates its scores; key 1 is still the guess shown (its neighbours')
         guess = next(m.value for m in at.markdown if "Propagated guess" in str(m.value))
-        assert f">{at.button(key='label_1').label}</span>" in guess.split("runner-up")[0]
-        assert at.button(key="label_1").label != wrong
+        assert f">{_label_button(at, 1).label}</span>" in guess.split("runner-up")[0]
+        assert _label_button(at, 1).label != wrong
     finally:
         with Annotator.open(home, SAMPLE) as ann:
             ann.undo(annotator="tester")
@@ -636,8 +662,8 @@ def test_before_any_round_the_label_page_offers_first_labels(home):
     assert "similar samples" in _texts(at)
     with LabelStore.open(home / "bm_first" / "store.sqlite") as store:
         classes = store.classes
-    assert [at.button(key=f"label_{k}").label for k in range(1, 5)] == list(classes)
-    at.button(key="label_3").click().run()
+    assert [_label_button(at, k).label for k in range(1, 5)] == list(classes)
+    _label_button(at, 3).click().run()
     assert not at.exception
     with LabelStore.open(home / "bm_first" / "store.sqlite") as store:
         events = [e for e in store.events() if e.source == "human"]
@@ -652,11 +678,11 @@ def test_a_class_without_a_key_is_picked_then_confirmed(trained, home):
     sample = _current_id(at)
     before = _human_events(home)
     other = at.selectbox(key="other_class")
-    assert at.button(key="other_go").disabled
+    assert _other_go(at).disabled
     other.select(other.options[-1]).run()  # picking alone writes nothing
     assert _human_events(home) == before and _current_id(at) == sample
     chosen = at.selectbox(key="other_class").value
-    at.button(key="other_go").click().run()
+    _other_go(at).click().run()
     assert not at.exception
     last = _human_events(home)[-1]
     assert (last.sample_id, last.label) == (sample, chosen) and _current_id(at) != sample

@@ -11,6 +11,7 @@ built in a worker thread. tests/e2e/test_latency.py measures it."""
 
 from __future__ import annotations
 
+import hashlib
 import html
 
 import numpy as np
@@ -125,13 +126,23 @@ def _chip(name: str, color: str, *, small: bool = False) -> str:
             f"border-radius:10px;font-size:{size};font-weight:600'>{html.escape(name)}</span>")
 
 
-def _button_css(names: list[str], colors: dict[str, str], guess: str | None) -> str:
+def _button_key(k: int, sample_id: str) -> str:
+    """The widget key of label button ``k`` (1-based) for ``sample_id``. The sample is part of
+    it: a click (or key press) sent while the browser still showed the previous sample names
+    that sample's button, which the next run no longer has, so Streamlit drops it instead of
+    labeling the sample that replaced it, unseen, with the same class."""
+    return f"label_{k}_{hashlib.sha1(sample_id.encode()).hexdigest()[:10]}"
+
+
+def _button_css(names: list[str], colors: dict[str, str], guess: str | None,
+                sample_id: str) -> str:
     """Class colours on the label buttons: a stripe on each, the guess's button filled (its text
     in the colour that reads on it, hovered too)."""
-    rules = [f".st-key-label_{k + 1} button {{border-left: 7px solid {colors[n]};}}"
-             for k, n in enumerate(names)]
+    rules = [f".st-key-{_button_key(k + 1, sample_id)} button "
+             f"{{border-left: 7px solid {colors[n]};}}" for k, n in enumerate(names)]
     if guess in names:
-        key, c = f".st-key-label_{names.index(guess) + 1} button", colors[guess]
+        key = f".st-key-{_button_key(names.index(guess) + 1, sample_id)} button"
+        c = colors[guess]
         ink = _ink(c)
         rules.append(f"{key}, {key}:hover, {key}:focus {{background: {c}; border-color: {c}; "
                      f"color: {ink};}} {key}:hover {{filter: brightness(0.92);}}"
@@ -179,11 +190,11 @@ def _controls(sample_id: str, seen: int, classes: tuple[str, ...], order, colors
     """The label buttons (``state.label_keys``; the guess filled), the search box for classes
     without a key, skip, undo, the skipped samples' recall and the annotator's name."""
     keyed, keys = state.label_keys(classes, order)
-    st.html(_button_css(keyed, colors, guess))
+    st.html(_button_css(keyed, colors, guess, sample_id))
     grid = st.columns(3)
     for k, name in enumerate(keyed):
         grid[k % 3].button(
-            name, key=f"label_{k + 1}", shortcut=keys[k], width="stretch",
+            name, key=_button_key(k + 1, sample_id), shortcut=keys[k], width="stretch",
             on_click=_do_label, args=(sample_id, name, seen),
             help=f"label {sample_id} as {name}" + (" (the guess)" if name == guess else ""),
         )
@@ -193,7 +204,8 @@ def _controls(sample_id: str, seen: int, classes: tuple[str, ...], order, colors
         pick, go = st.columns([3, 1], vertical_alignment="bottom")
         choice = pick.selectbox("Another class", rest, index=None, key="other_class",
                                 placeholder=f"Search the other {len(rest)} classes…")
-        go.button("Label", key="other_go", disabled=choice is None, width="stretch",
+        go.button("Label", key=f"other_go_{_button_key(0, sample_id)}", disabled=choice is None,
+                  width="stretch",
                   on_click=_do_other, args=(sample_id, seen),
                   help=f"label {sample_id} as the class picked beside")
     a, b = st.columns(2)
