@@ -570,14 +570,14 @@ def balance_drift(result: PropagationResult, labels: np.ndarray,
     if not config.balance:
         return 0.0
     C = result.scores.shape[1]
-    if config.balance_prior == "labels":
+    if config.balance_prior == "labels":  # no memberships needed: the labels alone say
         p0 = np.asarray(result.prior, dtype=np.float64)
-        p1 = label_prior(labels, C, config.seed_exponent)
+        p1 = _balance_prior(labels, C, config, None, None)
     else:
-        before = np.where(result.labeled, result.labels, -1)
         memberships = _row_normalize(result.scores)
         guess = _argmax_or(memberships, memberships.sum(axis=1) > 0, None)
-        p0, p1 = estimate_prior(before, guess, C), estimate_prior(labels, guess, C)
+        before = np.where(result.labeled, result.labels, -1)
+        p0, p1 = (_balance_prior(y, C, config, guess, None) for y in (before, labels))
     return float(np.max(np.abs(p1 / p0 - 1.0))) if C else 0.0
 
 
@@ -619,15 +619,23 @@ def _balance(W, labels, C, config, prior, predictions, warm_start, B, uploaded=N
                              tol=max(config.tol, FIRST_PASS_TOL), uploaded=uploaded)
         M0, first_iters = first.X, first.iterations
         memberships = _row_normalize(M0)
-    if prior is None and config.balance_prior == "labels":
-        prior = label_prior(labels, C, config.seed_exponent)
-    elif prior is None:
-        hard = predictions
-        if hard is None:
-            hard = _argmax_or(memberships, memberships.sum(axis=1) > 0, None)
-        prior = estimate_prior(labels, hard, C)
+    if prior is None:
+        prior = _balance_prior(labels, C, config, predictions, memberships)
     w = balance_weights(labels, prior, predictions=predictions, memberships=memberships)
     return w, prior, M0, first_iters
+
+
+def _balance_prior(labels: np.ndarray, C: int, config: PropagationConfig,
+                   predictions: np.ndarray | None, memberships: np.ndarray | None) -> np.ndarray:
+    """The prior the balance evens out (step 2 of the module docstring), float64 (C,): the seed
+    mass of ``labels``, or with ``balance_prior="predictions"`` the counts of the labels and of
+    the unlabeled samples' classes (``predictions``, else the argmax of ``memberships``)."""
+    if config.balance_prior == "labels":
+        return label_prior(labels, C, config.seed_exponent)
+    hard = predictions
+    if hard is None:
+        hard = _argmax_or(memberships, memberships.sum(axis=1) > 0, None)
+    return estimate_prior(labels, hard, C)
 
 
 _ORDER_ATTR = "_speler_locality_order"  # kept on the caller's graph object, not in this module
