@@ -134,6 +134,16 @@ def person() -> str:
     return name
 
 
+def set_person(name: str) -> None:
+    """This session's annotator is now ``name`` (stripped; empty: none), in the address too."""
+    name = name.strip()
+    st.session_state["annotator"] = name
+    if name:
+        st.query_params["annotator"] = name
+    else:
+        st.query_params.pop("annotator", None)
+
+
 def current_annotator() -> Annotator:
     """The session's project's Annotator; stops the page with st.error when there is none."""
     name = current_name()

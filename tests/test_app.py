@@ -105,17 +105,21 @@ def _human_events(home: Path):
         return [e for e in store.events() if e.source == "human"]
 
 
-def _label_button(at: AppTest, k: int):
-    """Label button ``k`` (1-based) of the sample shown: its key carries the sample."""
-    found = [b for b in at.button if b.key and b.key.startswith(f"label_{k}_")]
+def _keyed_button(at: AppTest, prefix: str):
+    """The one button whose key starts with ``prefix``: the Label page's label buttons carry the
+    sample they label in their keys."""
+    found = [b for b in at.button if b.key and b.key.startswith(prefix)]
     assert len(found) == 1, [b.key for b in at.button]
     return found[0]
+
+
+def _label_button(at: AppTest, k: int):
+    """Label button ``k`` (1-based) of the sample shown."""
+    return _keyed_button(at, f"label_{k}_")
 
 
 def _other_go(at: AppTest):
-    found = [b for b in at.button if b.key and b.key.startswith("other_go_")]
-    assert len(found) == 1, [b.key for b in at.button]
-    return found[0]
+    return _keyed_button(at, "other_go_")
 
 
 def _current_id(at: AppTest) -> str:

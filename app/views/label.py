@@ -27,25 +27,15 @@ NAME = annotator.name
 OPENED = state.OPENED_SAMPLE
 
 
-def _person() -> str:
-    """Who labels in this session (saved with every label): ``state.person``."""
-    return state.person()
-
-
 def _set_person() -> None:
-    name = st.session_state.get("annotator_input", "").strip()
-    st.session_state["annotator"] = name
-    if name:
-        st.query_params["annotator"] = name
-    else:
-        st.query_params.pop("annotator", None)
+    state.set_person(st.session_state.get("annotator_input", ""))
 
 
 def _do_label(sample_id: str, class_name: str, seen: int) -> None:
     """``seen``: the sample's human label when the page showed it (-1: none): if someone else
     labeled it since (another tab, the command line), nothing is saved and the page says so."""
     try:
-        state.open_annotator(NAME).label(sample_id, class_name, annotator=_person(), seen=seen)
+        state.open_annotator(NAME).label(sample_id, class_name, annotator=state.person(), seen=seen)
     except SpelerError as exc:  # an opened sample stays open: the message asks to look again
         state.flash("error", f"{exc}")
         return
@@ -61,7 +51,7 @@ def _do_other(sample_id: str, seen: int) -> None:
 
 
 def _skipped() -> set[str]:
-    return state.skipped(state.open_annotator(NAME), _person())
+    return state.skipped(state.open_annotator(NAME), state.person())
 
 
 def _do_open() -> None:
@@ -99,7 +89,7 @@ def _do_unskip() -> None:
 
 def _do_undo() -> None:
     try:
-        undone, _ = state.open_annotator(NAME).undo(annotator=_person())
+        undone, _ = state.open_annotator(NAME).undo(annotator=state.person())
     except SpelerError as exc:
         state.flash("error", f"{exc}")
         return
@@ -213,12 +203,17 @@ def _controls(sample_id: str, seen: int, classes: tuple[str, ...], order, colors
              args=(sample_id,), icon=":material/skip_next:")
     b.button("Undo last label", key="undo", shortcut="U", width="stretch", on_click=_do_undo,
              icon=":material/undo:")
-    if skipped:
-        st.button(f"Show the {len(skipped)} skipped samples again", key="unskip",
-                  on_click=_do_unskip, type="tertiary", icon=":material/replay:")
-    with st.expander("Annotator: " + (_person() or "not set")):
-        st.text_input("Your name", key="annotator_input", value=_person(),
+    _unskip_button(st, skipped, type="tertiary", icon=":material/replay:")
+    with st.expander("Annotator: " + (state.person() or "not set")):
+        st.text_input("Your name", key="annotator_input", value=state.person(),
                       on_change=_set_person, help="saved with every label you give")
+
+
+def _unskip_button(where, skipped: set[str], **style) -> None:
+    """The button that shows the skipped samples again (none when nothing is skipped)."""
+    if skipped:
+        where.button(f"Show the {len(skipped)} skipped samples again", key="unskip",
+                     on_click=_do_unskip, **style)
 
 
 def _keys_caption(classes: tuple[str, ...], order, *, guessed: bool = True) -> str:
@@ -258,9 +253,7 @@ def _panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
                        "the labels, or run another round.")
         a, b = st.columns(2)
         a.button("Undo last label", key="undo", on_click=_do_undo, shortcut="U")
-        if skipped:
-            b.button(f"Show the {len(skipped)} skipped samples again", key="unskip",
-                     on_click=_do_unskip)
+        _unskip_button(b, skipped)
         _open_box()
         return
 
@@ -363,9 +356,7 @@ def _first_panel(classes: tuple[str, ...], colors: dict[str, str]) -> None:
     if not queue:
         st.success("Nothing left to show here" + (f" but the {len(skipped)} samples you skipped"
                                                    if skipped else "") + ": run round 0.")
-        if skipped:
-            st.button(f"Show the {len(skipped)} skipped samples again", key="unskip",
-                      on_click=_do_unskip)
+        _unskip_button(st, skipped)
         return
     sug = queue[0]
     left, right = st.columns([3, 2], gap="medium")
