@@ -535,7 +535,10 @@ def test_round_page_says_what_training_did_without_nan(trained, home):
 
 
 def test_skips_survive_a_reload_and_can_be_undone(trained):
-    at = _page(trained, "label")
+    # a session of its own: the trained one may show an earlier test's undone sample first
+    at = _page(_app(), "label")
+    if any(b.key == "unskip" for b in at.button):  # an earlier test's skips: shown again first
+        at.button(key="unskip").click().run()
     sample = _current_id(at)
     at.button(key="skip").click().run()
     assert _current_id(at) != sample

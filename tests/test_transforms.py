@@ -30,10 +30,11 @@ def test_resample_keeps_end_points_and_linear_motion():
 
 def test_preprocess_shape_centre_and_padding_ignored():
     ds = _skeleton()
-    out = preprocess(ds, PreprocessConfig(frames=16, persons=1, align_view=False))
+    out = preprocess(ds, PreprocessConfig(frames=16, persons=1, align_view=False, scale=False))
     assert out.x.shape == (4, 3, 16, 25, 1)
     assert out.fps == 0.0  # unknown stays unknown
-    timed = preprocess(ds.replace(fps=30.0), PreprocessConfig(frames=16, persons=1, align_view=False))
+    timed = preprocess(ds.replace(fps=30.0), PreprocessConfig(frames=16, persons=1, align_view=False,
+                                                              scale=False))
     assert timed.fps == pytest.approx(30.0 * 16 / np.median(ds.lengths))
     np.testing.assert_array_equal(out.lengths, 16)
     # centre joint of the first frame is the origin
@@ -58,7 +59,7 @@ def test_view_alignment_makes_spine_up_and_shoulders_along_x():
     base = rng.normal(size=(3, 25)).astype(np.float32)
     x[0, :, :, :, 0] = base[:, None, :]
     ds = SequenceSet(x=x, ids=np.array(["a"]), classes=("a",), y=np.array([0]), layout=NTU25)
-    out = preprocess(ds, PreprocessConfig(frames=4, persons=1))
+    out = preprocess(ds, PreprocessConfig(frames=4, persons=1, scale=False))
     f = out.x[0, :, 0, :, 0]
     lo, hi = NTU25.spine
     spine = f[:, hi] - f[:, lo]
@@ -77,8 +78,34 @@ def test_dropped_frames_repeat_the_last_valid_one():
     ds = _skeleton(n=1, m=1)
     x = ds.x.copy()
     x[0, :, 10] = 0.0
-    out = preprocess(ds.replace(x=x), PreprocessConfig(frames=30, persons=1, align_view=False, center=False))
+    out = preprocess(ds.replace(x=x), PreprocessConfig(frames=30, persons=1, align_view=False, center=False,
+                                                               scale=False))
     np.testing.assert_allclose(out.x[0, :, 10], ds.x[0, :, 9], atol=1e-6)
+
+
+def test_each_skeleton_is_divided_by_its_own_rms_and_scores_are_kept():
+    rng = np.random.default_rng(3)
+    n, t, v = 3, 12, 25
+    x = np.zeros((n, 4, t, v, 2), dtype=np.float32)
+    x[:, :3, :, :, 0] = rng.normal(size=(n, 3, t, v))
+    x[:, :3, :, :, 1] = rng.normal(size=(n, 3, t, v)) * 0.5 + 2.0  # a second person beside
+    x[:, 3] = rng.uniform(0.2, 1.0, size=(n, t, v, 2))  # confidence: not a coordinate
+    x[1] *= 0.0  # a sample nobody is in
+    x[2, :3] = x[0, :3] * 3.0  # sample 0's person, three times as large
+    x[2, 3] = x[0, 3]
+    ds = SequenceSet(x=x, ids=np.array(["a", "b", "c"]), classes=("u",), y=np.zeros(n, np.int64),
+                     layout=NTU25, channels=("x", "y", "z", "score"))
+    cfg = PreprocessConfig(frames=t, persons=2, align_view=False)
+    out = preprocess(ds, cfg).x
+    unscaled = preprocess(ds, PreprocessConfig(frames=t, persons=2, align_view=False, scale=False)).x
+    rms = np.sqrt((out[:, :3, ..., 0] ** 2).mean(axis=(1, 2, 3)))
+    np.testing.assert_allclose(rms[[0, 2]], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out[2], out[0], atol=1e-5)  # size no longer tells them apart
+    assert np.abs(out[1]).sum() == 0  # nothing to scale: zeros stay zeros, no NaN
+    np.testing.assert_array_equal(out[:, 3], unscaled[:, 3])  # scores as they were
+    # both persons by person 0's factor: their relative placement is kept
+    factor = np.sqrt((unscaled[0, :3, ..., 0] ** 2).mean())
+    np.testing.assert_allclose(out[0, :3] * factor, unscaled[0, :3], atol=1e-5)
 
 
 def test_series_zscore_and_bad_config():
