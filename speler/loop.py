@@ -654,11 +654,12 @@ def judge(fold_nets: list, floor_parts: list, human: np.ndarray, *, num_classes:
     trained without the held-out labels). Per fold, propagate the training labels on floor +
     network as well, and score both graphs by balanced accuracy (mean recall over classes) on the
     held-out human labels, pooled over the folds: the network joins when it scores at least as
-    high and is worse in no fold. A tie joins: a dozen held-out labels often cannot tell the two
-    graphs apart, and where they could not (benchmarks/round_quality.py, π = 10, γ = 10 %: 5 ties
-    in 15 runs on 3 sets) the network added 1.5 to 6 points of macro-F1 every time; what the
-    labels can see is harm, and any sign of it keeps the network out. With no folds (too few
-    labels to judge) it stays out. Under torchrun every rank calls it (the views and
+    high and is worse in no fold. A tie joins: the held-out labels often cannot tell the two
+    graphs apart, and where they could not (benchmarks/round_quality.py, π = 10, γ = 30 %: 3 ties
+    in 25 runs on 4 sets) the network added 1 to 10 points of macro-F1; what the labels can see
+    is harm, and any sign of it keeps the network out. With no folds (fewer than
+    ``views.judge_min_labels`` held-out labels, where the verdict was worse than none: see
+    ViewsConfig) it stays out. Under torchrun every rank calls it (the views and
     ``floor_parts`` this rank's rows, the fold results rank 0's), rank 0 scores and every rank
     gets its Judgement."""
     vc = config.views
