@@ -40,8 +40,8 @@ from speler.config import PropagationConfig
 from speler.errors import ConfigError, DataFormatError, LabelError
 from speler.graph.knn_distributed import ShardedKnn
 from speler.graph.propagate import (
-    FIRST_PASS_TOL, _cg_loop, _torch_csr, balance_weights, estimate_prior, label_prior, seed_matrix,
-    solver_threads,
+    FIRST_PASS_TOL, _argmax_or, _balance_prior, _cg_loop, _torch_csr, _validated_prior,
+    balance_weights, seed_matrix, solver_threads,
 )
 
 logger = logging.getLogger(__name__)
@@ -367,17 +367,15 @@ def propagate_scores(
             memberships = _row_normalize(first.X)
             if X0 is None:
                 X0 = first.X
-        if prior is None and config.balance_prior == "labels":
-            prior = label_prior(labels, C, config.seed_exponent)
-        elif prior is None:
-            hard = pred_mine
-            if hard is None:
-                hard = np.argmax(memberships, axis=1).astype(np.int64)
-                hard[memberships.sum(axis=1) <= 0] = -1
-            prior = estimate_prior(labels, dist.all_gather_array(hard), C)
+        if prior is None:  # propagate's rule, the unlabeled rows' classes gathered from every rank
+            gathered = None
+            if config.balance_prior != "labels":
+                hard = pred_mine if pred_mine is not None else _argmax_or(
+                    memberships, memberships.sum(axis=1) > 0, None)
+                gathered = dist.all_gather_array(hard)
+            prior = _balance_prior(labels, C, config, gathered, None)
         else:
-            p = np.maximum(np.asarray(prior, np.float64) / np.sum(prior), 1e-12)
-            prior = p / p.sum()
+            prior = _validated_prior(prior, C)
         w = balance_weights(mine, prior, predictions=pred_mine, memberships=memberships)
     S_rows = normalized_rows(W_rows, lo, w)
     solve = block_cg(S_rows, B, lo=lo, config=config, X0=X0, exchange=exchange,
