@@ -1,8 +1,8 @@
 """Ablation of the propagation engine on the real sets in ../shared/data (plain features).
 
 Features: each set read with ``speler.formats.read``, preprocessed (``speler.data.transforms``:
-resampled to --frames frames, skeletons centred and view-aligned, series z-scored), flattened and
-standardised per feature (optionally reduced by PCA). Protocol: ``speler.data.protocol.long_tail_split``
+resampled to --frames frames, skeletons centred, view-aligned and, since ``preprocess.scale``,
+scaled; series z-scored), flattened and standardised per feature (optionally reduced by PCA). Protocol: ``speler.data.protocol.long_tail_split``
 (N_c = n_1 π^-(c-1)/(C-1), a share γ of each class labeled, at least one), metrics on the unlabeled
 samples. "Rare" classes are the last third of classes by kept size (at least one).
 

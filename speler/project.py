@@ -355,6 +355,10 @@ def _load_config(path: Path) -> Config:
                int: "a JSON number", float: "a JSON number"}.get(type(raw), "JSON null")
         raise ProjectError(f"{path}: invalid project config ({got}, expected an object of sections"
                            " such as {\"train\": {...}})")
+    prep = raw.get("preprocess")
+    if isinstance(prep, dict) and "scale" not in prep:
+        # written before preprocess.scale existed: its data.npz was not scaled, so say so
+        raw = {**raw, "preprocess": {**prep, "scale": False}}
     try:
         return Config.from_dict(raw)
     except ConfigError as exc:

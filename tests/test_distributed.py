@@ -668,7 +668,9 @@ def test_single_process_knn_propagation_and_embedding_match_the_plain_functions(
     assert (W_rows != W).nnz == 0
     for cfg, kw in ((PropagationConfig(), {}), (PropagationConfig(balance_prior="predictions"), {}),
                     (PropagationConfig(balance=False), {}),
-                    (PropagationConfig(), {"predictions": np.arange(200) % CLASSES})):
+                    (PropagationConfig(), {"predictions": np.arange(200) % CLASSES}),
+                    (PropagationConfig(balance_prior="predictions"),
+                     {"predictions": np.arange(200) % CLASSES})):
         want = propagate(W, labels, num_classes=CLASSES, config=cfg, **kw)
         got = pdist.propagate_scores(W_rows, labels, lo=0, num_classes=CLASSES, config=cfg, **kw)
         np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=1e-6)

@@ -108,6 +108,32 @@ def test_each_skeleton_is_divided_by_its_own_rms_and_scores_are_kept():
     np.testing.assert_allclose(out[0, :3] * factor, unscaled[0, :3], atol=1e-5)
 
 
+def test_the_scale_of_2d_keypoints_ignores_missed_joints_and_where_the_person_stands():
+    from speler.data.layouts import get_layout
+
+    layout = get_layout("openpose18")
+    rng = np.random.default_rng(4)
+    pose = np.zeros((3, 10, layout.num_joints, 1), dtype=np.float32)
+    pose[:2] = rng.normal(size=(2, 10, layout.num_joints, 1)) * 40.0  # pixels around the body
+    pose[2] = 0.9
+    pose[:, :, 3:5] = 0.0  # two joints the detector missed: (0, 0) with score 0
+    samples = []
+    for where in ((200.0, 300.0), (1500.0, 900.0)):  # near a corner, far across the image
+        p = pose.copy()
+        p[0, :, :, 0] += np.where(p[2, :, :, 0] > 0, where[0], 0.0)
+        p[1, :, :, 0] += np.where(p[2, :, :, 0] > 0, where[1], 0.0)
+        samples.append(p)
+    ds = SequenceSet(x=np.stack(samples), ids=np.array(["near", "far"]), classes=("u",),
+                     y=np.zeros(2, np.int64), layout=layout, channels=("x", "y", "score"))
+    for center in (True, False):
+        out = preprocess(ds, PreprocessConfig(frames=10, persons=1, center=center)).x
+        seen = out[:, 2] > 0
+        # the same body, the same size wherever it stands: the seen joints' spread matches
+        spread = [np.ptp(out[i, :2][:, seen[i]], axis=1) for i in range(2)]
+        np.testing.assert_allclose(spread[0], spread[1], rtol=1e-4)
+        assert 0.5 < float(np.max(spread[0])) < 20.0  # in units of the body's own spread
+
+
 def test_series_zscore_and_bad_config():
     rng = np.random.default_rng(2)
     x = (rng.normal(size=(3, 2, 20, 1, 1)) * 5 + 7).astype(np.float32)

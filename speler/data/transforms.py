@@ -56,12 +56,14 @@ def preprocess(ds: SequenceSet, config: PreprocessConfig = PreprocessConfig()) -
             x = _zscore_channels(x)
     else:
         coord = _coordinate_channels(ds)
+        # person 0's joints that were seen, told before centring moves the zeros of missing ones
+        seen = _seen_joints(x[..., 0], coord) if config.scale else None
         if config.center:
             x = _center(x, ds.layout.center, coord)
         if config.align_view and len(coord) == 3:
             x = _align(x, ds.layout, coord)
         if config.scale:
-            x = _rescale(x, coord)
+            x = _rescale(x, coord, seen, ds.layout.center)
     x = np.ascontiguousarray(x, dtype=np.float32)
     # Resampling changes the frame rate per sample; keep the typical one so playback and time
     # axes show roughly real seconds.
@@ -165,19 +167,38 @@ def _align(x: np.ndarray, layout, coord: list[int]) -> np.ndarray:
     return x
 
 
-def _rescale(x: np.ndarray, coord: list[int]) -> np.ndarray:
-    """Each sample's coordinate channels divided by the root mean square of person 0's coordinates
-    (after centring: its extent and travel around the start); all-zero samples stay as they are.
+def _seen_joints(x: np.ndarray, coord: list[int]) -> np.ndarray:
+    """bool (N, T, V) of x (N, C, T, V): joints with a coordinate other than 0 and, where there is
+    a score channel (any channel but ``coord``), a positive score (a keypoint detector writes a
+    joint it missed as zeros)."""
+    seen = (x[:, coord] != 0).any(axis=1)
+    score = [i for i in range(x.shape[1]) if i not in coord]
+    if score:
+        seen &= x[:, score[0]] > 0
+    return seen
+
+
+def _rescale(x: np.ndarray, coord: list[int], seen: np.ndarray,
+             center: tuple[int, ...]) -> np.ndarray:
+    """Each sample's coordinate channels divided by the root mean square distance of person 0's
+    seen joints (``seen``: bool (N, T, V)) from its centre in the first frame (the origin after
+    centring): its extent and travel around the start. Samples with nothing seen stay as they are.
 
     Why: people differ in size, and in 2D keypoints by their distance to the camera; the
     random-kernel views compare every sample's responses with biases drawn from one sample's, so
-    they read amplitudes as features. Series get the same by their per-sample z-score. On the
-    floor (benchmarks/round_quality.py's floor row, MSRAction3D, UTKinect and NATOPS, π = 10 and 50,
-    γ = 5 and 10 %, 5 seeds) macro-F1 0.624 → 0.645, better in 44 of 60 runs and worse in 14
-    (0.488 → 0.509, 0.697 → 0.711, 0.688 → 0.713). Dividing by body size alone (mean bone
-    length, or the joints' spread around their centroid) gained less or lost: 0.637, 0.629, 0.621.
+    they read amplitudes as features. Series get the same by their per-sample z-score.
+    benchmarks/round_quality.py (MSRAction3D, UTKinect and NATOPS; π = 10 and 50, γ = 5 and
+    10 %; 3 seeds): the floor's macro-F1 0.614 → 0.633, better in 28 of 36 runs and worse in 8;
+    its simulation (π = 10, γ = 5 %, 5 seeds, network off) 0.659 → 0.665 with SpeLER's
+    suggestions. In a scratch run of the floor (5 seeds) dividing by body size alone (mean bone
+    length, or the joints' spread around their centroid) gained less or lost: 0.624 → 0.637,
+    0.629 and 0.621, where this scale gave 0.645.
     """
-    rms = np.sqrt((x[:, coord][..., 0].astype(np.float64) ** 2).mean(axis=(1, 2, 3)))  # (N,)
+    pts = x[:, coord][..., 0].astype(np.float64)  # (N, C', T, V)
+    origin = pts[:, :, 0][:, :, list(center)].mean(axis=2)  # (N, C')
+    d2 = ((pts - origin[:, :, None, None]) ** 2).sum(axis=1)  # (N, T, V)
+    count = seen.sum(axis=(1, 2)) * len(coord)
+    rms = np.sqrt(np.where(seen, d2, 0.0).sum(axis=(1, 2)) / np.maximum(count, 1))
     scale = np.where(rms > 1e-8, rms, 1.0).astype(np.float32)
     out = x.copy()
     out[:, coord] = x[:, coord] / scale[:, None, None, None, None]

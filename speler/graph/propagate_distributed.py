@@ -350,6 +350,8 @@ def propagate_scores(
             if warm_start.shape != (rows, C) or not np.isfinite(warm_start).all():
                 raise DataFormatError(f"propagation: warm_start rows must be a finite array of "
                                       f"shape {(rows, C)}, got {warm_start.shape}")
+        if prior is not None:
+            prior = _validated_prior(prior, C)
     mine = labels[lo:lo + rows]
     pred_mine = None if predictions is None else np.asarray(predictions, np.int64)[lo:lo + rows]
     B = seed_matrix(labels, C, config, rows=slice(lo, lo + rows))
@@ -374,8 +376,6 @@ def propagate_scores(
                     memberships, memberships.sum(axis=1) > 0, None)
                 gathered = dist.all_gather_array(hard)
             prior = _balance_prior(labels, C, config, gathered, None)
-        else:
-            prior = _validated_prior(prior, C)
         w = balance_weights(mine, prior, predictions=pred_mine, memberships=memberships)
     S_rows = normalized_rows(W_rows, lo, w)
     solve = block_cg(S_rows, B, lo=lo, config=config, X0=X0, exchange=exchange,
