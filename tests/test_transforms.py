@@ -44,6 +44,17 @@ def test_preprocess_shape_centre_and_padding_ignored():
     np.testing.assert_allclose(out.x[3, :, -1, :, 0], raw, atol=1e-5)
 
 
+def test_untracked_joints_stay_at_zero_when_centred():
+    ds = _skeleton(n=2, m=1)
+    x = ds.x.copy()
+    x[:, :, :, 7] = 0.0  # joint 7 never tracked (a sensor writes zeros)
+    x[0, :, 3:6, 11] = 0.0  # joint 11 lost for three frames
+    out = preprocess(ds.replace(x=x, lengths=np.full(2, 30)),
+                     PreprocessConfig(frames=30, persons=1, align_view=False, scale=False)).x
+    assert np.all(out[:, :, :, 7] == 0) and np.all(out[0, :, 3:6, 11] == 0)
+    assert np.all(out[0, :, 6:, 11] != 0)  # tracked again: centred as the rest
+
+
 def test_most_active_person_comes_first_and_absent_stays_zero():
     ds = _skeleton(m=2)
     x = ds.x.copy()

@@ -126,13 +126,15 @@ def _coordinate_channels(ds: SequenceSet) -> list[int]:
 
 
 def _center(x: np.ndarray, center: tuple[int, ...], coord: list[int]) -> np.ndarray:
-    """Subtract the centre (mean of the centre joints) of person 0 in the first frame."""
+    """Subtract the centre (mean of the centre joints) of person 0 in the first frame. Joints
+    written as all-zero coordinates (not tracked, or an absent person) stay at 0: shifted, they
+    would sit at minus the person's place in the room or image, far from every real joint."""
     x = x.copy()
     origin = x[:, coord, 0][:, :, list(center), 0].mean(axis=2)  # (N, len(coord))
-    present = np.abs(x[:, coord]).sum(axis=(1, 2, 3), keepdims=True) > 0  # (N, 1, 1, 1, M)
+    tracked = (x[:, coord] != 0).any(axis=1)  # (N, T, V, M)
     for j, ch in enumerate(coord):
         shifted = x[:, ch] - origin[:, j, None, None, None]
-        x[:, ch] = np.where(present[:, 0], shifted, 0.0)
+        x[:, ch] = np.where(tracked, shifted, 0.0)
     return x
 
 
