@@ -141,7 +141,9 @@ def _add_import(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-new-classes", action="store_true",
                    help="let --labels add classes the data does not name")
     p.add_argument("--frames", type=int,
-                   help="frames per sample after resampling, 2 to 10000 (preprocess.frames)")
+                   help="frames per sample after resampling, 2 to 10000; 0 (the default) by the"
+                        " data: 48 for skeletons, a series its median length within 48-256"
+                        " (preprocess.frames)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override such as train.lr=3e-4 (repeatable)")
     p.add_argument("--no-file-labels", action="store_true",

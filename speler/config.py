@@ -25,7 +25,8 @@ BALANCE_PRIORS = ("labels", "predictions")  # propagation.balance_prior
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    frames: int = 48  # T: every sample is resampled to this many frames
+    frames: int = 0  # T: every sample is resampled to this many frames; 0 = by the data
+    # (speler.data.transforms.frames_for): 48 for skeletons, a series its median length in 48-256
     persons: int = 2  # M: keep at most this many persons (skeletons)
     center: bool = True  # subtract the layout's centre joint (first valid frame)
     align_view: bool = True  # rotate spine to the up axis and shoulders to x (3D only)

@@ -429,7 +429,8 @@ def test_import_frames_are_bounded_before_reading(capsys, tmp_path):
                              "--project", "p", *extra)
         assert code == 2 and out == "", extra
         line = one_error_line(err)
-        assert "frames must be between 2 and 10000" in line and "never-read" not in line, line
+        assert "frames must be 0 (by the data) or between 2 and 10000" in line \
+            and "never-read" not in line, line
     assert not root.exists() or list(root.iterdir()) == []
 
 

@@ -4,7 +4,7 @@ import pytest
 from speler.config import PreprocessConfig
 from speler.data.layouts import NTU25, SERIES
 from speler.data.schema import SequenceSet
-from speler.data.transforms import preprocess, resample
+from speler.data.transforms import frames_for, preprocess, resample
 from speler.errors import DataFormatError
 
 
@@ -160,9 +160,33 @@ def test_series_zscore_and_bad_config():
 def test_frames_are_bounded():
     ds = _skeleton()
     for frames in (10_001, 2_000_000, 100_000_000):
-        with pytest.raises(DataFormatError, match=rf"frames must be between 2 and 10000, got {frames}"):
+        with pytest.raises(DataFormatError,
+                           match=rf"frames must be 0 \(by the data\) or between 2 and 10000, got {frames}"):
             preprocess(ds, PreprocessConfig(frames=frames))
     assert preprocess(_skeleton(n=1), PreprocessConfig(frames=10_000)).x.shape[2] == 10_000
+
+
+def test_frames_by_the_data_keep_a_series_rate_and_bring_skeletons_to_one_count():
+    def series(lengths):
+        t = max(lengths)
+        x = np.zeros((len(lengths), 2, t, 1, 1), dtype=np.float32)
+        for i, n in enumerate(lengths):
+            x[i, :, :n] = np.sin(np.arange(n) * 0.9)[None, :, None, None]  # 0.14 cycles a sample
+        return SequenceSet(x=x, ids=np.array([f"s{i}" for i in range(len(lengths))]), classes=("u",),
+                           y=np.zeros(len(lengths), np.int64), layout=SERIES,
+                           lengths=np.array(lengths))
+
+    auto = PreprocessConfig()  # frames 0
+    assert frames_for(series([200, 206, 210]), auto) == 206  # the median length, as recorded
+    assert frames_for(series([20, 30, 30]), auto) == 48  # short windows: at least 48
+    assert frames_for(series([1000, 1200]), auto) == 256  # long ones: at most 256
+    assert frames_for(_skeleton(), auto) == 48  # clips of an action: one frame count
+    assert frames_for(series([200, 206, 210]), PreprocessConfig(frames=64)) == 64  # as asked
+    out = preprocess(series([206, 206]), auto)
+    assert out.x.shape[2] == 206 and list(out.lengths) == [206, 206]
+    # the oscillation survives at its own rate; at 48 frames it would alias to another one
+    spectrum = np.abs(np.fft.rfft(out.x[0, 0, :, 0, 0]))
+    assert np.argmax(spectrum) == round(206 * 0.9 / (2 * np.pi))
 
 
 _TIGHT_MEMORY = """

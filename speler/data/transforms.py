@@ -20,37 +20,66 @@ from speler.system import check_fits
 #: Most frames per sample ``preprocess`` resamples to: models see 32-300, and N x C x T x V x M
 #: float32 grows with T (10,000 frames of 1,000 two-person NTU samples is 6 GB).
 MAX_FRAMES = 10_000
+SKELETON_FRAMES = 48  # ``frames`` 0: every skeleton clip brought to this many frames
+SERIES_FRAMES = (48, 256)  # ``frames`` 0: a series keeps its median length within these bounds
 
 
 def check_preprocess_config(config: PreprocessConfig) -> None:
-    """DataFormatError unless ``2 <= config.frames <= MAX_FRAMES`` and ``config.persons >= 1``."""
-    if isinstance(config.frames, bool) or not 2 <= config.frames <= MAX_FRAMES:
-        raise DataFormatError(f"preprocess: frames must be between 2 and {MAX_FRAMES}, got"
-                              f" {config.frames}")
+    """DataFormatError unless ``config.frames`` is 0 (by the data) or ``2..MAX_FRAMES``, and
+    ``config.persons >= 1``."""
+    if isinstance(config.frames, bool) or not (
+            config.frames == 0 or 2 <= config.frames <= MAX_FRAMES):
+        raise DataFormatError(f"preprocess: frames must be 0 (by the data) or between 2 and"
+                              f" {MAX_FRAMES}, got {config.frames}")
     if config.persons < 1:
         raise DataFormatError(f"preprocess: persons must be >= 1, got {config.persons}")
 
 
-def preprocess(ds: SequenceSet, config: PreprocessConfig = PreprocessConfig()) -> SequenceSet:
-    """A new SequenceSet of shape (N, C, T, V, M') with T = config.frames and M' <= config.persons.
+def frames_for(ds: SequenceSet, config: PreprocessConfig) -> int:
+    """The frame count ``preprocess`` resamples ``ds`` to: ``config.frames``, or with 0 by the data.
 
-    DataFormatError for frames outside 2..MAX_FRAMES, and before allocating anything when the
-    result (and the copies made on the way, about three of it) would not fit in free memory.
+    Skeleton clips of one action last longer or shorter with who performs it, and are all brought
+    to ``SKELETON_FRAMES``. A sensor series' sampling rate carries its frequencies: resampled to
+    fewer frames, whatever moves faster than half the new rate is lost (Epilepsy's 206-sample
+    accelerometer windows at 48 frames keep a quarter of their band). So a series keeps its
+    median length, within ``SERIES_FRAMES``. benchmarks/round_quality.py (π = 10 and 50, γ = 5 and
+    10 %, 5 seeds), the native length against 48 frames: the floor's macro-F1 on Epilepsy 0.643 →
+    0.709 (16 runs better, 4 worse), BasicMotions (100 samples) 0.781 → 0.804 (11 / 7); the
+    annotation simulation (π = 10, γ = 5 %) with SpeLER's suggestions 0.653 → 0.756 and
+    0.886 → 0.907, with random ones 0.617 → 0.716 and 0.748 → 0.800. Skeletons at their median
+    length (39 and 29 frames) instead of 48, the floor in a scratch run: MSRAction3D 0.509 →
+    0.513, UTKinect 0.711 → 0.700 (16 / 16 in all), no reason to change them.
+    """
+    if config.frames:
+        return int(config.frames)
+    if not ds.layout.is_series:
+        return SKELETON_FRAMES
+    lo, hi = SERIES_FRAMES
+    return int(np.clip(np.median(ds.lengths), lo, hi)) if len(ds.lengths) else lo
+
+
+def preprocess(ds: SequenceSet, config: PreprocessConfig = PreprocessConfig()) -> SequenceSet:
+    """A new SequenceSet of shape (N, C, T, V, M') with T = ``frames_for(ds, config)`` and
+    M' <= config.persons.
+
+    DataFormatError for frames other than 0 or 2..MAX_FRAMES, and before allocating anything when
+    the result (and the copies made on the way, about three of it) would not fit in free memory.
     """
     check_preprocess_config(config)
+    frames = frames_for(ds, config)
     n, c, _, v, m = ds.x.shape
     m_out = m if ds.layout.is_series else min(m, config.persons)
-    out_bytes = n * c * config.frames * v * m_out * 4
+    out_bytes = n * c * frames * v * m_out * 4
     check_fits(3 * out_bytes + ds.x.nbytes, where=ds.where or "preprocess",
-               what=f"resampling {n} samples to {config.frames} frames ({n} x {c} x"
-                    f" {config.frames} x {v} x {m_out} float32, with working copies)",
+               what=f"resampling {n} samples to {frames} frames ({n} x {c} x"
+                    f" {frames} x {v} x {m_out} float32, with working copies)",
                error=DataFormatError, hint="; use fewer frames (preprocess.frames) or less data")
     x = ds.x
     lengths = ds.lengths
     if not ds.layout.is_series:
         x = _fill_empty_frames(x, lengths)
         x = _keep_persons(x, config.persons)
-    x = resample(x, lengths, config.frames)
+    x = resample(x, lengths, frames)
     if ds.layout.is_series:
         if config.normalize_series:
             x = _zscore_channels(x)
@@ -67,8 +96,8 @@ def preprocess(ds: SequenceSet, config: PreprocessConfig = PreprocessConfig()) -
     x = np.ascontiguousarray(x, dtype=np.float32)
     # Resampling changes the frame rate per sample; keep the typical one so playback and time
     # axes show roughly real seconds.
-    fps = float(ds.fps * config.frames / max(1.0, float(np.median(lengths)))) if ds.fps > 0 else 0.0
-    return ds.replace(x=x, lengths=np.full(ds.n, config.frames, dtype=np.int64), fps=fps)
+    fps = float(ds.fps * frames / max(1.0, float(np.median(lengths)))) if ds.fps > 0 else 0.0
+    return ds.replace(x=x, lengths=np.full(ds.n, frames, dtype=np.int64), fps=fps)
 
 
 def resample(x: np.ndarray, lengths: np.ndarray, frames: int) -> np.ndarray:
