@@ -30,9 +30,9 @@ class PreprocessConfig:
     persons: int = 2  # M: keep at most this many persons (skeletons)
     center: bool = True  # subtract the layout's centre joint (first valid frame)
     align_view: bool = True  # rotate spine to the up axis and shoulders to x (3D only)
-    scale: bool = True  # skeletons: divide each sample's coordinates by their root mean square
-    # (person 0, after centring), so every sample is on one scale, as series are after their
-    # z-score (speler.data.transforms._rescale; figures there)
+    scale: bool = True  # skeletons: divide each sample's coordinates by the root mean square
+    # distance of person 0's seen joints from its first-frame centre, so every sample is on one
+    # scale, as series are after their z-score (speler.data.transforms._rescale; figures there)
     normalize_series: bool = True  # per-channel z-score for series
 
 

@@ -656,8 +656,8 @@ def judge(fold_nets: list, floor_parts: list, human: np.ndarray, *, num_classes:
     held-out human labels, pooled over the folds: the network joins when it scores at least as
     high and is worse in no fold. A tie joins: the held-out labels often cannot tell the two
     graphs apart, and where they could not (benchmarks/round_quality.py, π = 10, γ = 30 %: 3 ties
-    in 20 judged runs on 4 sets) the network added 1 to 10 points of macro-F1; what the labels can see
-    is harm, and any sign of it keeps the network out. With no folds (fewer than
+    in 20 judged runs on 4 sets) the network added 1 to 10 points of macro-F1; what the labels
+    can see is harm, and any sign of it keeps the network out. With no folds (fewer than
     ``views.judge_min_labels`` held-out labels, where the verdict was worse than none: see
     ViewsConfig) it stays out. Under torchrun every rank calls it (the views and
     ``floor_parts`` this rank's rows, the fold results rank 0's), rank 0 scores and every rank

@@ -21,7 +21,8 @@ NAME = annotator.name
 MIME = {"csv": "text/csv", "json": "application/json", "npz": "application/octet-stream",
         "pyskl": "application/octet-stream"}
 WHAT = {"csv": "one row per sample", "json": "rows plus a header with counts",
-        "npz": "arrays, for numpy", "pyskl": "PYSKL annotation pickle with the data as the project holds it (resampled,"
+        "npz": "arrays, for numpy",
+        "pyskl": "PYSKL annotation pickle with the data as the project holds it (resampled,"
                  " centred, turned and scaled)"}
 
 
