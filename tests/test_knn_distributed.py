@@ -184,10 +184,11 @@ def test_one_process_builds_the_index_and_measures_the_recall_of_build_knn():
         assert got.method == ref.method != "flat"
         assert got.recall == ref.recall and got.recall_seconds > 0
         assert part.block_bytes == []
-        # the same index and searches: equal lists up to the order of tied similarities
-        for a, b in ((got.indices, ref.indices), (got.sims, ref.sims)):
-            np.testing.assert_array_equal(np.sort(a, axis=1), np.sort(b, axis=1))
-        np.testing.assert_array_equal(got.sims, ref.sims)
+        # the same index and searches: equal lists up to the order of tied similarities, and the
+        # same similarities up to float32 rounding (BLAS sums a batch of another size in another
+        # order: a fresh CI run saw 27 of 30,000 differ by 1.8e-7)
+        np.testing.assert_array_equal(np.sort(got.indices, axis=1), np.sort(ref.indices, axis=1))
+        np.testing.assert_allclose(got.sims, ref.sims, rtol=0, atol=1e-6)
     part = build_knn_sharded(_points(200), config=GraphConfig(k=K, backend="torch",
                                                               exact_max_n=10, use_gpu=False))
     assert part.graph.method == "flat" and part.graph.recall is None  # torch: exact only
