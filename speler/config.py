@@ -32,8 +32,10 @@ class PreprocessConfig:
     align_view: bool = True  # rotate spine to the up axis and shoulders to x (3D only)
     scale: bool = True  # skeletons: divide each sample's coordinates by the root mean square
     # distance of person 0's seen joints from its first-frame centre, so every sample is on one
-    # scale, as series are after their z-score (speler.data.transforms._rescale; figures there)
-    normalize_series: bool = True  # per-channel z-score for series
+    # scale (speler.data.transforms._rescale; figures there)
+    normalize_series: str = "dataset"  # series: "dataset" (each channel standardised over all
+    # samples and frames, so a clip's amplitude stays: running shakes a wrist more than standing),
+    # "clip" (each clip's channels z-scored on their own), "none" (transforms._standardise_channels)
 
 
 @dataclass(frozen=True)

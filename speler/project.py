@@ -356,9 +356,12 @@ def _load_config(path: Path) -> Config:
         raise ProjectError(f"{path}: invalid project config ({got}, expected an object of sections"
                            " such as {\"train\": {...}})")
     prep = raw.get("preprocess")
-    if isinstance(prep, dict) and "scale" not in prep:
-        # written before preprocess.scale existed: its data.npz was not scaled, so say so
-        raw = {**raw, "preprocess": {**prep, "scale": False}}
+    if isinstance(prep, dict):  # written by an earlier SpeLER: say how its data.npz was made
+        if "scale" not in prep:  # before preprocess.scale: not scaled
+            prep = {**prep, "scale": False}
+        if isinstance(prep.get("normalize_series"), bool):  # before the choice: a clip's z-score
+            prep = {**prep, "normalize_series": "clip" if prep["normalize_series"] else "none"}
+        raw = {**raw, "preprocess": prep}
     try:
         return Config.from_dict(raw)
     except ConfigError as exc:

@@ -97,8 +97,11 @@ def test_before_a_round_there_is_nothing_to_suggest_but_first_labels(tmp_path):
         assert len(first) == 4 and len({s.id for s in first}) == 4
         assert all(ann.project.store.human_labels()[s.index] < 0 for s in first)
         assert all(s.predicted == -1 and "similar samples" in s.reason for s in first)
-        # the truth the sample's files carry (kept hidden) says they are of different classes
-        assert len({int(ann.data.y_true[s.index]) for s in first}) >= 3
+        # the truth the sample's files carry (kept hidden): the first 2 x C picks cover every
+        # class (the figure Annotator.first_labels gives for the real sets)
+        eight = ann.first_labels(n=8)
+        assert len({int(ann.data.y_true[s.index]) for s in eight}) == ann.data.num_classes == 4
+        assert [s.id for s in eight[:4]] == [s.id for s in first]
         # a skipped one is passed over (its group offers its next most typical sample); a
         # labeled one leaves the list
         later = ann.first_labels(n=4, exclude=[first[0].id])

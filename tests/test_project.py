@@ -159,15 +159,21 @@ def test_save_config_replaces_config_json(tmp_path, skeleton_set):
         assert p.config.preprocess.frames == 20
 
 
-def test_a_config_from_before_the_scale_says_its_data_is_not_scaled(tmp_path, skeleton_set):
+def test_a_config_from_before_the_scale_and_the_series_choice_says_how_its_data_was_made(tmp_path, skeleton_set):
     with Project.create(tmp_path, "p", skeleton_set, preprocess=False) as p:
         assert p.config.preprocess.scale  # a new project: scaled by default
         raw = json.loads((p.path / "config.json").read_text())
     del raw["preprocess"]["scale"]  # as a project made before preprocess.scale wrote it
+    raw["preprocess"]["normalize_series"] = True  # and before the series' choice: a clip's z-score
     (tmp_path / "p" / "config.json").write_text(json.dumps(raw))
     with Project.open(tmp_path, "p") as p:
         assert p.config.preprocess.scale is False
+        assert p.config.preprocess.normalize_series == "clip"
         assert p.config.preprocess.frames == raw["preprocess"]["frames"]
+    raw["preprocess"]["normalize_series"] = False
+    (tmp_path / "p" / "config.json").write_text(json.dumps(raw))
+    with Project.open(tmp_path, "p") as p:
+        assert p.config.preprocess.normalize_series == "none"
 
 
 def test_default_root_and_spelerhome(tmp_path, monkeypatch, skeleton_set):

@@ -150,11 +150,36 @@ def test_series_zscore_and_bad_config():
     x = (rng.normal(size=(3, 2, 20, 1, 1)) * 5 + 7).astype(np.float32)
     ds = SequenceSet(x=x, ids=np.array(["a", "b", "c"]), classes=("u",), y=np.zeros(3, np.int64),
                      layout=SERIES)
-    out = preprocess(ds, PreprocessConfig(frames=20))
+    out = preprocess(ds, PreprocessConfig(frames=20, normalize_series="clip"))
     np.testing.assert_allclose(out.x.mean(axis=2), 0, atol=1e-5)
     np.testing.assert_allclose(out.x.std(axis=2), 1, atol=1e-4)
     with pytest.raises(DataFormatError, match="frames"):
         preprocess(ds, PreprocessConfig(frames=1))
+    with pytest.raises(DataFormatError, match="normalize_series must be one of dataset, clip, none"):
+        preprocess(ds, PreprocessConfig(normalize_series="per-clip"))
+    raw = preprocess(ds, PreprocessConfig(frames=20, normalize_series="none")).x
+    np.testing.assert_array_equal(raw, x)
+
+
+def test_series_channels_are_standardised_over_the_dataset_and_keep_each_clips_amplitude():
+    rng = np.random.default_rng(5)
+    t = 50
+    shape = np.sin(np.linspace(0, 6 * np.pi, t))
+    x = np.zeros((4, 2, t, 1, 1), dtype=np.float32)
+    for i, amp in enumerate((0.1, 0.1, 2.0, 2.0)):  # two still clips, two lively ones
+        x[i, 0, :, 0, 0] = amp * shape + 9.81  # an accelerometer (in m/s²)
+        x[i, 1, :, 0, 0] = 300.0 * amp * shape + rng.normal(0, 1, t)  # a gyroscope (in °/s)
+    ds = SequenceSet(x=x, ids=np.array(list("abcd")), classes=("u",), y=np.zeros(4, np.int64),
+                     layout=SERIES)
+    out = preprocess(ds, PreprocessConfig(frames=t)).x  # the default: "dataset"
+    # every channel on one scale over the whole set
+    np.testing.assert_allclose(out.mean(axis=(0, 2, 3, 4)), 0, atol=1e-5)
+    np.testing.assert_allclose(out.std(axis=(0, 2, 3, 4)), 1, atol=1e-4)
+    # the lively clips still move 20x as much as the still ones (a clip's z-score made them equal)
+    spread = out[:, 0].std(axis=(1, 2, 3))
+    np.testing.assert_allclose(spread[2] / spread[0], 20.0, rtol=1e-3)
+    clip = preprocess(ds, PreprocessConfig(frames=t, normalize_series="clip")).x
+    np.testing.assert_allclose(clip[:, 0].std(axis=(1, 2, 3)), 1, atol=1e-4)
 
 
 def test_frames_are_bounded():
