@@ -89,13 +89,13 @@ def preprocess(ds: SequenceSet, config: PreprocessConfig = PreprocessConfig()) -
         if config.normalize_series == "dataset":
             x = _standardise_channels(x)
         elif config.normalize_series == "clip":
-            x = _zscore_channels(x)
+            x = _zscore(x, axis=2)
     else:
         coord = _coordinate_channels(ds)
-        # person 0's joints that were seen, told before centring moves the zeros of missing ones
-        seen = _seen_joints(x[..., 0], coord) if config.scale else None
+        tracked = _tracked(x, coord)  # told before centring moves the zeros of untracked joints
+        seen = _seen_joints(tracked[..., 0], x[..., 0], coord) if config.scale else None
         if config.center:
-            x = _center(x, ds.layout.center, coord)
+            x = _center(x, ds.layout.center, coord, tracked)
         if config.align_view and len(coord) == 3:
             x = _align(x, ds.layout, coord)
         if config.scale:
@@ -161,13 +161,24 @@ def _coordinate_channels(ds: SequenceSet) -> list[int]:
     return [i for i, name in enumerate(ds.channels) if name.lower() not in ("score", "c", "conf", "confidence")]
 
 
-def _center(x: np.ndarray, center: tuple[int, ...], coord: list[int]) -> np.ndarray:
+def _tracked(x: np.ndarray, coord: list[int]) -> np.ndarray:
+    """bool (N, T, V, M) of x (N, C, T, V, M): joints with a coordinate other than 0 (a sensor
+    writes an untracked joint, and an absent person, as zeros)."""
+    return (x[:, coord] != 0).any(axis=1)
+
+
+def _start_centre(first: np.ndarray, center: tuple[int, ...]) -> np.ndarray:
+    """(N, C') the mean of the ``center`` joints in ``first`` (N, C', V): person 0's first frame."""
+    return first[:, :, list(center)].mean(axis=2)
+
+
+def _center(x: np.ndarray, center: tuple[int, ...], coord: list[int],
+            tracked: np.ndarray) -> np.ndarray:
     """Subtract the centre (mean of the centre joints) of person 0 in the first frame. Joints
-    written as all-zero coordinates (not tracked, or an absent person) stay at 0: shifted, they
-    would sit at minus the person's place in the room or image, far from every real joint."""
+    not ``tracked`` (``_tracked``: all-zero coordinates, or an absent person) stay at 0: shifted,
+    they would sit at minus the person's place in the room or image, far from every real joint."""
     x = x.copy()
-    origin = x[:, coord, 0][:, :, list(center), 0].mean(axis=2)  # (N, len(coord))
-    tracked = (x[:, coord] != 0).any(axis=1)  # (N, T, V, M)
+    origin = _start_centre(x[:, coord, 0][..., 0], center)  # (N, len(coord))
     for j, ch in enumerate(coord):
         shifted = x[:, ch] - origin[:, j, None, None, None]
         x[:, ch] = np.where(tracked, shifted, 0.0)
@@ -205,15 +216,12 @@ def _align(x: np.ndarray, layout, coord: list[int]) -> np.ndarray:
     return x
 
 
-def _seen_joints(x: np.ndarray, coord: list[int]) -> np.ndarray:
-    """bool (N, T, V) of x (N, C, T, V): joints with a coordinate other than 0 and, where there is
-    a score channel (any channel but ``coord``), a positive score (a keypoint detector writes a
-    joint it missed as zeros)."""
-    seen = (x[:, coord] != 0).any(axis=1)
+def _seen_joints(tracked: np.ndarray, x: np.ndarray, coord: list[int]) -> np.ndarray:
+    """bool (N, T, V): the ``tracked`` joints (N, T, V) of x (N, C, T, V) that, where there is a
+    score channel (any channel but ``coord``), have a positive score (a keypoint detector writes
+    a joint it missed as zeros)."""
     score = [i for i in range(x.shape[1]) if i not in coord]
-    if score:
-        seen &= x[:, score[0]] > 0
-    return seen
+    return tracked & (x[:, score[0]] > 0) if score else tracked
 
 
 def _rescale(x: np.ndarray, coord: list[int], seen: np.ndarray,
@@ -234,7 +242,7 @@ def _rescale(x: np.ndarray, coord: list[int], seen: np.ndarray,
     0.629 and 0.621, where this scale gave 0.645.
     """
     pts = x[:, coord][..., 0].astype(np.float64)  # (N, C', T, V)
-    origin = pts[:, :, 0][:, :, list(center)].mean(axis=2)  # (N, C')
+    origin = _start_centre(pts[:, :, 0], center)  # (N, C')
     d2 = ((pts - origin[:, :, None, None]) ** 2).sum(axis=1)  # (N, T, V)
     count = seen.sum(axis=(1, 2)) * len(coord)
     rms = np.sqrt(np.where(seen, d2, 0.0).sum(axis=(1, 2)) / np.maximum(count, 1))
@@ -258,14 +266,13 @@ def _standardise_channels(x: np.ndarray) -> np.ndarray:
     0.960, with random ones 0.716 → 0.880 and 0.800 → 0.875. Without any normalisation the
     random-kernel features would compare g with rad/s.
     """
-    x64 = x.astype(np.float64)
-    mean = x64.mean(axis=(0, 2, 3, 4), keepdims=True)
-    std = x64.std(axis=(0, 2, 3, 4), keepdims=True)
-    return ((x64 - mean) / np.where(std > 1e-8, std, 1.0)).astype(np.float32)
+    return _zscore(x.astype(np.float64), axis=(0, 2, 3, 4))  # float64: sums over N x T values
 
 
-def _zscore_channels(x: np.ndarray) -> np.ndarray:
-    """Per-sample, per-channel z-score over time (constant channels become 0)."""
-    mean = x.mean(axis=2, keepdims=True)
-    std = x.std(axis=2, keepdims=True)
+def _zscore(x: np.ndarray, axis) -> np.ndarray:
+    """float32 x minus its mean over ``axis``, over its standard deviation there (constant
+    stretches become 0); ``axis`` 2 is each clip's channels on their own (``normalize_series``
+    "clip")."""
+    mean = x.mean(axis=axis, keepdims=True)
+    std = x.std(axis=axis, keepdims=True)
     return ((x - mean) / np.where(std > 1e-8, std, 1.0)).astype(np.float32)
