@@ -13,7 +13,9 @@ Parts (issue 12's targets in brackets, for one H100):
 * ntu: a round on an NTU-60-sized synthetic set (40,000 × 3 × 64 × 25 × 2, 60 classes, 10 %
   labeled): ``fit`` with the default model and the device's default batch, ``embed`` of every
   sample, kNN graph of the embeddings, ``propagate``. Also the bare rates of the same networks
-  measured in the same run: a training step (forward, backward, Adam) and a forward pass.
+  measured in the same run: a training step (forward, backward, Adam) and a forward pass, and
+  on the GPU the embedding again with each batch pinned on its own (before the ring of pinned
+  buffers, ``train._PinnedRing``).
   [training >= 5,000 samples/s; embed >= 80 % of the bare forward rate; round <= 120 s]
   CPU column: the same stages on the first ``--cpu-n`` samples (rates; the full-size seconds are
   estimated from them and marked so), graph and propagation on the same embeddings.
@@ -21,10 +23,13 @@ Parts (issue 12's targets in brackets, for one H100):
   long-tailed clusters, 60 classes, 5 % labeled): GPU = exact torch search on CUDA
   (``GraphConfig(backend="torch")``), affinity, the block CG solve on CUDA (``_block_cg_torch``
   with ``device="cuda"``) and the full ``propagate()`` with ``PropagationConfig(device="cuda")``
-  (balance pass, solve, energies); CPU = the library's default (faiss; IVF-PCA beyond 50k) on
+  (balance pass, solve, energies), and the GPU search again with one torch.topk per block of
+  scores as before ``knn._top_columns`` (its seconds, and whether it found the same lists);
+  CPU = the library's default (faiss; IVF-PCA beyond 50k) on
   ``--cpu-graph-n`` points, its CG solve and the full ``propagate()`` on the CPU.
   [graph + propagation <= 20 s with recall >= 0.99]
 
+``--gpu-only`` leaves out the msr part's CPU round (a first GPU round in a fresh process, cheaply).
 ``--cudnn-benchmark off`` runs every fit with ``train.cudnn_benchmark`` off (cuDNN's heuristics
 instead of timing its kernels for each new batch shape: compare the cold and later MSR rounds with
 a default run). ``--profile`` runs the first MSR round (on CUDA, else the CPU's) and one more
@@ -43,6 +48,7 @@ Prints a table and writes benchmarks/results/gpu.json (gpu_quick.json with --qui
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -64,7 +70,11 @@ from propagation import synthetic  # noqa: E402
 from speler.config import Config, GraphConfig, PropagationConfig, TrainConfig  # noqa: E402
 from speler.data.layouts import get_layout  # noqa: E402
 from speler.data.schema import SequenceSet  # noqa: E402
-from speler.graph.knn import _normalize_rows, _recall, affinity, build_knn  # noqa: E402
+import speler.graph.knn as knn_module  # noqa: E402
+import speler.train as train_module  # noqa: E402
+from speler.graph.knn import (  # noqa: E402
+    _normalize_rows, _recall, affinity, build_knn, same_up_to_ties,
+)
 from speler.graph.propagate import (  # noqa: E402
     _block_cg_torch, normalized_operator, propagate, seed_matrix,
 )
@@ -86,6 +96,19 @@ class Budget:
 
     def left(self) -> float:
         return self.seconds - (time.perf_counter() - self.start)
+
+
+@contextlib.contextmanager
+def patched(module, **values):
+    """Module constants set to ``values`` for a while (a baseline measured in the same run)."""
+    old = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(module, name, value)
 
 
 def sync() -> None:
@@ -295,6 +318,10 @@ def ntu_round(device: str, ds: SequenceSet, *, epochs: int | None, steps: int,
         out["train_sps_no_graph"] = train_rate(eager.history)
     emb, out["embed_s"] = timed(lambda: embed(result.model, ds))
     out["embed_sps"] = ds.n / out["embed_s"]
+    if device != "cpu":  # the baseline: each batch pinned on its own (before the ring of buffers)
+        with patched(train_module, STAGING_BUFFERS=0):
+            _, seconds = timed(lambda: embed(result.model, ds))
+        out["embed_sps_pinned_per_batch"] = ds.n / seconds
     if profiled:  # one more embed, under the profiler (the timed one above is not)
         _, out["embed_profile"] = profile_of(lambda: embed(result.model, ds))
     bare = bare_rates(result.model, ds, device, train_batch=out["batch"],
@@ -302,15 +329,21 @@ def ntu_round(device: str, ds: SequenceSet, *, epochs: int | None, steps: int,
                                       else EMBED_BATCH_CPU), steps=steps)
     out.update(bare)
     out["embed_share_of_forward"] = out["embed_sps"] / bare["forward_sps"]
+    if "embed_sps_pinned_per_batch" in out:
+        out["embed_share_pinned_per_batch"] = (out["embed_sps_pinned_per_batch"]
+                                               / bare["forward_sps"])
     out["embeddings"] = np.concatenate([emb.time, emb.freq], 1)
     return out
 
 
 def graph_and_propagation(x: np.ndarray, labels: np.ndarray, y: np.ndarray, C: int,
-                          device: str, *, library_propagate: bool, profiled: bool = False) -> dict:
+                          device: str, *, library_propagate: bool, profiled: bool = False,
+                          one_stage_baseline: bool = False) -> dict:
     """kNN graph (torch on CUDA, the library's default on the CPU), affinity, the block CG solve
     on ``device``, and with ``library_propagate`` the full ``propagate()`` solving there too
-    (``profiled``: once more under cProfile, the host's time per function)."""
+    (``profiled``: once more under cProfile, the host's time per function;
+    ``one_stage_baseline``: on CUDA the kNN search again with one torch.topk per block of
+    scores, as before ``knn._top_columns``, and whether it found the same lists)."""
     gcfg = GraphConfig(backend="torch") if device != "cpu" else GraphConfig(use_gpu=False)
     pcfg = PropagationConfig(device=device)
     out: dict = {"n": len(x), "dim": x.shape[1], "device": device}
@@ -323,6 +356,13 @@ def graph_and_propagation(x: np.ndarray, labels: np.ndarray, y: np.ndarray, C: i
         _normalize_rows(xn)
         out["recall"] = _recall(xn, g.indices, g.sims, g.k, GraphConfig(recall_queries=200))
         del xn
+    if device != "cpu" and one_stage_baseline:  # before: torch.topk over each block's row
+        with patched(knn_module, TOPK_GROUPS_MIN=1 << 62):
+            g0, out["knn_one_stage_s"] = timed(lambda: build_knn(x, config=gcfg))
+        out["knn_one_stage_same"] = same_up_to_ties(g.indices, g.sims, g0.indices, g0.sims)
+        out["knn_one_stage_rows_differ"] = int(
+            (np.sort(g.indices, 1) != np.sort(g0.indices, 1)).any(1).sum())
+        g0 = None
     W, out["affinity_s"] = timed(lambda: affinity(g, gamma=gcfg.gamma))
     g = None  # the lists are not needed any more
     S, out["operator_s"] = timed(lambda: normalized_operator(W))
@@ -379,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help=f"folder holding MSRAction3D (default {DATA})")
     ap.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on",
                     help="train.cudnn_benchmark for every fit")
+    ap.add_argument("--gpu-only", action="store_true",
+                    help="msr: the GPU rounds alone, no CPU round (with CUDA)")
     ap.add_argument("--profile", action="store_true",
                     help="profile the first MSR round, one more NTU embed and 1M propagate()")
     args = ap.parse_args(argv)
@@ -428,24 +470,28 @@ def main(argv: list[str] | None = None) -> int:
                 more = more_labels(ds, 10)
                 later = msr_round("cuda", more, cfg)
                 gpu["later_seconds"], gpu["later_stages"] = later["seconds"], later["stages"]
-            cpu = msr_round("cpu", ds, cfg, profiled=args.profile and not CUDA)
+            cpu = (None if args.gpu_only and CUDA else
+                   msr_round("cpu", ds, cfg, profiled=args.profile and not CUDA))
             results["msr"] = {"gpu": gpu, "cpu": cpu}
-            rows += [("msr", f"round s (n={ds.n}, {cpu['labels']} labels)",
-                      fmt(gpu_col(gpu, "seconds")), fmt(cpu["seconds"]), "GPU < CPU"),
+            cpu_col = (lambda d, key: d.get(key) if d else "skipped (--gpu-only)")  # noqa: E731
+            labels = int((ds.y >= 0).sum())
+            rows += [("msr", f"round s (n={ds.n}, {labels} labels)",
+                      fmt(gpu_col(gpu, "seconds")), fmt(cpu_col(cpu, "seconds")), "GPU < CPU"),
                      ("msr", "round s, 10 more labels, same process (train s)",
                       f"{fmt(gpu_col(gpu, 'later_seconds'))} ({fmt(gpu['later_stages']['train'])})"
                       if gpu else NOT_MEASURED, "-", ""),
                      ("msr", "round s, first on the GPU (cold)", fmt(gpu_col(gpu, "cold_seconds")),
                       "-", ""),
                      ("msr", "network trained", fmt(gpu_col(gpu, "network_trained")),
-                      fmt(cpu["network_trained"]), ""),
+                      fmt(cpu_col(cpu, "network_trained")), ""),
                      ("msr", "accuracy, unlabeled", fmt(gpu_col(gpu, "accuracy_unlabeled")),
-                      fmt(cpu["accuracy_unlabeled"]), "")]
-            for stage in cpu["stages"]:
+                      fmt(cpu_col(cpu, "accuracy_unlabeled")), "")]
+            stages = (cpu or gpu)["stages"]
+            for stage in stages:
                 rows.append(("msr", f"  stage {stage} s",
                              fmt(gpu["stages"].get(stage) if gpu else NOT_MEASURED),
-                             fmt(cpu["stages"][stage]), ""))
-            for stage in cpu["stages"]:
+                             fmt(cpu["stages"][stage] if cpu else cpu_col(cpu, "")), ""))
+            for stage in stages:
                 rows.append(("msr", f"  stage {stage} s, cold", fmt(
                     gpu["cold_stages"].get(stage) if gpu else NOT_MEASURED), "-", ""))
         print(f"msr done ({budget.left():.0f} s of budget left)", flush=True)
@@ -492,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
              fmt(cpu["forward_sps"]), ""),
             ("ntu", "embed / bare forward", fmt(gpu_col(gpu, "embed_share_of_forward")),
              fmt(cpu["embed_share_of_forward"]), ">= 0.8 on GPU"),
+            ("ntu", "  before: each batch pinned on its own", fmt(
+                gpu_col(gpu, "embed_share_pinned_per_batch")), "-", ""),
             ("ntu", f"graph s (n={on.n})", fmt(gpu_col(gpu, "graph_s")),
              fmt(cpu["graph_s"]), ""),
             ("ntu", "propagate() s (library)", fmt(gpu_col(gpu, "propagate_s")),
@@ -505,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     if "graph" in args.parts:
         x, y, labels = synthetic(graph_n, seed=0)
         gpu = (graph_and_propagation(x, labels, y, 60, "cuda", library_propagate=True,
-                                     profiled=args.profile) if CUDA else None)
+                                     profiled=args.profile, one_stage_baseline=True)
+               if CUDA else None)
         n_cpu = min(cpu_graph_n, graph_n)
         if CUDA and budget.left() < 120:  # keep the run inside its budget
             n_cpu = min(n_cpu, 100_000)
@@ -517,6 +566,10 @@ def main(argv: list[str] | None = None) -> int:
              fmt(n_cpu), ""),
             ("graph", "kNN method", fmt(gpu_col(gpu, "knn_method")), cpu["knn_method"], ""),
             ("graph", "kNN s", fmt(gpu_col(gpu, "knn_s")), fmt(cpu["knn_s"]), ""),
+            ("graph", "  before: one torch.topk per block (same lists; rows that differ)",
+             f"{fmt(gpu['knn_one_stage_s'])} ({fmt(gpu['knn_one_stage_same'])};"
+             f" {fmt(gpu['knn_one_stage_rows_differ'])})"
+             if gpu and "knn_one_stage_s" in gpu else "-", "-", ""),
             ("graph", "recall@k (200 queries)", fmt(gpu_col(gpu, "recall")), fmt(cpu["recall"]),
              ">= 0.99"),
             ("graph", "affinity s (scipy, CPU)", fmt(gpu_col(gpu, "affinity_s")),

@@ -192,6 +192,8 @@ def _cudnn_benchmark(on: bool):
 # --- device placement ---------------------------------------------------------------------------
 CPU_BATCH, CUDA_BATCH = 32, 256  # train.batch_size 0: the device's batch
 EMBED_BATCH_CPU, EMBED_BATCH_CUDA = 128, 1024  # embed's default batch
+STAGING_BUFFERS = 3  # pinned host buffers embed's batches pass through on their way to a GPU
+# (0: each batch pinned on its own, as before; benchmarks/gpu.py measures both)
 DEVICE_SHARE = 0.25  # a dataset is copied to the GPU at once when it takes <= this share of the
 # free GPU memory (training also needs room for activations), else batch by batch
 
@@ -212,11 +214,39 @@ def _upload(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+class _PinnedRing:
+    """``STAGING_BUFFERS`` pinned host buffers of one batch each, used in turn to send slices of
+    a host array to the GPU: a slice is copied into the next buffer on the host, sent without
+    blocking, and the buffer is written again only once the GPU has copied out of it (an event
+    recorded after the send). The host copy of one batch then overlaps the GPU's work on the
+    ones before it, and no pinned memory is allocated per batch (``Tensor.pin_memory`` pins
+    fresh pages whenever the host runs ahead of the GPU, which on an H100 left ``embed`` at
+    about three quarters of its network's forward rate)."""
+
+    def __init__(self, like: torch.Tensor, device: str) -> None:
+        self.device = device
+        self.buffers = [torch.empty_like(like, pin_memory=True) for _ in range(STAGING_BUFFERS)]
+        self.sent = [torch.cuda.Event() for _ in self.buffers]
+        self.turn = 0
+
+    def send(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (a CPU tensor no larger than a buffer) on the device."""
+        i = self.turn
+        self.turn = (i + 1) % len(self.buffers)
+        self.sent[i].synchronize()  # returns at once unless the GPU still reads this buffer
+        stage = self.buffers[i][:len(t)]
+        stage.copy_(t)
+        out = stage.to(self.device, non_blocking=True)
+        self.sent[i].record()
+        return out
+
+
 class _Rows:
     """Samples of a float32 array (N, ...) handed out as batches on ``device``: the array is
     copied there once when it fits (``DEVICE_SHARE`` of the free GPU memory) and ``resident``,
     else each batch is copied as it is asked for (through pinned memory, without waiting for the
-    GPU). On the CPU the array is used in place.
+    GPU: slices in order through a ring of pinned buffers, ``_PinnedRing``). On the CPU the array
+    is used in place.
 
     Training reads random rows many times over: resident. A single pass in order (``embed``)
     streams: a whole upload first is one blocking copy from pageable memory before the GPU has
@@ -226,6 +256,7 @@ class _Rows:
         self.device = device
         self.host = torch.from_numpy(np.ascontiguousarray(x))
         self.data = self.host
+        self.ring: _PinnedRing | None = None
         if resident and torch.device(device).type == "cuda":
             free, _ = torch.cuda.mem_get_info(torch.device(device))
             if self.host.nbytes <= DEVICE_SHARE * free:
@@ -239,10 +270,18 @@ class _Rows:
         return self.data[_upload(ti, self.device)]
 
     def slice(self, lo: int, hi: int) -> torch.Tensor:
-        """Rows lo..hi-1 on the device."""
-        if self.data is self.host:
-            return _upload(self.host[lo:hi], self.device)
-        return self.data[lo:hi]
+        """Rows lo..hi-1 on the device (on CUDA, streamed: through the ring of pinned buffers,
+        sized by the first slice asked for)."""
+        if self.data is not self.host:
+            return self.data[lo:hi]
+        part = self.host[lo:hi]
+        if torch.device(self.device).type != "cuda":
+            return part
+        if self.ring is None and STAGING_BUFFERS > 0:
+            self.ring = _PinnedRing(part, self.device)
+        if self.ring is None or len(part) > len(self.ring.buffers[0]):
+            return _upload(part, self.device)
+        return self.ring.send(part)
 
 
 def _holdout_split(labels: np.ndarray, fraction: float, seed: int, *,

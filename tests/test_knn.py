@@ -213,12 +213,50 @@ def test_torch_knn_equals_faiss_exact_search_and_gives_the_same_affinity():
     np.testing.assert_allclose(a.data, b.data, rtol=1e-5, atol=1e-7)
 
 
-def test_torch_float16_search_with_float32_rerank_is_exact(caplog):
+def test_two_stage_top_k_gives_torch_topk_values():
+    """_top_columns (group maxima, then the best groups' entries) against torch.topk: the same
+    values in the same order and columns that hold them, on continuous scores, on integer scores
+    with many ties at the cut, with a ragged last group and with padding columns masked."""
+    import torch
+
+    from speler.graph.knn import _top_columns
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [(torch.randn(40, 5000, generator=gen), 10, 16),
+             (torch.randn(9, 12345, generator=gen).half(), 21, 32),  # ragged: 12345 = 385·32 + 25
+             (torch.randint(0, 5, (30, 4000), generator=gen).float(), 25, 8)]  # ties at the cut
+    for scores, m, group in cases:
+        vals, cols = _top_columns(scores.clone(), m, group=group)
+        want = torch.topk(scores.float(), m, dim=1).values
+        assert torch.equal(vals.float(), want)
+        assert torch.equal(scores.gather(1, cols).float(), want)
+        assert all(len(set(r.tolist())) == m for r in cols)  # m distinct columns per row
+    # columns from `valid` on are padding: never returned even where they hold the largest values
+    scores = torch.randn(12, 4096, generator=gen)
+    scores[:, 4000:] = 100.0
+    vals, cols = _top_columns(scores.clone(), 20, group=16, valid=4000)
+    assert (cols < 4000).all()
+    assert torch.equal(vals, torch.topk(scores[:, :4000], 20, dim=1).values)
+    # too few groups for the two stages: plain torch.topk, whatever the group size
+    vals, cols = _top_columns(scores[:, :200].clone(), 20, group=16)
+    assert torch.equal(vals, torch.topk(scores[:, :200], 20, dim=1).values)
+
+
+@pytest.mark.parametrize("group", [32, 7], ids=["one-stage", "two-stage-ragged"])
+def test_torch_float16_search_with_float32_rerank_is_exact(caplog, monkeypatch, group):
     """The GPU scheme (float16 scores, float32 re-rank, rows it cannot vouch for searched again in
-    float32) run on the CPU: same similarities as faiss, same neighbours outside exact ties."""
+    float32) run on the CPU: same similarities as faiss, same neighbours outside exact ties; with
+    the top-k of each block of scores in one pass (3,000 columns in groups of 32: too few
+    groups for two) and in two stages (groups of 7: 3,000 rows padded to whole groups)."""
+    from speler.graph import knn
     from speler.graph.knn import _normalize_rows, _torch_search, _drop_self
 
     faiss = pytest.importorskip("faiss")
+    monkeypatch.setattr(knn, "TOPK_GROUP", group)
+    grouped = []
+    real = knn._top_columns
+    monkeypatch.setattr(knn, "_top_columns", lambda s, m, **kw: grouped.append(
+        -(-s.shape[1] // group) >= knn.TOPK_GROUPS_MIN * m) or real(s, m, **kw))
     rng = np.random.default_rng(5)
     x = _clusters(3000, 32, seed=5, latent=6)
     # 60 near-duplicates: their similarities differ by less than float16 can tell apart
@@ -235,6 +273,7 @@ def test_torch_float16_search_with_float32_rerank_is_exact(caplog):
     assert _same_sets(idx[separate], i_ex[separate]).all()
     i_t, _ = _drop_self(idx, sims, 10)
     assert not (i_t == np.arange(3000)[:, None]).any()
+    assert grouped and all(g == (group == 7) for g in grouped[:1])  # the path the id names
 
 
 def test_torch_backend_is_chosen_on_cuda_without_faiss_gpu(monkeypatch):

@@ -63,6 +63,8 @@ EXACT_METHODS = ("flat", "gpu-flat", "torch", "torch-gpu")  # recall 1 by constr
 TORCH_EXACT_MAX_N = 4_000_000  # "auto" on CUDA without faiss-gpu: exact torch search up to here
 # (n² d work: 1M × 256 took 9.6 s on an H100), approximate faiss index on the CPU beyond
 TORCH_EXTRA = 16  # float16 candidates re-ranked in float32 on the GPU: 2 (k + 1) + this many
+TOPK_GROUP = 32  # columns per group in the two-stage top-k of a block of scores (_top_columns)
+TOPK_GROUPS_MIN = 4  # the two stages from this many groups per wanted column, one topk below
 
 
 @dataclass
@@ -450,7 +452,7 @@ def _torch_search(x: np.ndarray, kk: int, device: str,
     (m, d)) against all rows of x (float32 (n, d), rows of norm 1 or 0), in torch: (sims float32
     (m, kk), indices int64 (m, kk)), best first.
 
-    Blocks of query rows × all rows, then top-k of each block. CPU: float32 scores. CUDA: the
+    Blocks of query rows × all rows, then top-k of each block (``_top_columns``). CPU: float32 scores. CUDA: the
     data lives on the GPU in float16 and float32; float16 scores give ``2 kk + TORCH_EXTRA``
     candidates, re-ranked by their float32 inner products; rows where a candidate outside could
     still be among the best (its float16 score within ``_fp16_error`` of the float32 kk-th) are
@@ -465,11 +467,15 @@ def _torch_search(x: np.ndarray, kk: int, device: str,
     half = cuda if half is None else half
     full = torch.from_numpy(x).to(dev)
     low = full.half() if half else full
+    m = min(n, 2 * kk + TORCH_EXTRA) if half else kk  # candidates per row
+    if n % TOPK_GROUP and -(-n // TOPK_GROUP) >= TOPK_GROUPS_MIN * m:
+        # rows of zeros up to whole groups of columns for _top_columns (whose scores it masks):
+        # a copy of the data once instead of one of every block of scores
+        low = torch.cat([low, low.new_zeros((TOPK_GROUP - n % TOPK_GROUP, d))])
     q_full = full if queries is None else torch.from_numpy(
         np.ascontiguousarray(queries, dtype=np.float32)).to(dev)
     q_low = q_full.half() if half else q_full
     nq = q_full.shape[0]
-    m = min(n, 2 * kk + TORCH_EXTRA) if half else kk
     if cuda:
         free, _ = torch.cuda.mem_get_info(dev)
         budget = min(4 << 30, free // 8)  # bytes per block of scores (and of re-rank gathers)
@@ -483,7 +489,7 @@ def _torch_search(x: np.ndarray, kk: int, device: str,
     with _exact_matmuls(torch) if cuda else contextlib.nullcontext():
         for lo in range(0, nq, rows):
             hi = min(nq, lo + rows)
-            top_s, top_i = torch.topk(q_low[lo:hi] @ low.T, m, dim=1)
+            top_s, top_i = _top_columns(q_low[lo:hi] @ low.T, m, valid=n)
             if half:
                 # float32 re-rank of the candidates (elementwise: no TF32 whatever the settings)
                 exact = (full[top_i] * q_full[lo:hi, None, :]).sum(-1)
@@ -493,7 +499,7 @@ def _torch_search(x: np.ndarray, kk: int, device: str,
                     unsure = torch.nonzero(top_s[:, -1].float() + eps >= exact[:, kk - 1])[:, 0]
                     again += unsure.numel()
                     if unsure.numel():  # rare: search those rows again in float32
-                        again_s, again_i = torch.topk(q_full[lo + unsure] @ full.T, kk, dim=1)
+                        again_s, again_i = _top_columns(q_full[lo + unsure] @ full.T, kk)
                         exact[unsure, :kk], top_i[unsure, :kk] = again_s, again_i
                 top_s, top_i = exact[:, :kk], top_i[:, :kk]
             sims[lo:hi] = top_s.float().cpu().numpy()
@@ -504,6 +510,40 @@ def _torch_search(x: np.ndarray, kk: int, device: str,
         logger.info("torch kNN on %s: %d of %d rows searched again in float32 (float16 margin"
                     " %.2e)", device, again, nq, eps)
     return sims, idx
+
+
+def _top_columns(scores, m: int, group: int | None = None, valid: int | None = None):
+    """The ``m`` largest entries of each row of ``scores`` (torch (rows, n)): (values, column
+    ids), largest first, as ``torch.topk(scores, m, dim=1)`` gives them (which of several equal
+    values is taken may differ). Columns from ``valid`` on (default: none) are padding, set to
+    -inf in place and never returned while ``valid`` >= m.
+
+    With at least ``TOPK_GROUPS_MIN · m`` groups of ``group`` (default ``TOPK_GROUP``) columns,
+    in two stages: each group's maximum (one pass over the scores), the ``m`` groups with the
+    largest maxima, then the top ``m`` of those groups' entries. Exact: an entry at least the
+    m-th largest value t lies in a group whose maximum is at least t, every group with a maximum
+    above t is among the m chosen (fewer than m entries exceed t, each group such a maximum
+    needs one of its own), and the m chosen groups hold m entries of at least t. torch's
+    top-k on a long row passes over it several times (a radix select, a few bits a pass): on a
+    GPU those passes over the block of scores, not the matmul, bounded the exact kNN search.
+    """
+    import torch
+
+    group = TOPK_GROUP if group is None else group
+    rows, n = scores.shape
+    if valid is not None and valid < n:
+        scores[:, valid:] = -math.inf
+    groups = -(-n // group)
+    if groups < TOPK_GROUPS_MIN * m:
+        return torch.topk(scores, m, dim=1)
+    if groups * group != n:  # the last group padded with -inf, which never beats a real entry
+        scores = torch.nn.functional.pad(scores, (0, groups * group - n), value=-math.inf)
+    best = scores.view(rows, groups, group).amax(2)
+    chosen = torch.topk(best, m, dim=1).indices  # (rows, m) group ids
+    cols = (chosen[:, :, None] * group
+            + torch.arange(group, device=scores.device)).reshape(rows, m * group)
+    vals, pos = torch.topk(scores.gather(1, cols), m, dim=1)
+    return vals, cols.gather(1, pos)
 
 
 def tie_ordered(indices: np.ndarray, sims: np.ndarray, keep: int | None = None,
