@@ -243,6 +243,7 @@ class SelectionConfig:
     minority_weight: float = 1.0  # speler: score × (1 + weight · rarity of the boundary's classes)
     outlier_ratio: float = 0.05  # speler: outlier if -energy < this × median -energy of unlabeled
     duplicate_similarity: float = 0.995  # cosine above which two samples are near-duplicates
+    coverage_exponent: float = 1.0  # speler: score × (distance to the nearest label / median)^this
     coreset_pool: int = 5_000  # coreset: random pool of unlabeled candidates (0 = all of them)
     coreset_centres: int = 10_000  # coreset: random subset of the labeled set as centres (0 = all)
 
@@ -253,6 +254,7 @@ class SelectionConfig:
             ("minority_weight", self.minority_weight >= 0, ">= 0"),
             ("outlier_ratio", self.outlier_ratio >= 0, ">= 0"),
             ("duplicate_similarity", 0 < self.duplicate_similarity <= 1, "in (0, 1]"),
+            ("coverage_exponent", self.coverage_exponent >= 0, ">= 0"),
             ("coreset_pool", self.coreset_pool >= 0, ">= 0"),
             ("coreset_centres", self.coreset_centres >= 0, ">= 0"),
         ])

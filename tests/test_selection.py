@@ -279,12 +279,47 @@ def test_speler_puts_predicted_minority_classes_first():
     args = dict(propagation=res, embeddings=rng.normal(size=(n, 16)).astype(np.float32),
                 labeled=labeled, classes=("Wave", "Clap", "Kick"), human_counts=np.array([20, 20, 2]))
     out = suggest("speler", budget=10, **args)
-    assert [s.index for s in out] == list(range(50, 60))
+    assert {s.index for s in out} == set(range(50, 60))  # in an order their distances set
     assert "class Kick has 2 labels" in out[0].reason
     assert "boundary between Kick and Wave" in out[0].reason
-    plain = suggest("speler", budget=10, config=SelectionConfig(minority_weight=0.0), **args)
+    plain = suggest("speler", budget=10, config=SelectionConfig(
+        minority_weight=0.0, coverage_exponent=0.0), **args)
     assert [s.index for s in plain] == list(range(40, 50))  # equal scores: ties by index
     assert "tied with 19 other samples, which come in data order" in plain[0].reason
+
+
+def test_speler_prefers_boundary_samples_far_from_the_labels():
+    """Two groups of unlabeled samples with the same margin, energy and classes: the group whose
+    nearest label is far comes first (coverage), and the reasons say how far; with
+    coverage_exponent 0 the scores tie and the data order decides."""
+    n = 40
+    scores = np.zeros((n, 2), dtype=np.float32)
+    labels = np.arange(n) % 2
+    scores[np.arange(n), labels] = 1.0
+    scores[20:40] = [0.5, 0.45]
+    labels[20:40] = 0
+    res = _result(scores, labels=labels, margin=np.full(n, 0.05, dtype=np.float32),
+                  energy=np.full(n, -1.0, dtype=np.float32))
+    rng = np.random.default_rng(3)
+    emb = np.zeros((n, 8), dtype=np.float32)
+    emb[:, 0] = 1.0  # labeled samples 0-19 and the near group 20-29 point one way
+    emb[30:40, 0], emb[30:40, 1] = 0.6, 0.8  # the far group 30-39 another
+    emb += 0.05 * rng.standard_normal(emb.shape).astype(np.float32)  # no near-duplicates
+    labeled = np.arange(n) < 20
+    args = dict(propagation=res, embeddings=emb, labeled=labeled, classes=("Wave", "Clap"),
+                human_counts=np.array([10, 10]))
+    out = suggest("speler", budget=20, **args)
+    idx = [s.index for s in out]
+    assert idx == sorted(idx, key=lambda i: i < 30)  # every far one before every near one
+    assert sum(i >= 30 for i in idx) >= 6  # (a few are near-duplicates of one another)
+    assert "far from any label" in out[0].reason
+    assert "close to a labeled sample" in out[-1].reason
+    plain = suggest("speler", budget=20, config=SelectionConfig(coverage_exponent=0.0), **args)
+    idx = [s.index for s in plain]
+    assert idx == sorted(idx) and idx[0] == 20  # equal scores: data order
+    assert "typical distance" not in plain[0].reason
+    with pytest.raises(ConfigError, match="coverage_exponent must be >= 0"):
+        SelectionConfig(coverage_exponent=-1.0)
 
 
 def test_speler_reasons_match_the_scores_when_nothing_is_on_a_boundary():
