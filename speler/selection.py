@@ -24,8 +24,8 @@ Strategies (``STRATEGIES``):
   * minority: rarity of the two classes the sample sits between, ``r = max(r[pred], r[runner_up])``
     with ``r_c = sqrt((h_min + 1) / (h_c + 1) · (q_min + 1) / (q_c + 1))`` from the human label counts
     ``h`` and the propagated class counts ``q`` (1 for the rarest class, towards 0 for the largest);
-  * coverage: the cosine distance to the nearest labeled sample over the candidates' median,
-    ``v`` (1 = typical, 0 = next to a label, at most ``COVERAGE_CAP``), so of two equally
+  * coverage: the cosine distance to the nearest labeled sample over the candidates' median
+    (``_ranked_with_coverage``), ``v`` (1 = typical, 0 = next to a label, at most ``COVERAGE_CAP``), so of two equally
     uncertain samples the one in ground no label covers yet comes first. In simulated annotation
     (benchmarks/round_quality.py's: the five real sets, π = 10 / γ = 5 %, π = 50 / 5 %,
     π = 10 / 10 %, 5 seeds, network off, area under the macro-F1 curve) 0.783 → 0.791, better in
@@ -72,6 +72,8 @@ from speler.graph.propagate import PropagationResult
 logger = logging.getLogger(__name__)
 
 _CHUNK = 4096  # rows per block in the distance computations (coreset, speler's coverage)
+COVERAGE_SAMPLE = 2_000  # speler: candidates whose median distance to a label is the typical one
+COVERAGE_POOL = 2_000  # speler: first pool of candidates whose distance to a label is computed
 COVERAGE_CAP = 2.0  # speler: distances to the nearest label beyond this many times the typical
 # one earn no more: past it a sample is as likely an outlier as uncovered ground, which the energy
 # gate judges (uncapped, a far outlier outranked a connected boundary sample; on the real sets the
@@ -310,17 +312,50 @@ def _nearest_distance(X: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return np.maximum(2.0 - 2.0 * best_cos, 0.0)
 
 
-def _coverage(inputs: _Inputs, cand: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Each candidate's distance to the nearest labeled sample over the candidates' median, at
-    most ``COVERAGE_CAP`` (float64; 1 = typical, 0 = next to a label; all 1 when nothing is
-    labeled or the median is 0), by cosine distance on the embeddings."""
-    centres = _centres(inputs, rng)
-    if not len(centres) or not len(cand):
-        return np.ones(len(cand))
-    d = np.sqrt(_nearest_distance(_unit_rows(inputs.embeddings, cand),
-                                  _unit_rows(inputs.embeddings, centres))).astype(np.float64)
-    med = float(np.median(d))
-    return np.minimum(d / med, COVERAGE_CAP) if med > 0 else np.ones(len(cand))
+def _ranked_with_coverage(inputs: _Inputs, cand: np.ndarray, base: np.ndarray, budget: int,
+                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """speler's final ranking: ``base · v^coverage_exponent`` with ``v`` each candidate's cosine
+    distance to the nearest labeled sample over the typical one (the median over all candidates,
+    or over ``COVERAGE_SAMPLE`` of them drawn with ``rng``), at most ``COVERAGE_CAP``; then the
+    diversity walk. Returns (score, v, chosen positions into ``cand`` in ranking order); where
+    nothing is labeled or the exponent is 0, ``v`` is 1.
+
+    Distances are computed best ``base`` first, for a pool that doubles until the walk fills the
+    batch from candidates whose final score beats any the rest could reach (their ``base`` times
+    ``COVERAGE_CAP``): the same batch as with every distance computed. benchmarks/
+    selection_speed.py (100k samples, 5,000 labels, 2 cores): a batch in 70 ms, against 0.92 s
+    with every distance and 37 ms without coverage. Scores of candidates outside the pool are
+    -inf, their ``v`` NaN."""
+    n, e = len(cand), inputs.config.coverage_exponent
+    centres = _centres(inputs, rng) if e > 0 else np.zeros(0, dtype=np.int64)
+    if not len(centres):
+        return base, np.ones(n), _diverse(inputs, cand, np.lexsort((cand, -base)), budget)
+    unit_centres = _unit_rows(inputs.embeddings, centres)
+
+    def distance(pos: np.ndarray) -> np.ndarray:
+        X = _unit_rows(inputs.embeddings, cand[pos])
+        return np.sqrt(_nearest_distance(X, unit_centres)).astype(np.float64)
+
+    typical = (np.arange(n) if n <= COVERAGE_SAMPLE
+               else np.sort(rng.choice(n, size=COVERAGE_SAMPLE, replace=False)))
+    med = float(np.median(distance(typical)))
+    by_base = np.lexsort((cand, -base))
+    cov = np.full(n, np.nan)
+    score = np.full(n, -np.inf)
+    done, m = 0, min(n, max(COVERAGE_POOL, 20 * budget))
+    while True:
+        new = by_base[done:m]
+        cov[new] = np.minimum(distance(new) / med, COVERAGE_CAP) if med > 0 else 1.0
+        score[new] = base[new] * cov[new] ** e
+        done = m
+        reach = base[by_base[m]] * COVERAGE_CAP ** e if m < n else -np.inf
+        pool = by_base[:m]
+        safe = pool[score[pool] > reach]
+        order = safe[np.lexsort((cand[safe], -score[safe]))]
+        sel = _diverse(inputs, cand, order, budget, fill=m == n)
+        if m == n or len(sel) == min(budget, n):
+            return score, cov, sel
+        m = min(n, 2 * m)
 
 
 def _fmt(x: float) -> str:
@@ -384,12 +419,8 @@ def _speler(inputs: _Inputs, budget: int, rng: np.random.Generator) -> list[Sugg
     r_pred = np.where((pred >= 0) & (pred < C), rarity_c[np.clip(pred, 0, C - 1)], 0.0)
     r_run = np.where(runner >= 0, rarity_c[np.clip(runner, 0, C - 1)], 0.0)
     rarity = np.maximum(r_pred, r_run)
-    coverage = _coverage(inputs, cand, rng) if cfg.coverage_exponent > 0 else np.ones(len(cand))
-    score = (boundary * connected * (1.0 + cfg.minority_weight * rarity)
-             * coverage ** cfg.coverage_exponent)
-
-    order = np.lexsort((cand, -score))  # positions into cand, best first, ties by index
-    sel = _diverse(inputs, cand, order, budget)
+    base = boundary * connected * (1.0 + cfg.minority_weight * rarity)
+    score, coverage, sel = _ranked_with_coverage(inputs, cand, base, budget, rng)
     rows = cand[sel]
     # for the reasons only: where each energy ranks among the unlabeled samples (0 = lowest =
     # best connected; mean rank of ties), and how many candidates share each chosen score
@@ -398,7 +429,7 @@ def _speler(inputs: _Inputs, budget: int, rng: np.random.Generator) -> list[Sugg
     below = np.searchsorted(srt, energy[sel], side="left")
     upto = np.searchsorted(srt, energy[sel], side="right")
     e_pct = ((below + upto - 1) / 2.0) / max(len(srt) - 1, 1)
-    by_score = np.sort(score)
+    by_score = np.sort(score)  # (candidates whose distance was never needed: -inf, no tie)
     ties = (np.searchsorted(by_score, score[sel], side="right")
             - np.searchsorted(by_score, score[sel], side="left"))
     info = {int(cand[p]): (float(margin[p]), float(boundary[p]), float(e_pct[j]), float(kappa[p]),
@@ -457,10 +488,11 @@ def _distance_in_words(ratio: float) -> str:
     return f"{_fmt(ratio)}x the typical distance to a label"
 
 
-def _diverse(inputs: _Inputs, cand: np.ndarray, order: np.ndarray, budget: int) -> np.ndarray:
+def _diverse(inputs: _Inputs, cand: np.ndarray, order: np.ndarray, budget: int, *,
+             fill: bool = True) -> np.ndarray:
     """Walk ``cand[order]`` and keep samples that are neither graph neighbours nor near-duplicates
-    of one kept before; fill a short batch with skipped graph neighbours (never duplicates).
-    Returns positions into ``cand``, in ranking order."""
+    of one kept before; with ``fill``, fill a short batch with skipped graph neighbours (never
+    duplicates). Returns positions into ``cand``, in ranking order."""
     emb = inputs.embeddings
     thr = inputs.config.duplicate_similarity
     nbrs = None if inputs.graph is None else np.asarray(inputs.graph.indices)
@@ -495,7 +527,7 @@ def _diverse(inputs: _Inputs, cand: np.ndarray, order: np.ndarray, budget: int) 
         v = unit(i)
         if not duplicate(v):
             keep(r, i, v)
-    for r in skipped:
+    for r in skipped if fill else ():
         if len(kept) >= budget:
             break
         i = int(cand[order[r]])

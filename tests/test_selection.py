@@ -322,6 +322,43 @@ def test_speler_prefers_boundary_samples_far_from_the_labels():
         SelectionConfig(coverage_exponent=-1.0)
 
 
+@pytest.mark.parametrize("boundary", [300, 5], ids=["pool-suffices", "pool-grows-to-all"])
+def test_speler_computes_distances_for_a_growing_pool_with_the_same_batch(monkeypatch, boundary):
+    """The distance to the nearest label is computed best score first, for a pool that grows
+    until the batch is certain: the same suggestions, scores and reasons as with every distance
+    computed, whether the first pool holds the batch (many boundary samples, the rest far from a
+    boundary) or must grow to every candidate (fewer boundary samples than the batch)."""
+    import speler.selection as selection
+
+    rng = np.random.default_rng(11)
+    n, c = 3000, 5
+    top = rng.integers(0, c, n)
+    scores = np.eye(c, dtype=np.float32)[top] + 0.02 * rng.random((n, c), dtype=np.float32)
+    scores[:boundary, (top[:boundary] + 1) % c] = 0.95  # small margins: these lead
+    res = _result(scores)
+    emb = rng.normal(size=(n, 12)).astype(np.float32)
+    labeled = rng.random(n) < 0.1
+    graph = build_knn(emb, config=GraphConfig(k=5, use_gpu=False))
+    args = dict(propagation=res, embeddings=emb, labeled=labeled, graph=graph, budget=40,
+                human_counts=np.bincount(rng.integers(0, c, 300), minlength=c))
+    monkeypatch.setattr(selection, "COVERAGE_SAMPLE", n)  # the exact median both ways
+    everything = suggest("speler", **args)
+    computed = []
+    real = selection._nearest_distance
+    monkeypatch.setattr(selection, "_nearest_distance",
+                        lambda X, centres: computed.append(len(X)) or real(X, centres))
+    monkeypatch.setattr(selection, "COVERAGE_POOL", 100)
+    pooled = suggest("speler", **args)
+    assert [(s.index, s.score, s.reason) for s in pooled] == \
+        [(s.index, s.score, s.reason) for s in everything]
+    unlabeled = int((~labeled).sum())
+    assert computed[0] == unlabeled  # the typical distance (every candidate here)
+    if boundary > 40:
+        assert sum(computed[1:]) == 800  # the first pool: 20 x the batch
+    else:
+        assert sum(computed[1:]) == unlabeled  # grew to every candidate
+
+
 def test_speler_reasons_match_the_scores_when_nothing_is_on_a_boundary():
     """Every unlabeled sample reached by one class only (margin 1): all scores are 0, and the
     reasons say so instead of 'boundary between ...'; the equal scores are named as a tie."""
