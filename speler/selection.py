@@ -448,8 +448,9 @@ def _speler(inputs: _Inputs, budget: int, rng: np.random.Generator) -> list[Sugg
         else:
             parts = [f"no boundary: only {a} reaches it (margin {_fmt(m)})"]
         parts.append(_connection(ep, k, cfg.outlier_ratio))
-        if cfg.coverage_exponent > 0 and inputs.labeled.any():
-            parts.append(_distance_in_words(cov))
+        far = _distance_in_words(cov) if cfg.coverage_exponent > 0 and cov == cov else None
+        if far:
+            parts.append(far)
         rare = [c for c in (pc, rc) if 0 <= c < C]
         if rare:
             c = max(rare, key=lambda c: (rarity_c[c], -c))
@@ -479,13 +480,14 @@ def _connection(rank: float, kappa: float, outlier_ratio: float) -> str:
     return f"weakly connected (energy in the highest {high} %)"
 
 
-def _distance_in_words(ratio: float) -> str:
-    """How far a sample lies from the nearest labeled one, against the typical candidate."""
+def _distance_in_words(ratio: float) -> str | None:
+    """How far a sample lies from the nearest labeled one against the typical candidate, in
+    words where it is unusual (None in between: the reason stays short)."""
     if ratio >= 1.5:
         return f"far from any label ({_fmt(ratio)}x the typical distance)"
     if ratio <= 0.5:
         return f"close to a labeled sample ({_fmt(ratio)}x the typical distance)"
-    return f"{_fmt(ratio)}x the typical distance to a label"
+    return None
 
 
 def _diverse(inputs: _Inputs, cand: np.ndarray, order: np.ndarray, budget: int, *,
