@@ -25,8 +25,9 @@ Strategies (``STRATEGIES``):
     with ``r_c = sqrt((h_min + 1) / (h_c + 1) · (q_min + 1) / (q_c + 1))`` from the human label counts
     ``h`` and the propagated class counts ``q`` (1 for the rarest class, towards 0 for the largest);
   * coverage: the cosine distance to the nearest labeled sample over the candidates' median
-    (``_ranked_with_coverage``), ``v`` (1 = typical, 0 = next to a label, at most ``COVERAGE_CAP``), so of two equally
-    uncertain samples the one in ground no label covers yet comes first. In simulated annotation
+    (``_ranked_with_coverage``), ``v`` (1 = typical, 0 = next to a label, at most
+    ``COVERAGE_CAP``), so of two equally uncertain samples the one in ground no label covers yet
+    comes first. In simulated annotation
     (benchmarks/round_quality.py's: the five real sets, π = 10 / γ = 5 %, π = 50 / 5 %,
     π = 10 / 10 %, 5 seeds, network off, area under the macro-F1 curve) 0.783 → 0.791, better in
     40 of 75 runs and worse in 27, higher on every set's mean; coreset, coverage alone, 0.792;

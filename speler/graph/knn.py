@@ -452,12 +452,12 @@ def _torch_search(x: np.ndarray, kk: int, device: str,
     (m, d)) against all rows of x (float32 (n, d), rows of norm 1 or 0), in torch: (sims float32
     (m, kk), indices int64 (m, kk)), best first.
 
-    Blocks of query rows × all rows, then top-k of each block (``_top_columns``). CPU: float32 scores. CUDA: the
-    data lives on the GPU in float16 and float32; float16 scores give ``2 kk + TORCH_EXTRA``
-    candidates, re-ranked by their float32 inner products; rows where a candidate outside could
-    still be among the best (its float16 score within ``_fp16_error`` of the float32 kk-th) are
-    searched again in float32. One copy back per block. ``half`` (default: on CUDA) picks the
-    float16 + re-rank scheme; tests run it on the CPU.
+    Blocks of query rows × all rows, then top-k of each block (``_top_columns``). CPU: float32
+    scores. CUDA: the data lives on the GPU in float16 and float32; float16 scores give
+    ``2 kk + TORCH_EXTRA`` candidates, re-ranked by their float32 inner products; rows where a
+    candidate outside could still be among the best (its float16 score within ``_fp16_error`` of
+    the float32 kk-th) are searched again in float32. One copy back per block. ``half``
+    (default: on CUDA) picks the float16 + re-rank scheme; tests run it on the CPU.
     """
     import torch
 
