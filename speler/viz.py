@@ -298,7 +298,9 @@ def _front_camera(coords: np.ndarray, present: np.ndarray, layout: Layout, perso
     ang = np.deg2rad(40.0)
     rot = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
     d = rot @ facing
-    dist = 1.3 * float(aspect.max())
+    # far enough that the whole box and its axis titles fit a column of the Label page (at 1.3
+    # the floor's corners and the depth axis's title were cut off, at 1.7 still that title)
+    dist = 1.9 * float(aspect.max())
     # the x axis is drawn reversed, so a data direction +x is -x in scene units
     return dict(x=float(-d[0] * dist), y=float(d[1] * dist), z=float(0.35 * aspect.max()))
 
