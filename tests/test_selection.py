@@ -342,6 +342,7 @@ def test_speler_computes_distances_for_a_growing_pool_with_the_same_batch(monkey
     args = dict(propagation=res, embeddings=emb, labeled=labeled, graph=graph, budget=40,
                 human_counts=np.bincount(rng.integers(0, c, 300), minlength=c))
     monkeypatch.setattr(selection, "COVERAGE_SAMPLE", n)  # the exact median both ways
+    monkeypatch.setattr(selection, "COVERAGE_POOL", n)  # every distance at once
     everything = suggest("speler", **args)
     computed = []
     real = selection._nearest_distance
