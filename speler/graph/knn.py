@@ -468,7 +468,7 @@ def _torch_search(x: np.ndarray, kk: int, device: str,
     full = torch.from_numpy(x).to(dev)
     low = full.half() if half else full
     m = min(n, 2 * kk + TORCH_EXTRA) if half else kk  # candidates per row
-    if n % TOPK_GROUP and -(-n // TOPK_GROUP) >= TOPK_GROUPS_MIN * m:
+    if n % TOPK_GROUP and _two_stages(n, m, TOPK_GROUP):
         # rows of zeros up to whole groups of columns for _top_columns (whose scores it masks):
         # a copy of the data once instead of one of every block of scores
         low = torch.cat([low, low.new_zeros((TOPK_GROUP - n % TOPK_GROUP, d))])
@@ -535,9 +535,9 @@ def _top_columns(scores, m: int, group: int | None = None, valid: int | None = N
     rows, n = scores.shape
     if valid is not None and valid < n:
         scores[:, valid:] = -math.inf
-    groups = -(-n // group)
-    if groups < TOPK_GROUPS_MIN * m:
+    if not _two_stages(n, m, group):
         return torch.topk(scores, m, dim=1)
+    groups = -(-n // group)
     if groups * group != n:  # padded with -inf, which never beats a real entry
         scores = torch.nn.functional.pad(scores, (0, groups * group - n), value=-math.inf)
     best = scores.view(rows, group, groups).amax(1)  # group g: columns g, g + groups, ...
@@ -546,6 +546,12 @@ def _top_columns(scores, m: int, group: int | None = None, valid: int | None = N
             ).reshape(rows, m * group)
     vals, pos = torch.topk(scores.gather(1, cols), m, dim=1)
     return vals, cols.gather(1, pos)
+
+
+def _two_stages(n: int, m: int, group: int) -> bool:
+    """Whether ``_top_columns`` takes the top ``m`` of ``n`` columns in two stages: at least
+    ``TOPK_GROUPS_MIN · m`` groups of ``group`` columns (the last one may be short)."""
+    return -(-n // group) >= TOPK_GROUPS_MIN * m
 
 
 def tie_ordered(indices: np.ndarray, sims: np.ndarray, keep: int | None = None,
